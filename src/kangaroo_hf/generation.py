@@ -1,0 +1,228 @@
+"""Kangaroo drafting inside transformers' assisted-decoding loop.
+
+The loop (`GenerationMixin._assisted_decoding`) owns verification, acceptance, EOS / length handling, streamers and
+cache cropping. This module only proposes candidates: the shallow layers plus the adapter draft tokens one by one,
+writing the shallow layers' KV into the base's own cache, and hand the exit-layer hidden states of the drafted tokens
+to the verification forward (`model_kwargs_overrides`), so the shallow layers never see a token twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import Cache, DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+from transformers.generation.candidate_generator import CandidateGenerator
+
+from .configuration import validate_draft_settings
+
+if TYPE_CHECKING:
+    from .modeling import KangarooForCausalLM
+
+
+@dataclass(frozen=True)
+class DraftSettings:
+    """When drafting stops in one round: confidence below `draft_threshold`, or `max_draft_tokens` drafted."""
+
+    draft_threshold: float
+    max_draft_tokens: int
+
+    def __post_init__(self) -> None:
+        validate_draft_settings(self.draft_threshold, self.max_draft_tokens)
+
+
+@dataclass
+class KangarooStats:
+    """Speculation statistics of one `generate()` call (`model.last_generate_stats`).
+
+    A verification step is one forward of the full model (the prefill included); each yields the accepted drafts
+    plus one token of the base's own, so `new_tokens == verify_steps + accepted_drafts`.
+    """
+
+    max_draft_tokens: int
+    new_tokens: int = 0
+    verify_steps: int = 0
+    drafted_tokens: int = 0
+    accepted_drafts: int = 0
+    drafted_by_position: list[int] = field(default_factory=list)
+    accepted_by_position: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.drafted_by_position = self.drafted_by_position or [0] * self.max_draft_tokens
+        self.accepted_by_position = self.accepted_by_position or [0] * self.max_draft_tokens
+
+    def record_step(self, drafted: int, accepted: int) -> None:
+        """Count one verification step that checked `drafted` drafts and kept the first `accepted` of them."""
+        self.verify_steps += 1
+        self.new_tokens += accepted + 1
+        self.drafted_tokens += drafted
+        self.accepted_drafts += accepted
+        for position in range(drafted):
+            self.drafted_by_position[position] += 1
+        for position in range(accepted):
+            self.accepted_by_position[position] += 1
+
+    @property
+    def mean_accepted_tokens(self) -> float:
+        """Tokens gained per verification step (tau in the paper): `new_tokens / verify_steps`."""
+        return self.new_tokens / self.verify_steps if self.verify_steps else 0.0
+
+    @property
+    def acceptance_rate_by_position(self) -> list[float]:
+        """Fraction of drafts accepted at each draft position (1-based position i at index i-1)."""
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_by_position, self.drafted_by_position)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "new_tokens": self.new_tokens,
+            "verify_steps": self.verify_steps,
+            "drafted_tokens": self.drafted_tokens,
+            "accepted_drafts": self.accepted_drafts,
+            "mean_accepted_tokens": self.mean_accepted_tokens,
+            "drafted_by_position": list(self.drafted_by_position),
+            "accepted_by_position": list(self.accepted_by_position),
+            "acceptance_rate_by_position": self.acceptance_rate_by_position,
+        }
+
+
+def _extend_mask(attention_mask: torch.Tensor | None, extra: int) -> torch.Tensor | None:
+    """The 2D mask of the accepted tokens followed by `extra` drafted (never padded) tokens."""
+    if attention_mask is None or extra == 0:
+        return attention_mask
+    return torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], extra))], dim=-1)
+
+
+class KangarooCandidateGenerator(CandidateGenerator):
+    """Drafts with the shallow layers + adapter of a [`KangarooForCausalLM`] (double early exit).
+
+    Round bookkeeping, with `N` accepted tokens of which the last, `x`, is not yet in any cache:
+    shallow layers on `x` -> adapter -> head -> `d_1` (confidence `c_1`); shallow layers on `d_i`; stop if
+    `i == max_draft_tokens` or `c_i < draft_threshold`, else adapter -> head -> `d_{i+1}`. The shallow cache then
+    holds `N + k` tokens, the deep one `N - 1`; the loop's verification forward runs the deep layers on the `k + 1`
+    exit states handed over in `model_kwargs_overrides`, and its crop brings every layer back to the accepted length.
+    The adapter's own cache is re-synchronised from the verified exit states at the start of the next round.
+    """
+
+    requires_model_outputs = True
+
+    def __init__(
+        self,
+        model: KangarooForCausalLM,
+        settings: DraftSettings,
+        generation_config: GenerationConfig,
+        logits_processor: LogitsProcessorList | None,
+        stopping_criteria: StoppingCriteriaList,
+    ) -> None:
+        self.model = model
+        self.settings = settings
+        self.do_sample = bool(generation_config.do_sample)
+        self.max_length = generation_config.max_length
+        self.logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
+        self.stopping_criteria = stopping_criteria
+        self.adapter_cache = DynamicCache()
+        self.stats = KangarooStats(max_draft_tokens=settings.max_draft_tokens)
+        # Kwargs merged into the loop's next forward: the prefill must return exit states, a verification reuses them.
+        self.model_kwargs_overrides: dict[str, Any] = {"output_exit_hidden_states": True}
+        self._first_verified_position = 0  # position of the first token of the last full forward
+        self._drafted_this_round = 0
+
+    def get_candidates(
+        self,
+        input_ids: torch.LongTensor,
+        model_kwargs: dict[str, Any],
+        model_outputs: Any = None,
+        is_first_iteration: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.LongTensor, torch.Tensor | None]:
+        """Draft up to `max_draft_tokens` tokens after `input_ids` (1, N); returns (1, N + k) ids and (1, k, V) scores."""
+        cache: Cache = model_kwargs["cache"]
+        exit_layer = self.model.config.exit_layer
+        if is_first_iteration:
+            # The loop's first forward is the prefill: no drafts yet, it must return the prompt's exit states.
+            self._first_verified_position = cache.get_seq_length(exit_layer)
+            self._drafted_this_round = 0
+            self.model_kwargs_overrides = {"output_exit_hidden_states": True}
+            return input_ids, None
+
+        self._sync_adapter(model_outputs.exit_hidden_states, cache, model_kwargs)
+        self._first_verified_position = cache.get_seq_length(exit_layer)
+        candidate_ids, draft_scores, exit_states = self._draft(input_ids, cache, model_kwargs)
+        self._drafted_this_round = candidate_ids.shape[1] - input_ids.shape[1]
+        self.model_kwargs_overrides = {"exit_hidden_states": exit_states}
+        candidate_logits = torch.stack(draft_scores, dim=1) if draft_scores else None  # (1, k, V)
+        return candidate_ids, candidate_logits
+
+    def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int) -> None:
+        """Record how many of this round's drafts the base accepted (after the loop's EOS / length trimming)."""
+        self.stats.record_step(self._drafted_this_round, int(num_matches))
+
+    def _sync_adapter(self, exit_states: torch.Tensor, cache: Cache, model_kwargs: dict[str, Any]) -> None:
+        """Make the adapter cache hold exactly the verified tokens: crop rejected drafts, feed the missing states.
+
+        After a prefill the adapter has seen nothing; after an all-accepted round it has not seen the last draft
+        (drafting stopped before running the adapter on it). `exit_states` are those of the last full forward,
+        whose first token sits at `_first_verified_position`.
+        """
+        verified = cache.get_seq_length(self.model.config.exit_layer)  # every accepted token but the last
+        kept = min(self.adapter_cache.get_seq_length(), verified)
+        self.adapter_cache.crop(kept - self.adapter_cache.get_seq_length())
+        if kept == verified:
+            return
+        offset = self._first_verified_position
+        attention_mask = model_kwargs.get("attention_mask")
+        self.model.adapter_forward(
+            exit_states[:, kept - offset : verified - offset],
+            position_ids=model_kwargs["position_ids"][:, kept:verified],
+            adapter_cache=self.adapter_cache,
+            attention_mask=None if attention_mask is None else attention_mask[:, :verified],
+        )
+
+    def _draft(
+        self, input_ids: torch.LongTensor, cache: Cache, model_kwargs: dict[str, Any]
+    ) -> tuple[torch.LongTensor, list[torch.Tensor], torch.Tensor]:
+        """The drafting loop of one round; returns candidate ids, per-draft scores and (1, k + 1, D) exit states."""
+        budget = min(self.settings.max_draft_tokens, self.max_length - input_ids.shape[1] - 1)
+        position = model_kwargs["position_ids"][:, -1:]  # (1, 1): position of the last accepted token
+        attention_mask = model_kwargs.get("attention_mask")
+        candidate_ids = input_ids
+        exit_states = [self.model.shallow_forward(input_ids[:, -1:], position, cache, attention_mask)]
+        draft_scores: list[torch.Tensor] = []
+        while len(draft_scores) < budget:
+            step = len(draft_scores)
+            hidden = self.model.adapter_forward(
+                exit_states[-1], position + step, self.adapter_cache, _extend_mask(attention_mask, step)
+            )
+            scores = self.logits_processor(candidate_ids, self.model.lm_head_logits(hidden[:, -1]).float())
+            token, confidence = self._choose(scores)
+            extended = torch.cat([candidate_ids, token], dim=-1)
+            # A draft that would end generation (EOS, stop string, max length) is left for the base to emit as its
+            # own token: the loop checks stopping criteria only after a round, so a stop must fall on the round's end.
+            if self.stopping_criteria(extended, None).any():
+                break
+            candidate_ids = extended
+            draft_scores.append(scores)
+            exit_states.append(
+                self.model.shallow_forward(token, position + step + 1, cache, _extend_mask(attention_mask, step + 1))
+            )
+            # Draft early exit (paper section 3.2): a draft the adapter is unsure of ends the round; it is still verified.
+            if confidence < self.settings.draft_threshold:
+                break
+        return candidate_ids, draft_scores, torch.cat(exit_states, dim=1)
+
+    def _choose(self, scores: torch.Tensor) -> tuple[torch.LongTensor, float]:
+        """Pick a draft from processed `scores` (1, V): argmax, or a sample when sampling; return it and its top-1 prob.
+
+        Speculative sampling accepts a draft d with probability min(1, p(d) / q(d)), where q is the distribution d was
+        drawn from: `scores` are exactly the processed logits returned to the loop as candidate logits.
+        """
+        probs = scores.softmax(dim=-1)
+        confidence = float(probs.max())
+        if self.do_sample:
+            token = torch.multinomial(probs, num_samples=1)
+        else:
+            token = scores.argmax(dim=-1, keepdim=True)
+        return token, confidence
+
+
+__all__ = ["DraftSettings", "KangarooCandidateGenerator", "KangarooStats"]

@@ -1,0 +1,392 @@
+"""`KangarooForCausalLM`: a LLaMA-family base plus a tiny adapter that drafts from the base's shallow layers.
+
+Reference: Liu et al., "Kangaroo: Lossless Self-Speculative Decoding via Double Early Exiting", arXiv 2404.18911.
+Draft model = `layers[:exit_layer]` of the base + adapter (RMSNorm -> attention -> residual -> RMSNorm) + the base's
+own LM head. The base's modules are referenced, never copied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    Cache,
+    DynamicCache,
+    GenerationConfig,
+    GenerationMixin,
+    PreTrainedModel,
+)
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .backbone import DecoderParts
+from .configuration import KangarooConfig
+from .generation import DraftSettings, KangarooCandidateGenerator, KangarooStats
+
+
+@dataclass
+class KangarooCausalLMOutput(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus `exit_hidden_states` (B, T, D): the input tokens' states after `exit_layer`."""
+
+    exit_hidden_states: torch.FloatTensor | None = None
+
+
+class KangarooAdapterBlock(nn.Module):
+    """`h + Attn(RMSNorm(h))`, with the attention class of the base (so GQA, biases and RoPE match it)."""
+
+    def __init__(self, parts: DecoderParts, layer_idx: int) -> None:
+        super().__init__()
+        config = parts.config
+        self.input_layernorm = type(parts.norm)(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = type(parts.layers[0].self_attn)(config, layer_idx=layer_idx)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
+    ) -> torch.Tensor:
+        attn_output, _ = self.self_attn(
+            hidden_states=self.input_layernorm(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            cache=cache,
+        )
+        return hidden_states + attn_output
+
+
+class KangarooAdapter(nn.Module):
+    """The paper's adapter (section 3.1): attention block(s) between two RMSNorms, no MLP, its own KV cache."""
+
+    def __init__(self, parts: DecoderParts, num_layers: int = 1) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([KangarooAdapterBlock(parts, layer_idx) for layer_idx in range(num_layers)])
+        self.norm = type(parts.norm)(parts.config.hidden_size, eps=parts.config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
+    ) -> torch.Tensor:
+        """Map exit-layer states (B, T, D) to states (B, T, D) ready for the base's LM head."""
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, position_embeddings, attention_mask, cache)
+        return self.norm(hidden_states)
+
+
+class KangarooPreTrainedModel(PreTrainedModel):
+    config_class = KangarooConfig
+    base_model_prefix = "kangaroo"
+    supports_gradient_checkpointing = False
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    # The base is frozen and held by reference; only the adapter is Kangaroo's own.
+    _keys_to_ignore_on_save = None
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.base_config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif hasattr(module, "weight") and isinstance(module.weight, nn.Parameter) and module.weight.dim() == 1:
+            nn.init.ones_(module.weight)  # RMSNorm
+
+
+class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
+    r"""
+    A LLaMA-family causal LM with Kangaroo self-speculative decoding.
+
+    `forward()` is the base's forward (same loss and logits); `generate()` drafts with the first `exit_layer` layers +
+    adapter + the base's LM head and verifies with the remaining layers, reusing the shallow layers' KV cache. Greedy
+    output is token-for-token the base's; sampled output has the base's distribution.
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoModelForCausalLM
+    >>> from kangaroo_hf import KangarooForCausalLM
+    >>> base = AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")  # doctest: +SKIP
+    >>> model = KangarooForCausalLM.from_base(base, exit_layer=2)  # doctest: +SKIP
+    >>> out = model.generate(input_ids, max_new_tokens=64)  # doctest: +SKIP
+    >>> model.last_generate_stats.mean_accepted_tokens  # doctest: +SKIP
+    ```
+    """
+
+    def __init__(self, config: KangarooConfig, base: nn.Module | None = None) -> None:
+        super().__init__(config)
+        if base is None:
+            base = AutoModelForCausalLM.from_config(copy.deepcopy(config.base_config))
+        self.parts = DecoderParts.from_base(base)
+        if self.parts.num_layers != config.base_config.num_hidden_layers:
+            raise ValueError(
+                f"The base has {self.parts.num_layers} layers but its config says "
+                f"{config.base_config.num_hidden_layers}."
+            )
+        self.adapter = KangarooAdapter(self.parts, num_layers=config.adapter_num_layers)
+        # Initialise the adapter before the base is attached: the base's weights must never be re-initialised.
+        self.post_init()
+        self.base = base
+        self.generation_config = GenerationConfig.from_dict(unwrap_generation_config(base).to_dict())
+        self.last_generate_stats: KangarooStats | None = None
+        self._draft_settings: DraftSettings | None = None
+        self._candidate_generator: KangarooCandidateGenerator | None = None
+
+    @classmethod
+    def from_base(
+        cls,
+        base: nn.Module,
+        exit_layer: int = 2,
+        draft_threshold: float = 0.6,
+        max_draft_tokens: int = 6,
+        adapter_num_layers: int = 1,
+        base_model_name_or_path: str | None = None,
+        **config_kwargs: Any,
+    ) -> KangarooForCausalLM:
+        """Wrap an already loaded base (no copy) with a freshly initialised adapter.
+
+        Args:
+            base: a LLaMA-family `*ForCausalLM`, or a `peft.PeftModel` around one.
+            exit_layer: number of shallow layers shared by the draft.
+            draft_threshold: drafting stops after a draft whose top-1 probability is below this.
+            max_draft_tokens: at most this many drafts per verification step.
+            adapter_num_layers: attention blocks in the adapter (1 = the paper's adapter).
+            base_model_name_or_path: where `from_pretrained` will find the base; defaults to the base's own name.
+        """
+        parts = DecoderParts.from_base(base)
+        config = KangarooConfig(
+            # A copy: `PreTrainedModel.__init__` rewrites attributes of the config it is given.
+            base_config=copy.deepcopy(parts.config),
+            base_model_name_or_path=base_model_name_or_path or getattr(parts.config, "_name_or_path", None) or None,
+            exit_layer=exit_layer,
+            draft_threshold=draft_threshold,
+            max_draft_tokens=max_draft_tokens,
+            adapter_num_layers=adapter_num_layers,
+            **config_kwargs,
+        )
+        model = cls(config, base=base)
+        return model.to(device=parts.lm_head.weight.device, dtype=parts.lm_head.weight.dtype)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped base, exactly the object given to `from_base`."""
+        return self.base
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.parts.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.parts.lm_head
+
+    def _supports_logits_to_keep(self) -> bool:
+        return True
+
+    # -- the three pieces the draft/verify loop is made of ------------------------------------------------------
+
+    def shallow_forward(
+        self,
+        input_ids: torch.LongTensor,
+        position_ids: torch.LongTensor,
+        cache: Cache | None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run `layers[:exit_layer]` on `input_ids` (B, T), writing their KV into the base's `cache`; (B, T, D)."""
+        hidden_states = self.parts.embed_tokens(input_ids)
+        return self.parts.run_layers(hidden_states, 0, self.config.exit_layer, position_ids, attention_mask, cache)
+
+    def adapter_forward(
+        self,
+        exit_hidden_states: torch.Tensor,
+        position_ids: torch.LongTensor,
+        adapter_cache: Cache | None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Adapter on exit states (B, T, D) at `position_ids` (B, T); returns states for the LM head (B, T, D)."""
+        position_embeddings = self.parts.rotary_emb(exit_hidden_states, position_ids=position_ids)
+        mask = create_causal_mask(
+            config=self.parts.config,
+            inputs_embeds=exit_hidden_states,
+            attention_mask=attention_mask,
+            cache=adapter_cache,
+            position_ids=position_ids,
+            layer_idx=0 if adapter_cache is not None and len(adapter_cache.layers) else None,
+        )
+        return self.adapter(exit_hidden_states, position_embeddings, mask, adapter_cache)
+
+    def lm_head_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The base's LM head (shared by draft and verification)."""
+        return self.parts.lm_head(hidden_states)
+
+    def deep_forward(
+        self,
+        exit_hidden_states: torch.Tensor,
+        position_ids: torch.LongTensor,
+        cache: Cache | None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run `layers[exit_layer:]` and the final norm on exit states (B, T, D); (B, T, D)."""
+        config = self.config
+        hidden_states = self.parts.run_layers(
+            exit_hidden_states, config.exit_layer, self.parts.num_layers, position_ids, attention_mask, cache
+        )
+        return self.parts.norm(hidden_states)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        exit_hidden_states: torch.FloatTensor | None = None,
+        output_exit_hidden_states: bool = False,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        The base's forward, unchanged, unless Kangaroo's extra arguments are given.
+
+        exit_hidden_states (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
+            States of the input tokens after layer `exit_layer`, already computed (and cached) by drafting: only
+            `layers[exit_layer:]` run. This is how verification skips the shallow layers.
+        output_exit_hidden_states (`bool`, *optional*):
+            Run the layers in two slices and return the exit states as `exit_hidden_states`.
+        """
+        if exit_hidden_states is None and not output_exit_hidden_states:
+            return self.base(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+                **kwargs,
+            )
+        unsupported = sorted(k for k in ("output_attentions", "output_hidden_states") if kwargs.get(k))
+        if unsupported:
+            raise ValueError(f"{unsupported} are not available with Kangaroo's split forward; use_kangaroo=False.")
+        exit_layer = self.config.exit_layer
+        if use_cache is not False and cache is None:
+            cache = DynamicCache(config=self.parts.config)
+        reference = input_ids if input_ids is not None else inputs_embeds
+        if exit_hidden_states is not None and exit_hidden_states.shape[:2] != reference.shape[:2]:
+            raise ValueError(
+                f"exit_hidden_states cover {tuple(exit_hidden_states.shape[:2])} (batch, tokens) but the inputs are "
+                f"{tuple(reference.shape[:2])}."
+            )
+        if position_ids is None:
+            past = cache.get_seq_length(exit_layer if exit_hidden_states is not None else 0) if cache is not None else 0
+            position_ids = torch.arange(past, past + reference.shape[1], device=reference.device).unsqueeze(0)
+        if exit_hidden_states is None:
+            hidden_states = inputs_embeds if inputs_embeds is not None else self.parts.embed_tokens(input_ids)
+            exit_hidden_states = self.parts.run_layers(
+                hidden_states, 0, exit_layer, position_ids, attention_mask, cache
+            )
+        hidden_states = self.deep_forward(exit_hidden_states, position_ids, cache, attention_mask)
+        if isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, -logits_to_keep:, :]  # (B, kept, D); 0 keeps all
+        else:
+            hidden_states = hidden_states[:, logits_to_keep, :]
+        logits = self.lm_head_logits(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.base_config.vocab_size)
+        return KangarooCausalLMOutput(loss=loss, logits=logits, cache=cache, exit_hidden_states=exit_hidden_states)
+
+    # -- generation ------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        *,
+        draft_threshold: float | None = None,
+        max_draft_tokens: int | None = None,
+        use_kangaroo: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        """`GenerationMixin.generate` with Kangaroo decoding for greedy search and sampling.
+
+        Args:
+            draft_threshold: per-call override of `config.draft_threshold`.
+            max_draft_tokens: per-call override of `config.max_draft_tokens`.
+            use_kangaroo: `False` decodes with the base alone (no drafting).
+            **kwargs: every usual `generate()` argument (max_new_tokens, do_sample, streamer, stop_strings, ...).
+
+        After the call, `self.last_generate_stats` holds the speculation statistics (`None` without Kangaroo).
+        """
+        settings = None
+        if use_kangaroo:
+            settings = DraftSettings(
+                draft_threshold=self.config.draft_threshold if draft_threshold is None else draft_threshold,
+                max_draft_tokens=self.config.max_draft_tokens if max_draft_tokens is None else max_draft_tokens,
+            )
+        self.last_generate_stats = None
+        with self._scoped("_draft_settings", settings):
+            return super().generate(inputs, generation_config, **kwargs)
+
+    @contextlib.contextmanager
+    def _scoped(self, name: str, value: Any) -> Iterator[None]:
+        """Set a per-call attribute for the duration of one `generate()` call, whatever happens."""
+        previous = getattr(self, name)
+        setattr(self, name, value)
+        try:
+            yield
+        finally:
+            setattr(self, name, previous)
+
+    def _sample(self, input_ids: torch.LongTensor, logits_processor, stopping_criteria, generation_config, **kw):
+        """Greedy search and sampling: Kangaroo's draft/verify loop when enabled, the base's decoding otherwise."""
+        settings = self._draft_settings
+        if settings is None:
+            return super()._sample(input_ids, logits_processor, stopping_criteria, generation_config, **kw)
+        if input_ids.shape[0] != 1:
+            raise ValueError(
+                f"Kangaroo decoding supports one sequence at a time, got a batch of {input_ids.shape[0]}; "
+                "loop over the prompts or pass use_kangaroo=False."
+            )
+        cache = kw.get("cache")
+        if not isinstance(cache, DynamicCache) or cache.get_seq_length() > 0:
+            raise ValueError(
+                "Kangaroo decoding needs use_cache=True and a fresh DynamicCache (it writes the shallow layers' KV "
+                f"during drafting and crops after verification), got {type(cache).__name__}."
+            )
+        generator = KangarooCandidateGenerator(self, settings, generation_config, logits_processor, stopping_criteria)
+        with self._scoped("_candidate_generator", generator):
+            output = self._assisted_decoding(
+                input_ids, logits_processor, stopping_criteria, generation_config, **kw
+            )
+        self.last_generate_stats = generator.stats
+        return output
+
+    def _get_candidate_generator(self, *args: Any, **kwargs: Any):
+        if self._candidate_generator is not None:
+            return self._candidate_generator
+        return super()._get_candidate_generator(*args, **kwargs)
+
+
+def unwrap_generation_config(base: nn.Module) -> GenerationConfig:
+    """The generation defaults of the base (or of the model inside a PEFT wrapper)."""
+    generation_config = getattr(base, "generation_config", None)
+    if generation_config is None:
+        generation_config = getattr(DecoderParts.from_base(base), "generation_config", None) or GenerationConfig()
+    return generation_config
+
+
+__all__ = ["KangarooAdapter", "KangarooCausalLMOutput", "KangarooForCausalLM", "KangarooPreTrainedModel"]
