@@ -183,6 +183,34 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         """The wrapped base, exactly the object given to `from_base`."""
         return self.base
 
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter's weights only (keys start with `adapter.`): all that a Kangaroo checkpoint adds to its base."""
+        return {f"adapter.{name}": tensor for name, tensor in self.adapter.state_dict().items()}
+
+    def load_adapter_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load adapter weights saved by `adapter_state_dict`; any missing, extra or mis-shaped key raises `ValueError`."""
+        expected = self.adapter_state_dict()
+        missing = sorted(set(expected) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"Adapter weights do not match this model (adapter_num_layers={self.config.adapter_num_layers}): "
+                f"missing {missing or 'none'}, unexpected {unexpected or 'none'}."
+            )
+        mismatched = [
+            f"{name}: checkpoint {tuple(state_dict[name].shape)} vs model {tuple(tensor.shape)}"
+            for name, tensor in expected.items()
+            if tuple(state_dict[name].shape) != tuple(tensor.shape)
+        ]
+        if mismatched:
+            base = self.parts.config
+            raise ValueError(
+                "Adapter weights do not fit the base (hidden_size="
+                f"{base.hidden_size}, num_attention_heads={base.num_attention_heads}, "
+                f"num_key_value_heads={getattr(base, 'num_key_value_heads', None)}): " + "; ".join(mismatched)
+            )
+        self.adapter.load_state_dict({name[len("adapter.") :]: tensor for name, tensor in state_dict.items()})
+
     def get_input_embeddings(self) -> nn.Module:
         return self.parts.embed_tokens
 
