@@ -34,7 +34,7 @@ _COMMON = dict(
 
 
 def tiny_base(arch: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
-    """A tiny random base; GQA for Llama/Mistral, attention bias + tied embeddings for Qwen2, a small window for Mistral."""
+    """A tiny random base: GQA (Llama, Mistral), small sliding window (Mistral), bias + tied embeddings (Qwen2)."""
     torch.manual_seed(seed)
     if arch == "llama":
         config = LlamaConfig(**{**_COMMON, "num_key_value_heads": 2, **overrides})

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VOCAB, make_kangaroo
 from transformers import DynamicCache
 
+from conftest import VOCAB, make_kangaroo
 from kangaroo_hf import KangarooCandidateGenerator
 
 

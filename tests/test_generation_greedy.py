@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+
 from conftest import VOCAB, make_kangaroo, tiny_tokenizer
 
 

@@ -1,8 +1,9 @@
-"""kangaroo_hf: lossless self-speculative decoding (Kangaroo, arXiv 2404.18911) for transformers LLaMA-family models."""
+"""kangaroo_hf: lossless self-speculative decoding (Kangaroo, arXiv 2404.18911) for LLaMA-family models."""
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .configuration import KangarooConfig
+from .default_model import load_default_model, load_embedded_base
 from .generation import DraftSettings, KangarooCandidateGenerator, KangarooStats
 from .modeling import KangarooAdapter, KangarooForCausalLM
 from .version import __version__
@@ -18,4 +19,6 @@ __all__ = [
     "KangarooForCausalLM",
     "KangarooStats",
     "__version__",
+    "load_default_model",
+    "load_embedded_base",
 ]

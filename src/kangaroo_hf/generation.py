@@ -71,7 +71,7 @@ class KangarooStats:
     @property
     def acceptance_rate_by_position(self) -> list[float]:
         """Fraction of drafts accepted at each draft position (1-based position i at index i-1)."""
-        return [a / d if d else 0.0 for a, d in zip(self.accepted_by_position, self.drafted_by_position)]
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_by_position, self.drafted_by_position, strict=True)]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -135,7 +135,7 @@ class KangarooCandidateGenerator(CandidateGenerator):
         is_first_iteration: bool = False,
         **kwargs: Any,
     ) -> tuple[torch.LongTensor, torch.Tensor | None]:
-        """Draft up to `max_draft_tokens` tokens after `input_ids` (1, N); returns (1, N + k) ids and (1, k, V) scores."""
+        """Draft up to `max_draft_tokens` after `input_ids` (1, N); return (1, N + k) ids and (1, k, V) scores."""
         cache: Cache = model_kwargs["cache"]
         exit_layer = self.model.config.exit_layer
         if is_first_iteration:
@@ -205,13 +205,13 @@ class KangarooCandidateGenerator(CandidateGenerator):
             exit_states.append(
                 self.model.shallow_forward(token, position + step + 1, cache, _extend_mask(attention_mask, step + 1))
             )
-            # Draft early exit (paper section 3.2): a draft the adapter is unsure of ends the round; it is still verified.
+            # Draft early exit (paper section 3.2): an unsure draft ends the round; it is still verified.
             if confidence < self.settings.draft_threshold:
                 break
         return candidate_ids, draft_scores, torch.cat(exit_states, dim=1)
 
     def _choose(self, scores: torch.Tensor) -> tuple[torch.LongTensor, float]:
-        """Pick a draft from processed `scores` (1, V): argmax, or a sample when sampling; return it and its top-1 prob.
+        """Pick a draft from processed `scores` (1, V): argmax, or a sample when sampling; also its top-1 prob.
 
         Speculative sampling accepts a draft d with probability min(1, p(d) / q(d)), where q is the distribution d was
         drawn from: `scores` are exactly the processed logits returned to the loop as candidate logits.

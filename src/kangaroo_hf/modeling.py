@@ -188,7 +188,7 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         return {f"adapter.{name}": tensor for name, tensor in self.adapter.state_dict().items()}
 
     def load_adapter_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load adapter weights saved by `adapter_state_dict`; any missing, extra or mis-shaped key raises `ValueError`."""
+        """Load weights saved by `adapter_state_dict`; a missing, extra or mis-shaped key raises `ValueError`."""
         expected = self.adapter_state_dict()
         missing = sorted(set(expected) - set(state_dict))
         unexpected = sorted(set(state_dict) - set(expected))
@@ -318,7 +318,9 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
                 f"{tuple(reference.shape[:2])}."
             )
         if position_ids is None:
-            past = cache.get_seq_length(exit_layer if exit_hidden_states is not None else 0) if cache is not None else 0
+            past = (
+                cache.get_seq_length(exit_layer if exit_hidden_states is not None else 0) if cache is not None else 0
+            )
             position_ids = torch.arange(past, past + reference.shape[1], device=reference.device).unsqueeze(0)
         if exit_hidden_states is None:
             hidden_states = inputs_embeds if inputs_embeds is not None else self.parts.embed_tokens(input_ids)
@@ -397,9 +399,7 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
             )
         generator = KangarooCandidateGenerator(self, settings, generation_config, logits_processor, stopping_criteria)
         with self._scoped("_candidate_generator", generator):
-            output = self._assisted_decoding(
-                input_ids, logits_processor, stopping_criteria, generation_config, **kw
-            )
+            output = self._assisted_decoding(input_ids, logits_processor, stopping_criteria, generation_config, **kw)
         self.last_generate_stats = generator.stats
         return output
 

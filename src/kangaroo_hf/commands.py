@@ -1,0 +1,108 @@
+"""Sub-commands of `kangaroo-hf`. Each `add_*` registers one sub-command and its handler; heavy imports stay inside."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROMPT = "Explain in three sentences why the sky is blue."
+DTYPES = ("float32", "bfloat16")
+
+
+def load_model(model: str | None, dtype: str, device: str = "cpu"):
+    """A Kangaroo model and its tokenizer: the shipped default, or a Kangaroo folder / repo id."""
+    import torch
+    from transformers import AutoTokenizer
+
+    torch_dtype = getattr(torch, dtype)
+    if model is None:
+        from .default_model import load_default_model
+
+        return load_default_model(dtype=torch_dtype, device=device)
+    from .modeling import KangarooForCausalLM
+
+    kangaroo = KangarooForCausalLM.from_pretrained(model, dtype=torch_dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(kangaroo.config.base_model_name_or_path)
+    return kangaroo, tokenizer
+
+
+def chat_input_ids(tokenizer, prompt: str):
+    """The prompt as a single user turn, rendered with the model's chat template when it has one."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")["input_ids"]
+    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    input_ids = chat_input_ids(tokenizer, args.prompt).to(model.device)
+    sampling = (
+        dict(do_sample=args.do_sample, temperature=args.temperature) if args.do_sample else dict(do_sample=False)
+    )
+    common = dict(max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+    kangaroo = not args.no_kangaroo
+
+    def timed(use_kangaroo: bool):
+        start = time.perf_counter()
+        out = model.generate(
+            input_ids,
+            use_kangaroo=use_kangaroo,
+            draft_threshold=args.draft_threshold,
+            max_draft_tokens=args.max_draft_tokens,
+            **common,
+        )
+        return out[0, input_ids.shape[1] :], time.perf_counter() - start
+
+    tokens, seconds = timed(kangaroo)
+    print(tokenizer.decode(tokens, skip_special_tokens=True))
+    print()
+    label = "kangaroo" if kangaroo else "plain generate()"
+    print(
+        f"[{label}] {len(tokens)} new tokens in {seconds:.2f} s ({len(tokens) / seconds:.1f} tokens/s, {args.dtype})"
+    )
+    stats = model.last_generate_stats
+    if stats is not None:
+        rates = ", ".join(f"{rate:.2f}" for rate in stats.acceptance_rate_by_position)
+        print(
+            f"  mean accepted tokens per verification step: {stats.mean_accepted_tokens:.2f} "
+            f"({stats.verify_steps} steps); drafted {stats.drafted_tokens}, accepted {stats.accepted_drafts}"
+        )
+        print(f"  acceptance rate by draft position: [{rates}]")
+    if kangaroo and not args.no_compare:
+        plain_tokens, plain_seconds = timed(False)
+        print(
+            f"[plain generate()] {len(plain_tokens)} new tokens in {plain_seconds:.2f} s "
+            f"({len(plain_tokens) / plain_seconds:.1f} tokens/s)"
+        )
+        print(
+            f"  speedup: {plain_seconds / seconds:.2f}x; identical output: {plain_tokens.tolist() == tokens.tolist()}"
+        )
+    return 0
+
+
+def add_generate(subparsers) -> None:
+    parser = subparsers.add_parser("generate", help="answer a prompt with Kangaroo and print speculation statistics")
+    parser.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help="user message (default: a short question)")
+    parser.add_argument("--model", default=None, help="Kangaroo folder or repo id (default: shipped SmolLM2 model)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--draft-threshold", type=float, default=None, help="override the model's draft threshold")
+    parser.add_argument("--max-draft-tokens", type=int, default=None, help="override the model's draft length cap")
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-kangaroo", action="store_true", help="decode with the base alone")
+    parser.add_argument("--no-compare", action="store_true", help="skip the timed plain generate() for comparison")
+    parser.set_defaults(handler=_run_generate)
+
+
+# Sub-commands of other modules register here (training, hub, bench).
+REGISTRARS = [add_generate]

@@ -1,0 +1,74 @@
+"""Bad input fails early with an error that names the bad value."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from conftest import VOCAB, make_kangaroo, tiny_base
+from kangaroo_hf import KangarooConfig, KangarooForCausalLM
+
+
+@pytest.mark.parametrize("exit_layer", [0, -1, 4, 7])
+def test_exit_layer_out_of_range(exit_layer):
+    with pytest.raises(ValueError, match=rf"exit_layer must be an int in \[1, 3\].*got {exit_layer}"):
+        KangarooForCausalLM.from_base(tiny_base("llama"), exit_layer=exit_layer)
+
+
+@pytest.mark.parametrize("threshold", [-0.1, 1.5, float("nan")])
+def test_draft_threshold_outside_unit_interval(threshold):
+    with pytest.raises(ValueError, match="draft_threshold must be in \\[0, 1\\]"):
+        KangarooForCausalLM.from_base(tiny_base("llama"), draft_threshold=threshold)
+    model = make_kangaroo("llama")
+    with pytest.raises(ValueError, match="draft_threshold must be in \\[0, 1\\]"):
+        model.generate(torch.tensor([[3, 4]]), max_new_tokens=2, draft_threshold=threshold)
+
+
+@pytest.mark.parametrize("max_draft_tokens", [0, -2, 1.5])
+def test_max_draft_tokens_below_one(max_draft_tokens):
+    with pytest.raises(ValueError, match="max_draft_tokens must be an int >= 1"):
+        KangarooForCausalLM.from_base(tiny_base("llama"), max_draft_tokens=max_draft_tokens)
+    with pytest.raises(ValueError, match="max_draft_tokens must be an int >= 1"):
+        make_kangaroo("llama").generate(torch.tensor([[3, 4]]), max_new_tokens=2, max_draft_tokens=max_draft_tokens)
+
+
+def test_adapter_whose_shapes_do_not_match_the_base():
+    small = make_kangaroo("llama")
+    wide = KangarooForCausalLM.from_base(tiny_base("llama", hidden_size=96, num_attention_heads=4))
+    with pytest.raises(ValueError, match=r"do not fit the base \(hidden_size=64.*checkpoint \(96"):
+        small.load_adapter_state_dict(wide.adapter_state_dict())
+    gqa = KangarooForCausalLM.from_base(tiny_base("llama", num_key_value_heads=4))
+    with pytest.raises(ValueError, match=r"num_key_value_heads=2.*k_proj"):
+        small.load_adapter_state_dict(gqa.adapter_state_dict())
+    with pytest.raises(ValueError, match="missing .*adapter.norm.weight"):
+        state = small.adapter_state_dict()
+        del state["adapter.norm.weight"]
+        small.load_adapter_state_dict(state)
+
+
+def test_batch_of_more_than_one_sequence():
+    model = make_kangaroo("llama")
+    with pytest.raises(ValueError, match="one sequence at a time, got a batch of 2"):
+        model.generate(torch.randint(2, VOCAB, (2, 5)), max_new_tokens=4)
+    # Plain decoding still serves batches.
+    assert model.generate(torch.randint(2, VOCAB, (2, 5)), max_new_tokens=4, use_kangaroo=False).shape == (2, 9)
+
+
+def test_non_llama_base_names_what_is_missing():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel is not a LLaMA-family causal LM.*model.embed_tokens"):
+        KangarooForCausalLM.from_base(gpt2)
+
+
+def test_config_rejects_impossible_values_directly():
+    base_config = tiny_base("qwen2").config
+    with pytest.raises(ValueError, match="exit_layer"):
+        KangarooConfig(base_config=base_config, exit_layer=4)
+    with pytest.raises(ValueError, match="adapter_num_layers must be an int >= 1, got 0"):
+        KangarooConfig(base_config=base_config, adapter_num_layers=0)
+
+
+def test_kangaroo_needs_a_cache():
+    with pytest.raises(ValueError, match="needs use_cache=True"):
+        make_kangaroo("llama").generate(torch.tensor([[3, 4, 5]]), max_new_tokens=3, use_cache=False)
