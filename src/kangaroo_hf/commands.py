@@ -106,3 +106,7 @@ def add_generate(subparsers) -> None:
 
 # Sub-commands of other modules register here (training, hub, bench).
 REGISTRARS = [add_generate]
+
+from .bench import add_bench  # noqa: E402  (bench imports this module's helpers lazily)
+
+REGISTRARS.append(add_bench)

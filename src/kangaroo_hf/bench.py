@@ -1,0 +1,658 @@
+"""`kangaroo-hf bench`: Spec-Bench-style speed, acceptance and losslessness report (DESIGN.md section 5).
+
+Every method answers the first turn of each Spec-Bench question (chat template applied), batch 1, with the same
+`max_new_tokens`; methods run interleaved prompt by prompt in one process after a warm-up, and a method's time is the
+sum of its `generate()` wall times. Speedup is the base's plain `generate()` time over the method's time. In greedy
+mode every output is compared token for token with the base's; see `default_tie_tolerance` for reduced precision.
+
+Methods (the `METHODS` registry; add a runner to add a method):
+
+- `vanilla`: `model.get_base_model().generate(...)`, the reference.
+- `pld`: transformers' prompt lookup decoding on the base (`prompt_lookup_num_tokens`).
+- `early_exit`: transformers' `assistant_early_exit` on the base, exiting at Kangaroo's `exit_layer`, with Kangaroo's
+  `draft_threshold` and `max_draft_tokens` as confidence threshold and draft cap: Kangaroo without the adapter.
+- `kangaroo`: `model.generate(..., use_kangaroo=True)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .bench_report import REFERENCE_METHOD, build_results, format_summary, write_reports
+
+logger = logging.getLogger(__name__)
+
+QUESTIONS_ENV = "KANGAROO_HF_SPEC_BENCH"
+QUESTIONS_RELPATH = Path("shared") / "data" / "spec_bench" / "question.jsonl"
+DEFAULT_OUTPUT = "bench_out"
+# Prompt lookup decoding: 10 proposed tokens (as in Spec-Bench's PLD runs), transformers' default n-gram size of 2.
+DEFAULT_METHOD_OPTIONS: dict[str, dict[str, Any]] = {
+    "pld": {"prompt_lookup_num_tokens": 10, "max_matching_ngram_size": 2},
+}
+
+
+class LosslessnessError(RuntimeError):
+    """A greedy output differed from the base's by more than a numerical tie (raised with `strict=True`)."""
+
+
+@dataclass(frozen=True)
+class Question:
+    """One Spec-Bench question; only the first turn is benchmarked."""
+
+    question_id: int
+    category: str
+    turns: tuple[str, ...]
+
+
+@dataclass
+class SpeculationCounts:
+    """Draft/verify counts of speculative runs, summed over prompts.
+
+    A verification step is one forward of the full model (the prefill included); it keeps `accepted` of its `drafted`
+    candidates plus one token of the base's own, so `new_tokens == verify_steps + sum(accepted_by_position)`.
+    Position lists grow as needed (draft lengths differ between methods).
+    """
+
+    verify_steps: int = 0
+    new_tokens: int = 0
+    drafted_by_position: list[int] = field(default_factory=list)
+    accepted_by_position: list[int] = field(default_factory=list)
+
+    def record_step(self, drafted: int, accepted: int) -> None:
+        """Count one verification step that checked `drafted` candidates and kept the first `accepted`."""
+        self._grow(drafted)
+        self.verify_steps += 1
+        self.new_tokens += accepted + 1
+        for position in range(drafted):
+            self.drafted_by_position[position] += 1
+        for position in range(accepted):
+            self.accepted_by_position[position] += 1
+
+    def add(self, other: SpeculationCounts) -> None:
+        """Add another run's counts to these."""
+        self._grow(len(other.drafted_by_position))
+        self.verify_steps += other.verify_steps
+        self.new_tokens += other.new_tokens
+        for position, (drafted, accepted) in enumerate(
+            zip(other.drafted_by_position, other.accepted_by_position, strict=True)
+        ):
+            self.drafted_by_position[position] += drafted
+            self.accepted_by_position[position] += accepted
+
+    @classmethod
+    def from_kangaroo_stats(cls, stats: Any) -> SpeculationCounts:
+        """Counts of one Kangaroo `generate()` from its `model.last_generate_stats` (a `KangarooStats`)."""
+        return cls(
+            verify_steps=stats.verify_steps,
+            new_tokens=stats.new_tokens,
+            drafted_by_position=list(stats.drafted_by_position),
+            accepted_by_position=list(stats.accepted_by_position),
+        )
+
+    @property
+    def mean_accepted_tokens(self) -> float:
+        """Tokens gained per verification step (tau in the paper)."""
+        return self.new_tokens / self.verify_steps if self.verify_steps else 0.0
+
+    @property
+    def acceptance_by_position(self) -> list[float]:
+        """Fraction of the drafts at each 1-based position i (index i-1) that the base accepted."""
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_by_position, self.drafted_by_position, strict=True)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mean_accepted_tokens": self.mean_accepted_tokens,
+            "verify_steps": self.verify_steps,
+            "acceptance_by_position": self.acceptance_by_position,
+            "drafted_by_position": list(self.drafted_by_position),
+            "accepted_by_position": list(self.accepted_by_position),
+        }
+
+    def _grow(self, length: int) -> None:
+        missing = length - len(self.drafted_by_position)
+        if missing > 0:
+            self.drafted_by_position.extend([0] * missing)
+            self.accepted_by_position.extend([0] * missing)
+
+
+# A runner generates for one prompt and returns the new tokens, plus its speculation counts (None if it drafts
+# nothing). It must do nothing costly besides `generate()`: the benchmark times the whole call.
+MethodRunner = Callable[[Any, torch.LongTensor, dict[str, Any]], tuple[list[int], SpeculationCounts | None]]
+
+
+def _new_tokens(output: torch.LongTensor, input_ids: torch.LongTensor) -> list[int]:
+    return output[0, input_ids.shape[1] :].tolist()
+
+
+@contextlib.contextmanager
+def _record_candidate_steps(base: torch.nn.Module) -> Iterator[SpeculationCounts]:
+    """Count draft/accept per verification step of the base's assisted loop during one `generate()` call.
+
+    transformers does not expose these counts; its loop calls `update_candidate_strategy(input_ids, new_logits,
+    n_matches)` once per verification step, where `new_logits` (1, candidates + 1, V) cover every candidate plus the
+    bonus token and `n_matches` is the accepted count after EOS / length trimming. Only this model instance is patched,
+    and only for the duration of the call.
+    """
+    counts = SpeculationCounts()
+    original = base._get_candidate_generator
+
+    def recording_candidate_generator(*args: Any, **kwargs: Any) -> Any:
+        generator = original(*args, **kwargs)
+        update = generator.update_candidate_strategy
+
+        def recording_update(input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int) -> None:
+            counts.record_step(drafted=scores.shape[1] - 1, accepted=int(num_matches))
+            update(input_ids, scores, num_matches)
+
+        generator.update_candidate_strategy = recording_update
+        return generator
+
+    base._get_candidate_generator = recording_candidate_generator
+    try:
+        yield counts
+    finally:
+        del base._get_candidate_generator  # the instance attribute; the class's method shows through again
+
+
+@contextlib.contextmanager
+def _scoped_generation_config(model: torch.nn.Module, **values: Any) -> Iterator[None]:
+    """Set fields of `model.generation_config` for one call, restoring them whatever happens."""
+    config = model.generation_config
+    previous = {name: getattr(config, name) for name in values}
+    for name, value in values.items():
+        setattr(config, name, value)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            setattr(config, name, value)
+
+
+def run_vanilla(model: Any, input_ids: torch.LongTensor, gen_kwargs: dict[str, Any]) -> tuple[list[int], None]:
+    """The base's plain `generate()`: the reference every speedup and output is measured against."""
+    return _new_tokens(model.get_base_model().generate(input_ids, **gen_kwargs), input_ids), None
+
+
+def run_pld(
+    model: Any, input_ids: torch.LongTensor, gen_kwargs: dict[str, Any]
+) -> tuple[list[int], SpeculationCounts]:
+    """Prompt lookup decoding on the base (`gen_kwargs` carry `prompt_lookup_num_tokens`)."""
+    base = model.get_base_model()
+    with _record_candidate_steps(base) as counts:
+        output = base.generate(input_ids, **gen_kwargs)
+    return _new_tokens(output, input_ids), counts
+
+
+def run_early_exit(
+    model: Any, input_ids: torch.LongTensor, gen_kwargs: dict[str, Any]
+) -> tuple[list[int], SpeculationCounts]:
+    """transformers' self-speculative early exit on the base, with Kangaroo's exit layer and draft stop rule.
+
+    `EarlyExitCandidateGenerator` reads its draft length and confidence threshold from the assistant's own
+    `generation_config` (here the base's), not from `generate()` arguments, so they are set there for the call.
+    A constant schedule keeps the draft cap fixed, as in Kangaroo.
+    """
+    config = model.config
+    base = model.get_base_model()
+    with (
+        _scoped_generation_config(
+            base,
+            assistant_confidence_threshold=config.draft_threshold,
+            num_assistant_tokens=config.max_draft_tokens,
+            num_assistant_tokens_schedule="constant",
+        ),
+        _record_candidate_steps(base) as counts,
+    ):
+        output = base.generate(input_ids, assistant_early_exit=config.exit_layer, **gen_kwargs)
+    return _new_tokens(output, input_ids), counts
+
+
+def run_kangaroo(
+    model: Any, input_ids: torch.LongTensor, gen_kwargs: dict[str, Any]
+) -> tuple[list[int], SpeculationCounts]:
+    """Kangaroo decoding; counts come from `model.last_generate_stats`."""
+    output = model.generate(input_ids, use_kangaroo=True, **gen_kwargs)
+    return _new_tokens(output, input_ids), SpeculationCounts.from_kangaroo_stats(model.last_generate_stats)
+
+
+METHODS: dict[str, MethodRunner] = {
+    "vanilla": run_vanilla,
+    "pld": run_pld,
+    "early_exit": run_early_exit,
+    "kangaroo": run_kangaroo,
+}
+
+
+@dataclass
+class MethodRun:
+    """One method's answer to one prompt."""
+
+    tokens: list[int]
+    time_s: float
+    counts: SpeculationCounts | None
+    identical: bool | None = None  # equal to the reference's output (greedy only)
+
+
+@dataclass
+class PromptRecord:
+    """Every method's run on one question."""
+
+    question: Question
+    prompt_tokens: int
+    runs: dict[str, MethodRun] = field(default_factory=dict)
+
+
+@dataclass
+class Divergence:
+    """Where a greedy output first differs from the base's, and how close the base's logits were there."""
+
+    method: str
+    question_id: int
+    category: str
+    position: int  # index in the new tokens
+    reference_token: int | None  # None: the base's output ended here
+    method_token: int | None  # None: the method's output ended here
+    logit_gap: float | None  # |logit(reference token) - logit(method token)| from one forward of the base
+    top2_gap: float | None  # top-1 minus top-2 logit at that step
+    logit_gap_float32: float | None  # the same gap with a float32 copy of the base (reduced-precision runs only)
+    tie: bool
+
+
+@dataclass
+class BenchSettings:
+    """What to run and how. `tie_tolerance=None` picks `default_tie_tolerance(model dtype)`."""
+
+    methods: tuple[str, ...] = tuple(METHODS)
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 1.0
+    seed: int = 0
+    warmup: int = 1
+    tie_tolerance: float | None = None
+    strict: bool = False
+    method_options: dict[str, dict[str, Any]] = field(default_factory=lambda: copy.deepcopy(DEFAULT_METHOD_OPTIONS))
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.methods if name not in METHODS]
+        if unknown:
+            raise ValueError(f"Unknown methods {unknown}; choose from {sorted(METHODS)}.")
+        if REFERENCE_METHOD not in self.methods:
+            raise ValueError(f"methods must include {REFERENCE_METHOD!r} (the speedup reference), got {self.methods}.")
+        if self.max_new_tokens < 1 or self.warmup < 0:
+            raise ValueError(f"Need max_new_tokens >= 1 and warmup >= 0, got {self.max_new_tokens}, {self.warmup}.")
+        if self.tie_tolerance is not None and self.tie_tolerance < 0:
+            raise ValueError(f"tie_tolerance must be >= 0, got {self.tie_tolerance}.")
+
+
+def find_questions_file(start: str | Path | None = None) -> Path | None:
+    """The Spec-Bench questions: `$KANGAROO_HF_SPEC_BENCH`, else `shared/data/spec_bench/question.jsonl` in `start`
+    (default: the working directory) or a folder above it, else the same search from this package's location."""
+    if os.environ.get(QUESTIONS_ENV):
+        return Path(os.environ[QUESTIONS_ENV])
+    for origin in (Path(start or Path.cwd()).resolve(), Path(__file__).resolve().parent):
+        for folder in (origin, *origin.parents):
+            if (folder / QUESTIONS_RELPATH).is_file():
+                return folder / QUESTIONS_RELPATH
+    return None
+
+
+def load_questions(
+    path: str | Path, limit_per_category: int | None = None, categories: list[str] | None = None
+) -> list[Question]:
+    """Read a Spec-Bench JSONL (`question_id`, `category`, `turns`), keeping file order, the first
+    `limit_per_category` questions of each category, and only `categories` when given."""
+    questions: list[Question] = []
+    per_category: dict[str, int] = {}
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            missing = [key for key in ("question_id", "category", "turns") if key not in row]
+            if missing or not row.get("turns"):
+                raise ValueError(f"{path}:{number}: a question needs question_id, category and turns; got {row}.")
+            category = row["category"]
+            if categories is not None and category not in categories:
+                continue
+            if limit_per_category is not None and per_category.get(category, 0) >= limit_per_category:
+                continue
+            per_category[category] = per_category.get(category, 0) + 1
+            questions.append(Question(int(row["question_id"]), category, tuple(row["turns"])))
+    if categories is not None and set(categories) - set(per_category):
+        raise ValueError(f"No questions of categories {sorted(set(categories) - set(per_category))} in {path}.")
+    if not questions:
+        raise ValueError(f"No questions in {path}.")
+    return questions
+
+
+def default_tie_tolerance(dtype: torch.dtype) -> float:
+    """Largest base top-2 logit gap at which a greedy divergence counts as a numerical tie.
+
+    float32 / float64: 0, outputs must be identical. Reduced precision: one unit in the last place at logit magnitude
+    32 to 64, `32 * eps` (0.25 for bfloat16, whose 8 significant bits space logits of 32-64 by 0.25 and of 16-32 by
+    0.125; 0.03125 for float16). Batched verification and one-token decoding accumulate in different orders and round
+    every layer's output to this grid, so two logits one step apart can swap; a larger gap is not rounding.
+    """
+    if dtype in (torch.float32, torch.float64):
+        return 0.0
+    return 32 * torch.finfo(dtype).eps
+
+
+def first_divergence(reference: list[int], output: list[int]) -> int | None:
+    """Index of the first differing token (or of the shorter output's end); None if the outputs are equal."""
+    for position, (expected, got) in enumerate(zip(reference, output, strict=False)):
+        if expected != got:
+            return position
+    return None if len(reference) == len(output) else min(len(reference), len(output))
+
+
+def classify_divergence(logit_gap: float | None, tolerance: float) -> bool:
+    """True (a numerical tie) when the base's logits of the two tokens are within `tolerance`; else a failure."""
+    return logit_gap is not None and abs(logit_gap) <= tolerance
+
+
+class _GapProbe:
+    """The base's logits at one step of the reference output: one forward over prompt + reference prefix."""
+
+    def __init__(self, base: torch.nn.Module) -> None:
+        self.base = base
+        self._float32_base: torch.nn.Module | None = None
+
+    @torch.no_grad()
+    def gaps(self, sequence: torch.LongTensor, reference_token: int, method_token: int) -> tuple[float, float]:
+        """(|logit gap| between the two tokens, top-1 minus top-2 logit) after `sequence` (1, T)."""
+        return self._gaps(self.base, sequence, reference_token, method_token)
+
+    @torch.no_grad()
+    def float32_gap(self, sequence: torch.LongTensor, reference_token: int, method_token: int) -> float | None:
+        """The same gap from a float32 copy of the base (made once); None when the base already is float32."""
+        if self.base.dtype in (torch.float32, torch.float64):
+            return None
+        if self._float32_base is None:
+            self._float32_base = copy.deepcopy(self.base).float()
+        return self._gaps(self._float32_base, sequence, reference_token, method_token)[0]
+
+    @staticmethod
+    def _gaps(base: torch.nn.Module, sequence: torch.LongTensor, reference_token: int, method_token: int):
+        logits = base(input_ids=sequence, use_cache=False, logits_to_keep=1).logits[0, -1].float()  # (V,)
+        top2 = logits.topk(2).values
+        return abs(float(logits[reference_token] - logits[method_token])), float(top2[0] - top2[1])
+
+
+def check_against_reference(
+    record: PromptRecord, input_ids: torch.LongTensor, probe: _GapProbe, tolerance: float
+) -> list[Divergence]:
+    """Mark each run of `record` identical or not to the reference run; analyse each divergence."""
+    reference = record.runs[REFERENCE_METHOD].tokens
+    divergences = []
+    for name, run in record.runs.items():
+        position = first_divergence(reference, run.tokens)
+        run.identical = position is None
+        if position is None:
+            continue
+        if position >= len(reference):  # the reference ended first: no base step to compare against
+            reference_token, method_token, gap, top2, gap32 = None, run.tokens[position], None, None, None
+        else:
+            reference_token = reference[position]
+            method_token = run.tokens[position] if position < len(run.tokens) else None
+            gap = top2 = gap32 = None
+            if method_token is not None:
+                prefix = torch.tensor([reference[:position]], dtype=input_ids.dtype, device=input_ids.device)
+                sequence = torch.cat([input_ids, prefix], dim=1)
+                gap, top2 = probe.gaps(sequence, reference_token, method_token)
+                gap32 = probe.float32_gap(sequence, reference_token, method_token)
+        divergence = Divergence(
+            method=name,
+            question_id=record.question.question_id,
+            category=record.question.category,
+            position=position,
+            reference_token=reference_token,
+            method_token=method_token,
+            logit_gap=gap,
+            top2_gap=top2,
+            logit_gap_float32=gap32,
+            tie=classify_divergence(gap, tolerance),
+        )
+        log = logger.info if divergence.tie else logger.warning
+        log(
+            "%s diverges from vanilla on question %d at token %d: %s",
+            name,
+            divergence.question_id,
+            position,
+            divergence,
+        )
+        divergences.append(divergence)
+    return divergences
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(runner: MethodRunner, model: Any, input_ids: torch.LongTensor, gen_kwargs: dict[str, Any]) -> MethodRun:
+    _synchronize(input_ids.device)
+    start = time.perf_counter()
+    tokens, counts = runner(model, input_ids, gen_kwargs)
+    _synchronize(input_ids.device)
+    return MethodRun(tokens=tokens, time_s=time.perf_counter() - start, counts=counts)
+
+
+def _generation_kwargs(tokenizer: Any, settings: BenchSettings) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample}
+    if settings.do_sample:
+        kwargs["temperature"] = settings.temperature
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_token_id is not None:
+        kwargs["pad_token_id"] = pad_token_id
+    return kwargs
+
+
+def run_benchmark(
+    model: Any,
+    tokenizer: Any,
+    questions: list[Question],
+    output_dir: str | Path,
+    settings: BenchSettings | None = None,
+    description: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Benchmark `settings.methods` on `questions` with an already loaded Kangaroo model; write the reports.
+
+    Args:
+        model: a `KangarooForCausalLM` (its base answers `vanilla`, `pld` and `early_exit`).
+        tokenizer: its tokenizer; the first turn of each question is rendered with its chat template if it has one.
+        questions: from `load_questions`.
+        output_dir: receives `results.json`, `results.md`, `speedup.png` and `acceptance.png`.
+        settings: methods, lengths, sampling, warm-up, tie tolerance.
+        description: extra entries for the report's settings (e.g. the model id and questions file).
+
+    Returns the `results.json` content. With `settings.strict`, raises `LosslessnessError` (after writing the
+    reports) if a greedy output differs from the base's by more than a numerical tie.
+    """
+    from .commands import chat_input_ids
+
+    settings = settings or BenchSettings()
+    dtype = model.dtype
+    tolerance = default_tie_tolerance(dtype) if settings.tie_tolerance is None else settings.tie_tolerance
+    common = _generation_kwargs(tokenizer, settings)
+    prompts = [chat_input_ids(tokenizer, question.turns[0]).to(model.device) for question in questions]
+    probe = _GapProbe(model.get_base_model())
+
+    def run_all(index: int, record: PromptRecord | None) -> None:
+        input_ids = prompts[index]
+        shift = index % len(settings.methods)  # rotate the order so no method always runs first
+        for name in settings.methods[shift:] + settings.methods[:shift]:
+            gen_kwargs = {
+                **common,
+                "attention_mask": torch.ones_like(input_ids),
+                **settings.method_options.get(name, {}),
+            }
+            torch.manual_seed(settings.seed + index)
+            run = _timed(METHODS[name], model, input_ids, gen_kwargs)
+            if record is not None:
+                record.runs[name] = run
+
+    for index in range(min(settings.warmup, len(questions))):
+        logger.info("Warm-up %d/%d", index + 1, settings.warmup)
+        run_all(index, None)
+
+    from tqdm.auto import tqdm
+
+    records: list[PromptRecord] = []
+    divergences: list[Divergence] = []
+    totals = dict.fromkeys(settings.methods, 0.0)
+    progress = tqdm(total=len(questions), desc="bench", unit="prompt", disable=not settings.progress)
+    for index, question in enumerate(questions):
+        record = PromptRecord(question=question, prompt_tokens=prompts[index].shape[1])
+        run_all(index, record)
+        records.append(record)
+        if not settings.do_sample:
+            divergences += check_against_reference(record, prompts[index], probe, tolerance)
+        for name, run in record.runs.items():
+            totals[name] += run.time_s
+        progress.set_postfix(
+            {name: f"{totals[REFERENCE_METHOD] / totals[name]:.2f}x" for name in settings.methods}, refresh=False
+        )
+        progress.update()
+    progress.close()
+
+    details = {
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": str(model.device),
+        "max_new_tokens": settings.max_new_tokens,
+        "do_sample": settings.do_sample,
+        "temperature": settings.temperature if settings.do_sample else None,
+        "seed": settings.seed,
+        "warmup": settings.warmup,
+        "methods": list(settings.methods),
+        "method_options": settings.method_options,
+        "tie_tolerance": tolerance,
+        "order": "interleaved per prompt, method order rotated by one each prompt",
+        "exit_layer": model.config.exit_layer,
+        "draft_threshold": model.config.draft_threshold,
+        "max_draft_tokens": model.config.max_draft_tokens,
+        "base_model": getattr(model.config, "base_model_name_or_path", None),
+        **(description or {}),
+    }
+    results = build_results(records, divergences, settings.methods, details)
+    write_reports(results, Path(output_dir))
+    if settings.strict and results["lossless"] is False:
+        raise LosslessnessError(
+            f"{results['failures']} output(s) differ from the base's greedy output by more than a numerical tie "
+            f"(tolerance {tolerance}); see {Path(output_dir) / 'results.json'}."
+        )
+    return results
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from .commands import load_model
+
+    methods = tuple(name.strip() for name in args.methods.split(",") if name.strip())
+    options = copy.deepcopy(DEFAULT_METHOD_OPTIONS)
+    options["pld"] = {"prompt_lookup_num_tokens": args.pld_num_tokens, "max_matching_ngram_size": args.pld_max_ngram}
+    settings = BenchSettings(
+        methods=methods,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        seed=args.seed,
+        warmup=args.warmup,
+        tie_tolerance=args.tie_tolerance,
+        strict=args.strict,
+        method_options=options,
+    )
+    path = Path(args.questions) if args.questions else find_questions_file()
+    if path is None:
+        raise FileNotFoundError(
+            f"No Spec-Bench questions found: pass --questions, set ${QUESTIONS_ENV}, or run below a folder holding "
+            f"{QUESTIONS_RELPATH}."
+        )
+    categories = [name.strip() for name in args.categories.split(",")] if args.categories else None
+    questions = load_questions(path, args.limit_per_category, categories)
+    logger.info("%d questions from %s", len(questions), path)
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    description = {"model": args.model or "default (shipped SmolLM2-135M-Instruct Kangaroo)", "questions": str(path)}
+    description["limit_per_category"] = args.limit_per_category
+    try:
+        results = run_benchmark(model, tokenizer, questions, args.output, settings, description)
+    except LosslessnessError as error:
+        logger.error("%s", error)
+        return 1
+    print(format_summary(results, Path(args.output)))
+    return 0
+
+
+def add_bench(subparsers: Any) -> None:
+    """Register `kangaroo-hf bench`."""
+    parser = subparsers.add_parser(
+        "bench", help="Spec-Bench speed / acceptance / losslessness report: vanilla, PLD, early exit, Kangaroo"
+    )
+    parser.add_argument("--model", default=None, help="Kangaroo folder or repo id (default: shipped SmolLM2 model)")
+    parser.add_argument("--questions", default=None, help=f"Spec-Bench JSONL (default: ${QUESTIONS_ENV} or found)")
+    parser.add_argument("--categories", default=None, help="comma list of categories to keep (default: all)")
+    parser.add_argument("--limit-per-category", type=int, default=None, help="first N questions of each category")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {', '.join(METHODS)}")
+    parser.add_argument("--do-sample", action="store_true", help="sample (outputs are then not compared)")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed prompts run by every method first")
+    parser.add_argument(
+        "--tie-tolerance",
+        type=float,
+        default=None,
+        help="max base logit gap for a divergence to count as a numerical tie (default: 0 float32, 0.25 bfloat16)",
+    )
+    parser.add_argument("--pld-num-tokens", type=int, default=10, help="prompt lookup: tokens proposed per step")
+    parser.add_argument("--pld-max-ngram", type=int, default=2, help="prompt lookup: longest n-gram matched")
+    parser.add_argument("--output", default=DEFAULT_OUTPUT, help="report folder")
+    parser.add_argument("--strict", action="store_true", help="exit non-zero if an output is not lossless")
+    parser.set_defaults(handler=_run_bench)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m kangaroo_hf.bench ...`: the same as `kangaroo-hf bench ...`."""
+    from .cli import main as cli_main
+
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
+
+
+__all__ = [
+    "METHODS",
+    "BenchSettings",
+    "Divergence",
+    "LosslessnessError",
+    "MethodRun",
+    "PromptRecord",
+    "Question",
+    "SpeculationCounts",
+    "add_bench",
+    "check_against_reference",
+    "classify_divergence",
+    "default_tie_tolerance",
+    "find_questions_file",
+    "first_divergence",
+    "load_questions",
+    "main",
+    "run_benchmark",
+]
+
+if __name__ == "__main__":
+    raise SystemExit(main())
