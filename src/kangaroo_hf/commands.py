@@ -110,3 +110,7 @@ REGISTRARS = [add_generate]
 from .bench import add_bench  # noqa: E402  (bench imports this module's helpers lazily)
 
 REGISTRARS.append(add_bench)
+
+from .hub import add_push  # noqa: E402
+
+REGISTRARS.append(add_push)

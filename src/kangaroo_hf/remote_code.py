@@ -1,0 +1,191 @@
+"""Generate the remote-code files (`modeling/*.py`) from the package sources, so that one source of truth exists.
+
+`AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)` imports `modeling_kangaroo.py` from the repo
+without `kangaroo_hf` installed. That file is the concatenation of `backbone`, `generation`, `modeling` and `hub`;
+`configuration_kangaroo.py` is `version` + `configuration`. Package-relative imports between concatenated modules are
+removed, imports of the other generated file become `from .configuration_kangaroo import ...` (transformers copies
+relatively imported files along), and anything else relative is an error. Like transformers' `modular_*.py` files,
+the output carries a do-not-edit header, and a test fails when the committed copies drift.
+
+Regenerate (also refreshes the top-level `hub_cards/` mirror of the packaged card templates):
+
+    python -m kangaroo_hf.remote_code           # write modeling/ and hub_cards/ at the repository root
+    python -m kangaroo_hf.remote_code --check   # exit 1 if they are stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import logging
+import re
+import sys
+from pathlib import Path
+
+from .version import __version__
+
+logger = logging.getLogger(__name__)
+
+PACKAGE_DIR = Path(__file__).parent
+# Generated file -> package modules it is built from, in order (a module may use names of the ones before it).
+REMOTE_CODE_SOURCES = {
+    "configuration_kangaroo.py": ("version", "configuration"),
+    "modeling_kangaroo.py": ("backbone", "generation", "modeling", "hub"),
+}
+REMOTE_CODE_DIR = "modeling"
+CARDS_DIR = "hub_cards"
+_SHARED_NAMES = {"logger", "__all__"}  # defined identically by several modules
+
+
+def _top_level_names(tree: ast.Module) -> set[str]:
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+    return names - _SHARED_NAMES
+
+
+def _lines(node: ast.AST) -> set[int]:
+    return set(range(node.lineno, node.end_lineno + 1))
+
+
+def _transform(module: str, text: str, here: tuple[str, ...], elsewhere: dict[str, str]):
+    """Source of `module` without its docstring, `__future__`/package-relative imports and `__all__`.
+
+    Returns the kept text, the names imported from the other generated file (by file stem) and the `__all__` names.
+    """
+    tree = ast.parse(text)
+    drop: set[int] = set()
+    hoisted: dict[str, set[str]] = {}
+    exported: list[str] = []
+    body = tree.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
+        drop |= _lines(body[0])  # the module docstring
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "__future__":
+            drop |= _lines(node)
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            if node.level != 1 or node.module is None or any(alias.asname for alias in node.names):
+                raise ValueError(f"{module}.py line {node.lineno}: only `from .module import name` is supported.")
+            if node.module in elsewhere:
+                hoisted.setdefault(elsewhere[node.module], set()).update(alias.name for alias in node.names)
+            elif node.module not in here:
+                raise ValueError(
+                    f"{module}.py line {node.lineno} imports .{node.module}, which is not part of the remote code; "
+                    "look it up at run time instead (see hub._package_module)."
+                )
+            drop |= _lines(node)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if any(name.split(".")[0] == "kangaroo_hf" for name in names):
+                raise ValueError(f"{module}.py line {node.lineno}: remote code cannot import kangaroo_hf.")
+    for node in body:
+        # `if TYPE_CHECKING:` blocks left empty by the removed imports go as a whole.
+        if isinstance(node, ast.If) and not node.orelse and all(_lines(stmt) <= drop for stmt in node.body):
+            drop |= _lines(node)
+        elif isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+            exported += ast.literal_eval(node.value)
+            drop |= _lines(node)
+    kept = [line for number, line in enumerate(text.splitlines(), start=1) if number not in drop]
+    return "\n".join(kept).strip("\n"), hoisted, exported
+
+
+def _header(name: str, modules: tuple[str, ...]) -> str:
+    sources = ", ".join(f"kangaroo_hf/{module}.py" for module in modules)
+    return (
+        "# GENERATED FILE, DO NOT EDIT. `python -m kangaroo_hf.remote_code` built it from the sources of\n"
+        f"# kangaroo_hf {__version__}: {sources}. Edit those and regenerate.\n"
+        "# ruff: noqa\n"
+        f'"""Kangaroo self-speculative decoding (arXiv 2404.18911), `{name}` for loading with\n'
+        '`trust_remote_code=True` where the `kangaroo_hf` package is not installed."""\n'
+    )
+
+
+def render_remote_code() -> dict[str, str]:
+    """The remote-code files as they must be now: file name -> text."""
+    file_of = {module: Path(name).stem for name, modules in REMOTE_CODE_SOURCES.items() for module in modules}
+    defined: dict[str, str] = {}
+    rendered = {}
+    for name, modules in REMOTE_CODE_SOURCES.items():
+        elsewhere = {module: stem for module, stem in file_of.items() if stem != Path(name).stem}
+        sections, hoisted, exported = [], {}, []
+        for module in modules:
+            text = (PACKAGE_DIR / f"{module}.py").read_text(encoding="utf-8")
+            for defined_name in _top_level_names(ast.parse(text)):
+                if defined_name in defined:
+                    raise ValueError(f"{defined_name!r} is defined in both {defined[defined_name]} and {module}.py.")
+                defined[defined_name] = f"{module}.py"
+            body, module_hoisted, module_exported = _transform(module, text, modules, elsewhere)
+            for stem, names in module_hoisted.items():
+                hoisted.setdefault(stem, set()).update(names)
+            exported += module_exported
+            rule = "# " + "-" * 78
+            sections.append(f"{rule}\n# kangaroo_hf/{module}.py\n{rule}\n\n{body}\n")
+        imports = "".join(
+            f"from .{stem} import {', '.join(sorted(names))}\n" for stem, names in sorted(hoisted.items())
+        )
+        text = _header(name, modules) + "\nfrom __future__ import annotations\n"
+        text += "\n" + imports if imports else ""
+        text += "".join(f"\n\n{section}" for section in sections)
+        text += f"\n\n__all__ = {sorted(set(exported))!r}\n"
+        text = re.sub(r"\n{4,}", "\n\n\n", text)
+        compile(text, name, "exec")  # fail here, not at load time, on a broken transformation
+        rendered[name] = text
+    return rendered
+
+
+def generated_files() -> dict[str, str]:
+    """Every generated file of the repository, by path relative to its root: remote code and card mirrors."""
+    files = {f"{REMOTE_CODE_DIR}/{name}": text for name, text in render_remote_code().items()}
+    for card in sorted((PACKAGE_DIR / CARDS_DIR).glob("*")):
+        if card.is_file():
+            files[f"{CARDS_DIR}/{card.name}"] = card.read_text(encoding="utf-8")
+    return files
+
+
+def stale_files(root: str | Path) -> list[str]:
+    """Generated files under `root` that are missing or differ from what the package sources produce now."""
+    root = Path(root)
+    return [
+        path
+        for path, text in generated_files().items()
+        if not (root / path).is_file() or (root / path).read_text(encoding="utf-8") != text
+    ]
+
+
+def write_generated_files(root: str | Path) -> list[str]:
+    """Write the stale generated files under `root`; returns their paths."""
+    root = Path(root)
+    stale = stale_files(root)
+    for path in stale:
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(generated_files()[path], encoding="utf-8")
+    return stale
+
+
+def _default_root() -> Path:
+    repo = PACKAGE_DIR.parents[1]  # src layout: <repo>/src/kangaroo_hf
+    return repo if (repo / "pyproject.toml").is_file() else Path.cwd()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kangaroo_hf.remote_code", description=__doc__.split("\n")[0])
+    parser.add_argument("--root", type=Path, default=None, help="repository root (default: the source checkout)")
+    parser.add_argument("--check", action="store_true", help="only report stale files; exit 1 if any")
+    args = parser.parse_args(argv)
+    root = args.root or _default_root()
+    if args.check:
+        stale = stale_files(root)
+        for path in stale:
+            print(f"stale: {path} (run `python -m kangaroo_hf.remote_code`)")
+        return 1 if stale else 0
+    for path in write_generated_files(root):
+        print(f"wrote {root / path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
