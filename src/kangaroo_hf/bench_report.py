@@ -24,13 +24,14 @@ import platform
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .bench_methods import REFERENCE_METHOD, SpeculationCounts
+
 if TYPE_CHECKING:
     from .bench import Divergence, MethodRun, PromptRecord
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-REFERENCE_METHOD = "vanilla"
 
 
 def machine_info(device: str = "cpu") -> dict[str, Any]:
@@ -65,8 +66,6 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
 
 def _aggregate(runs: list[MethodRun], reference_time: float, greedy: bool) -> dict[str, Any]:
     """Totals of one method over some prompts; `reference_time` is the base's time on the same prompts."""
-    from .bench import SpeculationCounts
-
     time_s = sum(run.time_s for run in runs)
     new_tokens = sum(len(run.tokens) for run in runs)
     summary: dict[str, Any] = {
@@ -213,10 +212,10 @@ def render_markdown(results: dict[str, Any]) -> str:
             "|---|" + "---:|" * width,
         ]
         for name in speculative:
-            rates = methods[name]["overall"]["acceptance_by_position"]
-            lines.append(
-                f"| {name} | " + " | ".join(f"{rate:.2f}" for rate in rates) + " |" + " - |" * (width - len(rates))
-            )
+            overall = methods[name]["overall"]
+            pairs = zip(overall["acceptance_by_position"], overall["drafted_by_position"], strict=True)
+            cells = [f"{rate:.2f}" if drafted else "-" for rate, drafted in pairs]
+            lines.append(f"| {name} | " + " | ".join(cells + ["-"] * (width - len(cells))) + " |")
     lines += ["", "## Losslessness", ""]
     if results["lossless"] is None:
         lines.append("Sampling: outputs are not compared with the base's (only their distribution is the same).")
@@ -294,6 +293,7 @@ def plot_acceptance(results: dict[str, Any], path: Path) -> None:
             )
     if not speculative:
         axes.text(0.5, 0.5, "no speculative method", ha="center", va="center", transform=axes.transAxes)
+    axes.xaxis.get_major_locator().set_params(integer=True)
     axes.set_xlabel("draft position")
     axes.set_ylabel("acceptance rate")
     axes.set_ylim(0, 1.02)
