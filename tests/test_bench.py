@@ -156,6 +156,22 @@ def test_cli_main_runs_and_strict_exit_code(model, tmp_path, monkeypatch, capsys
     assert bench.main([*argv, "--strict"]) == 1
 
 
+def test_cli_loads_a_saved_kangaroo_folder(model, tmp_path):
+    from kangaroo_hf.cli import main
+
+    base_dir, kangaroo_dir = tmp_path / "base", tmp_path / "kangaroo"
+    model.get_base_model().save_pretrained(base_dir)
+    tiny_tokenizer().save_pretrained(base_dir)
+    model.config.base_model_name_or_path = str(base_dir)
+    model.save_pretrained(kangaroo_dir)
+    path = _write_questions(tmp_path / "q.jsonl", per_category=1)
+    argv = ["bench", "--model", str(kangaroo_dir), "--questions", str(path), "--max-new-tokens", "6"]
+    assert main([*argv, "--methods", "vanilla,kangaroo", "--warmup", "0", "--output", str(tmp_path / "out")]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["settings"]["model"] == str(kangaroo_dir) and results["lossless"] is True
+    assert results["settings"]["max_draft_tokens"] == 4
+
+
 def test_runner_up_token_counts_as_a_tie_only_within_tolerance(model, questions):
     input_ids = commands.chat_input_ids(tiny_tokenizer(), questions[0].turns[0])
     kwargs = {"max_new_tokens": 10, "do_sample": False}

@@ -347,7 +347,12 @@ def run_benchmark(
         for name, run in record.runs.items():
             totals[name] += run.time_s
         progress.set_postfix(
-            {name: f"{totals[REFERENCE_METHOD] / totals[name]:.2f}x" for name in settings.methods}, refresh=False
+            {
+                name: f"{totals[REFERENCE_METHOD] / totals[name]:.2f}x"
+                for name in settings.methods
+                if name != REFERENCE_METHOD
+            },
+            refresh=False,
         )
         progress.update()
     progress.close()
