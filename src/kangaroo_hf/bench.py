@@ -162,7 +162,7 @@ def load_questions(
 
 
 def default_tie_tolerance(dtype: torch.dtype) -> float:
-    """Largest base top-2 logit gap at which a greedy divergence counts as a numerical tie.
+    """Largest gap between the base's logits of the two diverging tokens at which a divergence is a numerical tie.
 
     float32 / float64: 0, outputs must be identical. Reduced precision: one unit in the last place at logit magnitude
     32 to 64, `32 * eps` (0.25 for bfloat16, whose 8 significant bits space logits of 32-64 by 0.25 and of 16-32 by
