@@ -1,0 +1,117 @@
+# GENERATED FILE, DO NOT EDIT. `python -m kangaroo_hf.remote_code` built it from the sources of
+# kangaroo_hf 0.1.0: kangaroo_hf/version.py, kangaroo_hf/configuration.py. Edit those and regenerate.
+# ruff: noqa
+"""Kangaroo self-speculative decoding (arXiv 2404.18911), `configuration_kangaroo.py` for loading with
+`trust_remote_code=True` where the `kangaroo_hf` package is not installed."""
+
+from __future__ import annotations
+
+
+# ------------------------------------------------------------------------------
+# kangaroo_hf/version.py
+# ------------------------------------------------------------------------------
+
+__version__ = "0.1.0"
+
+
+# ------------------------------------------------------------------------------
+# kangaroo_hf/configuration.py
+# ------------------------------------------------------------------------------
+
+from typing import Any
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+
+@strict
+class KangarooConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`KangarooForCausalLM`].
+
+    Args:
+        base_config (`PreTrainedConfig` or `dict`):
+            Config of the wrapped LLaMA-family causal LM (Llama, Mistral, Qwen2, SmolLM, ...).
+        base_model_name_or_path (`str`, *optional*):
+            Hub id or local folder the base weights are loaded from when a Kangaroo checkpoint is loaded.
+        base_model_revision (`str`, *optional*):
+            Revision (branch, tag or commit) of `base_model_name_or_path`.
+        exit_layer (`int`, *optional*, defaults to 2):
+            Number of shallow base layers shared by the draft model (paper: 2 of 32 for Vicuna-7B). The draft is
+            `layers[:exit_layer]` + adapter + the base's LM head; verification runs `layers[exit_layer:]` only.
+        draft_threshold (`float`, *optional*, defaults to 0.6):
+            Draft early exit: drafting stops once the top-1 probability of the latest draft falls below this value
+            (paper: 0.6). 0 always drafts `max_draft_tokens`; 1 stops after the first draft.
+        max_draft_tokens (`int`, *optional*, defaults to 6):
+            Upper bound on drafts per verification step (paper: 6).
+        adapter_num_layers (`int`, *optional*, defaults to 1):
+            Attention blocks in the adapter. 1 is the paper's adapter.
+        kangaroo_hf_version (`str`, *optional*):
+            Version of `kangaroo_hf` that wrote the config.
+
+    Example:
+
+    ```python
+    >>> from transformers import LlamaConfig
+    >>> from kangaroo_hf import KangarooConfig
+    >>> config = KangarooConfig(base_config=LlamaConfig(num_hidden_layers=4), exit_layer=1)
+    >>> config.exit_layer
+    1
+    ```
+    """
+
+    model_type = "kangaroo"
+    sub_configs_defaults = {"base_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    # The wrapped model's config; the cache, masks and generation defaults all come from it.
+    base_config: dict | PreTrainedConfig | None = None
+    # Where `from_pretrained` finds the base weights; the Kangaroo checkpoint itself holds only the adapter.
+    base_model_name_or_path: str | None = None
+    base_model_revision: str | None = None
+    # Layer early exit: the draft shares the first `exit_layer` layers (and their KV cache) with the base.
+    exit_layer: int = 2
+    # Draft early exit: stop drafting when the draft's own top-1 probability drops below this.
+    draft_threshold: float = 0.6
+    # Hard cap on the draft length, bounding wasted work when the draft is confidently wrong.
+    max_draft_tokens: int = 6
+    # Paper's adapter is a single attention block; more blocks trade draft cost for draft quality.
+    adapter_num_layers: int = 1
+    # Written on save so a checkpoint tells which release produced it.
+    kangaroo_hf_version: str = __version__
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        self.kangaroo_hf_version = __version__
+        self.validate_kangaroo()
+
+    def validate_kangaroo(self) -> None:
+        """Raise `ValueError` naming the bad value when a Kangaroo setting is impossible for the base."""
+        num_layers = self.base_config.num_hidden_layers
+        if not isinstance(self.exit_layer, int) or not 1 <= self.exit_layer < num_layers:
+            raise ValueError(
+                f"exit_layer must be an int in [1, {num_layers - 1}] for a base with {num_layers} layers "
+                f"(the draft needs at least one shallow layer and verification at least one deep layer), "
+                f"got {self.exit_layer!r}."
+            )
+        validate_draft_settings(self.draft_threshold, self.max_draft_tokens)
+        if not isinstance(self.adapter_num_layers, int) or self.adapter_num_layers < 1:
+            raise ValueError(f"adapter_num_layers must be an int >= 1, got {self.adapter_num_layers!r}.")
+
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> PreTrainedConfig:
+        """The base's config: caches, masks and generation are sized by the wrapped model."""
+        return self.base_config
+
+
+def validate_draft_settings(draft_threshold: float, max_draft_tokens: int) -> None:
+    """Raise `ValueError` for a draft threshold outside [0, 1] or a draft length below 1."""
+    if isinstance(draft_threshold, bool) or not isinstance(draft_threshold, (int, float)):
+        raise ValueError(f"draft_threshold must be a number in [0, 1], got {draft_threshold!r}.")
+    if not 0.0 <= float(draft_threshold) <= 1.0:
+        raise ValueError(f"draft_threshold must be in [0, 1], got {draft_threshold}.")
+    if isinstance(max_draft_tokens, bool) or not isinstance(max_draft_tokens, int) or max_draft_tokens < 1:
+        raise ValueError(f"max_draft_tokens must be an int >= 1, got {max_draft_tokens!r}.")
+
+
+__all__ = ['KangarooConfig', 'validate_draft_settings']
