@@ -451,3 +451,17 @@ def test_embedded_smollm2_round_trip_through_the_gguf_fallback(tmp_path, offline
     prompt = tokenizer("The sky is blue because", return_tensors="pt")["input_ids"]
     expected = model.generate(prompt, do_sample=False, max_new_tokens=4)
     assert loaded.generate(prompt, do_sample=False, max_new_tokens=4).tolist() == expected.tolist()
+
+
+def test_package_helpers_absent_only_when_their_module_is_missing(monkeypatch):
+    from kangaroo_hf import hub
+
+    assert hub._package_module("model_card") is not None
+    assert hub._package_module("no_such_module") is None
+
+    def broken_import(name):
+        raise ModuleNotFoundError("No module named 'gguf'", name="gguf")
+
+    monkeypatch.setattr(hub.importlib, "import_module", broken_import)
+    with pytest.raises(ModuleNotFoundError, match="gguf"):  # a broken dependency is reported, not hidden
+        hub._package_module("default_model")

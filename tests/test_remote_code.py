@@ -98,7 +98,7 @@ import importlib.abc, json, sys
 class BlockKangarooHF(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] == "kangaroo_hf":
-            raise ImportError(f"{name} is blocked: this process stands for an environment without kangaroo_hf")
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked: no kangaroo_hf here)", name=name)
         return None
 
 sys.meta_path.insert(0, BlockKangarooHF())
