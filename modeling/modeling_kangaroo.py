@@ -911,10 +911,13 @@ _AUTO_KWARGS = ("_from_auto", "adapter_kwargs", "trust_remote_code", "code_revis
 def _package_module(name: str) -> ModuleType | None:
     """Module `name` of the installed `kangaroo_hf` package, or `None` when running as remote code without it."""
     for package in dict.fromkeys((__package__, "kangaroo_hf")):
+        module_name = f"{package}.{name}"
         try:
-            return importlib.import_module(f"{package}.{name}")
-        except ImportError:
-            continue
+            return importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            # Only the module (or its package) being absent means "not here"; a broken import inside it must show.
+            if error.name is None or not f"{module_name}.".startswith(f"{error.name}."):
+                raise
     return None
 
 
