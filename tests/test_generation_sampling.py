@@ -94,6 +94,20 @@ def test_sampling_matches_the_base_distribution(model_and_prompt):
     assert p_value > 1e-3
 
 
+def test_sampling_with_copied_drafts_and_a_reduced_draft_vocabulary(model_and_prompt, monkeypatch):
+    """One-hot proposals copied from the context and drafts over a token subset keep the base's distribution."""
+    model, prompt = model_and_prompt
+    model.set_draft_vocab(list(range(2, VOCAB)))
+    monkeypatch.setattr(model.config, "lookup_num_tokens", 2)
+    try:
+        p_value, accepted = _min_p_value_at_drafted_positions(model, prompt)
+        assert model.last_generate_stats is not None
+    finally:
+        model.set_draft_vocab(None)
+    assert accepted > SAMPLES // 10
+    assert p_value > 1e-3
+
+
 def _accept_every_draft(candidate_input_ids, candidate_logits, candidate_length, new_logits, **kwargs):
     """A wrong acceptance rule: keep every draft, then sample the bonus from the base."""
     bonus = torch.multinomial(new_logits[:, candidate_length].softmax(-1), 1)

@@ -15,7 +15,7 @@ import torch
 from transformers import Cache, DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.candidate_generator import CandidateGenerator
 
-from .configuration import validate_draft_settings
+from .configuration import validate_draft_settings, validate_lookup
 
 if TYPE_CHECKING:
     from .modeling import KangarooForCausalLM
@@ -23,13 +23,21 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class DraftSettings:
-    """When drafting stops in one round: confidence below `draft_threshold`, or `max_draft_tokens` drafted."""
+    """How one round drafts: stop at confidence below `draft_threshold` or after `max_draft_tokens`; optionally
+    propose up to `lookup_num_tokens` tokens copied from the context (0 = never)."""
 
     draft_threshold: float
     max_draft_tokens: int
+    lookup_num_tokens: int = 0
+    lookup_max_ngram: int = 3
 
     def __post_init__(self) -> None:
         validate_draft_settings(self.draft_threshold, self.max_draft_tokens)
+        validate_lookup(self.lookup_num_tokens, self.lookup_max_ngram)
+
+    @property
+    def longest_draft(self) -> int:
+        return max(self.max_draft_tokens, self.lookup_num_tokens)
 
 
 @dataclass
@@ -45,6 +53,7 @@ class KangarooStats:
     verify_steps: int = 0
     drafted_tokens: int = 0
     accepted_drafts: int = 0
+    lookup_rounds: int = 0  # rounds whose drafts were copied from the context (prompt lookup)
     drafted_by_position: list[int] = field(default_factory=list)
     accepted_by_position: list[int] = field(default_factory=list)
 
@@ -79,6 +88,7 @@ class KangarooStats:
             "verify_steps": self.verify_steps,
             "drafted_tokens": self.drafted_tokens,
             "accepted_drafts": self.accepted_drafts,
+            "lookup_rounds": self.lookup_rounds,
             "mean_accepted_tokens": self.mean_accepted_tokens,
             "drafted_by_position": list(self.drafted_by_position),
             "accepted_by_position": list(self.accepted_by_position),
@@ -121,7 +131,8 @@ class KangarooCandidateGenerator(CandidateGenerator):
         self.logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
         self.stopping_criteria = stopping_criteria
         self.adapter_cache = DynamicCache()
-        self.stats = KangarooStats(max_draft_tokens=settings.max_draft_tokens)
+        self.stats = KangarooStats(max_draft_tokens=settings.longest_draft)
+        self.draft_head = model.draft_head()
         # Kwargs merged into the loop's next forward: the prefill must return exit states, a verification reuses them.
         self.model_kwargs_overrides: dict[str, Any] = {"output_exit_hidden_states": True}
         self._first_verified_position = 0  # position of the first token of the last full forward
@@ -150,7 +161,8 @@ class KangarooCandidateGenerator(CandidateGenerator):
         candidate_ids, draft_scores, exit_states = self._draft(input_ids, cache, model_kwargs)
         self._drafted_this_round = candidate_ids.shape[1] - input_ids.shape[1]
         self.model_kwargs_overrides = {"exit_hidden_states": exit_states}
-        candidate_logits = torch.stack(draft_scores, dim=1) if draft_scores else None  # (1, k, V)
+        # Only sampling reads the draft distribution (speculative sampling); greedy compares tokens.
+        candidate_logits = torch.stack(draft_scores, dim=1) if draft_scores and self.do_sample else None  # (1, k, V)
         return candidate_ids, candidate_logits
 
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int) -> None:
@@ -182,19 +194,28 @@ class KangarooCandidateGenerator(CandidateGenerator):
         self, input_ids: torch.LongTensor, cache: Cache, model_kwargs: dict[str, Any]
     ) -> tuple[torch.LongTensor, list[torch.Tensor], torch.Tensor]:
         """The drafting loop of one round; returns candidate ids, per-draft scores and (1, k + 1, D) exit states."""
-        budget = min(self.settings.max_draft_tokens, self.max_length - input_ids.shape[1] - 1)
+        budget = self.max_length - input_ids.shape[1] - 1
         position = model_kwargs["position_ids"][:, -1:]  # (1, 1): position of the last accepted token
         attention_mask = model_kwargs.get("attention_mask")
+        lookup = self._lookup(input_ids) if self.settings.lookup_num_tokens else None
         candidate_ids = input_ids
         exit_states = [self.model.shallow_forward(input_ids[:, -1:], position, cache, attention_mask)]
         draft_scores: list[torch.Tensor] = []
-        while len(draft_scores) < budget:
+        while len(draft_scores) < min(budget, self.settings.max_draft_tokens):
             step = len(draft_scores)
             hidden = self.model.adapter_forward(
                 exit_states[-1], position + step, self.adapter_cache, _extend_mask(attention_mask, step)
             )
-            scores = self.logits_processor(candidate_ids, self.model.lm_head_logits(hidden[:, -1]).float())
-            token, confidence = self._choose(scores)
+            scores, vocab_ids = self._draft_scores(hidden[:, -1], candidate_ids)
+            confidence, top_token = self._top1(scores, vocab_ids)
+            if (
+                step == 0
+                and lookup is not None
+                and (top_token == lookup[0] or confidence < self.settings.draft_threshold)
+            ):
+                # The context's continuation agrees with the adapter, or the adapter is unsure: copy it instead.
+                return self._copy_drafts(lookup[:budget], input_ids, exit_states[0], position, cache, attention_mask)
+            token = self._choose(scores, vocab_ids)
             extended = torch.cat([candidate_ids, token], dim=-1)
             # A draft that would end generation (EOS, stop string, max length) is left for the base to emit as its
             # own token: the loop checks stopping criteria only after a round, so a stop must fall on the round's end.
@@ -210,19 +231,83 @@ class KangarooCandidateGenerator(CandidateGenerator):
                 break
         return candidate_ids, draft_scores, torch.cat(exit_states, dim=1)
 
-    def _choose(self, scores: torch.Tensor) -> tuple[torch.LongTensor, float]:
-        """Pick a draft from processed `scores` (1, V): argmax, or a sample when sampling; also its top-1 prob.
+    def _copy_drafts(
+        self,
+        tokens: torch.LongTensor,
+        input_ids: torch.LongTensor,
+        first_exit_state: torch.Tensor,
+        position: torch.LongTensor,
+        cache: Cache,
+        attention_mask: torch.Tensor | None,
+    ) -> tuple[torch.LongTensor, list[torch.Tensor], torch.Tensor]:
+        """Propose `tokens` copied from the context: known in advance, so the shallow layers see them in one call."""
+        candidate_ids = input_ids
+        for token in tokens.view(-1, 1, 1):
+            extended = torch.cat([candidate_ids, token], dim=-1)
+            if self.stopping_criteria(extended, None).any():
+                break
+            candidate_ids = extended
+        drafts = candidate_ids[:, input_ids.shape[1] :]  # (1, k)
+        count = drafts.shape[1]
+        if count == 0:
+            return input_ids, [], first_exit_state
+        self.stats.lookup_rounds += 1
+        positions = position + torch.arange(1, count + 1, device=position.device)
+        exit_states = self.model.shallow_forward(drafts, positions, cache, _extend_mask(attention_mask, count))
+        # A copied draft is a deterministic proposal: q is one-hot on it, so speculative sampling accepts it with
+        # probability p(d) and, on rejection, resamples from p with d's mass removed.
+        vocab_size = self.model.parts.lm_head.out_features
+        one_hot = torch.full((count, vocab_size), float("-inf"), device=drafts.device)
+        one_hot[torch.arange(count), drafts[0]] = 0.0
+        return candidate_ids, list(one_hot.unsqueeze(1)), torch.cat([first_exit_state, exit_states], dim=1)
+
+    def _lookup(self, input_ids: torch.LongTensor) -> torch.LongTensor | None:
+        """Prompt lookup: the tokens that followed the latest earlier occurrence of the context's final n-gram."""
+        sequence = input_ids[0]
+        for size in range(min(self.settings.lookup_max_ngram, sequence.numel() - 1), 0, -1):
+            windows = sequence[:-1].unfold(0, size, 1)  # (positions, size): every earlier n-gram
+            matches = (windows == sequence[-size:]).all(dim=1).nonzero().view(-1)
+            if matches.numel():
+                start = int(matches[-1]) + size
+                return sequence[start : start + self.settings.lookup_num_tokens]
+        return None
+
+    def _draft_scores(
+        self, hidden: torch.Tensor, candidate_ids: torch.LongTensor
+    ) -> tuple[torch.Tensor, torch.LongTensor | None]:
+        """Processed draft scores (1, V') from adapter states (1, D), and the vocabulary ids of their columns.
+
+        With a reduced draft vocabulary the head scores only `draft_vocab_ids` (None means the full vocabulary);
+        the scores are scattered back to the full vocabulary whenever logits processors or sampling need it.
+        """
+        weight, bias, vocab_ids = self.draft_head
+        scores = torch.nn.functional.linear(hidden, weight, bias).float()
+        if vocab_ids is not None and (self.do_sample or len(self.logits_processor)):
+            full = torch.full((1, self.model.parts.lm_head.out_features), float("-inf"), device=scores.device)
+            scores, vocab_ids = full.index_copy_(1, vocab_ids, scores), None
+        if len(self.logits_processor):
+            scores = self.logits_processor(candidate_ids, scores)
+        return scores, vocab_ids
+
+    @staticmethod
+    def _top1(scores: torch.Tensor, vocab_ids: torch.LongTensor | None) -> tuple[float, int]:
+        """The draft's confidence (top-1 probability) and its top-1 token id."""
+        probs = scores.softmax(dim=-1)
+        confidence, index = probs.max(dim=-1)
+        token = vocab_ids[index] if vocab_ids is not None else index
+        return float(confidence), int(token)
+
+    def _choose(self, scores: torch.Tensor, vocab_ids: torch.LongTensor | None) -> torch.LongTensor:
+        """Pick a draft (1, 1) from processed `scores`: argmax, or a sample when sampling.
 
         Speculative sampling accepts a draft d with probability min(1, p(d) / q(d)), where q is the distribution d was
         drawn from: `scores` are exactly the processed logits returned to the loop as candidate logits.
         """
-        probs = scores.softmax(dim=-1)
-        confidence = float(probs.max())
         if self.do_sample:
-            token = torch.multinomial(probs, num_samples=1)
+            index = torch.multinomial(scores.softmax(dim=-1), num_samples=1)
         else:
-            token = scores.argmax(dim=-1, keepdim=True)
-        return token, confidence
+            index = scores.argmax(dim=-1, keepdim=True)
+        return vocab_ids[index] if vocab_ids is not None else index
 
 
 __all__ = ["DraftSettings", "KangarooCandidateGenerator", "KangarooStats"]

@@ -66,10 +66,12 @@ class KangarooAdapterBlock(nn.Module):
 class KangarooAdapter(nn.Module):
     """The paper's adapter (section 3.1): attention block(s) between two RMSNorms, no MLP, its own KV cache."""
 
-    def __init__(self, parts: DecoderParts, num_layers: int = 1) -> None:
+    def __init__(self, parts: DecoderParts, num_layers: int = 1, draft_vocab_size: int = 0) -> None:
         super().__init__()
         self.layers = nn.ModuleList([KangarooAdapterBlock(parts, layer_idx) for layer_idx in range(num_layers)])
         self.norm = type(parts.norm)(parts.config.hidden_size, eps=parts.config.rms_norm_eps)
+        # Vocabulary ids the draft head scores (empty: all). Saved with the adapter; set by `set_draft_vocab`.
+        self.register_buffer("draft_vocab_ids", torch.arange(draft_vocab_size, dtype=torch.long), persistent=True)
 
     def forward(
         self,
@@ -135,7 +137,9 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
                 f"The base has {self.parts.num_layers} layers but its config says "
                 f"{config.base_config.num_hidden_layers}."
             )
-        self.adapter = KangarooAdapter(self.parts, num_layers=config.adapter_num_layers)
+        self.adapter = KangarooAdapter(
+            self.parts, num_layers=config.adapter_num_layers, draft_vocab_size=config.draft_vocab_size
+        )
         # Initialise the adapter before the base is attached: the base's weights must never be re-initialised.
         self.post_init()
         self.base = base
@@ -352,6 +356,27 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         """The base's LM head (shared by draft and verification)."""
         return self.parts.lm_head(hidden_states)
 
+    def draft_head(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.LongTensor | None]:
+        """(weight, bias, vocabulary ids) of the draft's head: the LM head's rows for `draft_vocab_ids`, or all."""
+        lm_head = self.parts.lm_head
+        vocab_ids = self.adapter.draft_vocab_ids
+        if vocab_ids.numel() == 0:
+            return lm_head.weight, lm_head.bias, None
+        bias = lm_head.bias[vocab_ids] if lm_head.bias is not None else None
+        return lm_head.weight[vocab_ids], bias, vocab_ids
+
+    def set_draft_vocab(self, vocab_ids: torch.LongTensor | list[int] | None) -> None:
+        """Score drafts over these token ids only (e.g. the most frequent tokens of the training data); None: all.
+
+        Verification keeps the full LM head, so outputs stay identical; drafts outside the subset cannot be proposed.
+        """
+        vocab_size = self.parts.lm_head.out_features
+        ids = torch.as_tensor([] if vocab_ids is None else vocab_ids, dtype=torch.long).unique()
+        if ids.numel() and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise ValueError(f"draft vocabulary ids must lie in [0, {vocab_size}), got {ids.min()}..{ids.max()}.")
+        self.adapter.draft_vocab_ids = ids.to(self.adapter.draft_vocab_ids.device)
+        self.config.draft_vocab_size = int(ids.numel())
+
     def deep_forward(
         self,
         exit_hidden_states: torch.Tensor,
@@ -444,6 +469,7 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         *,
         draft_threshold: float | None = None,
         max_draft_tokens: int | None = None,
+        lookup_num_tokens: int | None = None,
         use_kangaroo: bool = True,
         **kwargs: Any,
     ) -> Any:
@@ -452,6 +478,7 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         Args:
             draft_threshold: per-call override of `config.draft_threshold`.
             max_draft_tokens: per-call override of `config.max_draft_tokens`.
+            lookup_num_tokens: per-call override of `config.lookup_num_tokens` (0 disables copying from context).
             use_kangaroo: `False` decodes with the base alone (no drafting).
             **kwargs: every usual `generate()` argument (max_new_tokens, do_sample, streamer, stop_strings, ...).
 
@@ -459,9 +486,12 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         """
         settings = None
         if use_kangaroo:
+            config = self.config
             settings = DraftSettings(
-                draft_threshold=self.config.draft_threshold if draft_threshold is None else draft_threshold,
-                max_draft_tokens=self.config.max_draft_tokens if max_draft_tokens is None else max_draft_tokens,
+                draft_threshold=config.draft_threshold if draft_threshold is None else draft_threshold,
+                max_draft_tokens=config.max_draft_tokens if max_draft_tokens is None else max_draft_tokens,
+                lookup_num_tokens=config.lookup_num_tokens if lookup_num_tokens is None else lookup_num_tokens,
+                lookup_max_ngram=config.lookup_max_ngram,
             )
         self.last_generate_stats = None
         with self._scoped("_draft_settings", settings):
@@ -486,6 +516,11 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"Kangaroo decoding supports one sequence at a time, got a batch of {input_ids.shape[0]}; "
                 "loop over the prompts or pass use_kangaroo=False."
+            )
+        if generation_config.assistant_ensemble_weight is not None:
+            raise ValueError(
+                "assistant_ensemble_weight relaxes verification (lossy); Kangaroo decoding is lossless and does not "
+                f"support it (got {generation_config.assistant_ensemble_weight})."
             )
         cache = kw.get("cache")
         if not isinstance(cache, DynamicCache) or cache.get_seq_length() > 0:

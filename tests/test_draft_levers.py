@@ -1,0 +1,89 @@
+"""Speed levers stay lossless: a reduced draft vocabulary and drafts copied from the context (prompt lookup)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import VOCAB, make_kangaroo
+
+from kangaroo_hf import KangarooCandidateGenerator
+
+
+def _prompt(length: int, seed: int) -> torch.LongTensor:
+    return torch.randint(2, VOCAB, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _repetitive_prompt(seed: int) -> torch.LongTensor:
+    """A prompt that repeats a phrase, so the continuation is often found earlier in the context."""
+    phrase = _prompt(6, seed)
+    return torch.cat([phrase, _prompt(3, seed + 100), phrase, _prompt(2, seed + 200), phrase[:, :3]], dim=1)
+
+
+def _spy_drafts(monkeypatch) -> list[list[int]]:
+    drafted: list[list[int]] = []
+    original = KangarooCandidateGenerator._draft
+
+    def spy(self, input_ids, cache, model_kwargs):
+        candidate_ids, scores, states = original(self, input_ids, cache, model_kwargs)
+        drafted.append(candidate_ids[0, input_ids.shape[1] :].tolist())
+        return candidate_ids, scores, states
+
+    monkeypatch.setattr(KangarooCandidateGenerator, "_draft", spy)
+    return drafted
+
+
+def test_reduced_draft_vocabulary_is_lossless_and_only_drafts_from_the_subset(arch, monkeypatch):
+    drafted = _spy_drafts(monkeypatch)
+    model = make_kangaroo(arch, draft_threshold=0.0, max_draft_tokens=4)
+    subset = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(0))[:40]
+    model.set_draft_vocab(subset)
+    assert model.config.draft_vocab_size == 40
+    for seed in range(3):
+        input_ids = _prompt(5 + seed, seed)
+        expected = model.get_base_model().generate(input_ids, do_sample=False, max_new_tokens=25)
+        assert model.generate(input_ids, do_sample=False, max_new_tokens=25).tolist() == expected.tolist()
+    proposed = {token for round_drafts in drafted for token in round_drafts}
+    assert proposed and proposed <= set(subset.tolist())
+    assert model.last_generate_stats.accepted_drafts > 0
+
+
+def test_reduced_draft_vocabulary_with_logits_processors():
+    model = make_kangaroo("llama", draft_threshold=0.0, max_draft_tokens=3)
+    model.set_draft_vocab(list(range(0, VOCAB, 2)))
+    input_ids = _prompt(7, 4)
+    kwargs = dict(do_sample=False, max_new_tokens=20, repetition_penalty=1.3, no_repeat_ngram_size=3)
+    expected = model.get_base_model().generate(input_ids, **kwargs)
+    assert model.generate(input_ids, **kwargs).tolist() == expected.tolist()
+
+
+def test_set_draft_vocab_rejects_ids_outside_the_vocabulary():
+    model = make_kangaroo("llama")
+    with pytest.raises(ValueError, match=rf"must lie in \[0, {VOCAB}\), got 3..{VOCAB}"):
+        model.set_draft_vocab([3, VOCAB])
+    model.set_draft_vocab(None)
+    assert model.config.draft_vocab_size == 0 and model.draft_head()[2] is None
+
+
+def test_prompt_lookup_drafts_are_lossless_and_used(arch):
+    model = make_kangaroo(arch, agreement="random", draft_threshold=0.5, max_draft_tokens=3, lookup_num_tokens=5)
+    lookup_rounds = 0
+    for seed in range(4):
+        input_ids = _repetitive_prompt(seed)
+        expected = model.get_base_model().generate(input_ids, do_sample=False, max_new_tokens=30)
+        assert model.generate(input_ids, do_sample=False, max_new_tokens=30).tolist() == expected.tolist()
+        lookup_rounds += model.last_generate_stats.lookup_rounds
+    assert lookup_rounds > 0
+
+
+def test_prompt_lookup_per_call_override_and_edge_cases():
+    model = make_kangaroo("llama", draft_threshold=0.0, max_draft_tokens=2, lookup_num_tokens=6)
+    input_ids = _repetitive_prompt(9)
+    base = model.get_base_model()
+    for max_new_tokens in (1, 2, 3, 7):  # the length budget cuts copied drafts
+        expected = base.generate(input_ids, do_sample=False, max_new_tokens=max_new_tokens)
+        assert model.generate(input_ids, do_sample=False, max_new_tokens=max_new_tokens).tolist() == expected.tolist()
+    model.generate(input_ids, do_sample=False, max_new_tokens=20, lookup_num_tokens=0)
+    assert model.last_generate_stats.lookup_rounds == 0
+    one_token = torch.tensor([[5]])
+    expected = base.generate(one_token, do_sample=False, max_new_tokens=12)
+    assert model.generate(one_token, do_sample=False, max_new_tokens=12).tolist() == expected.tolist()
