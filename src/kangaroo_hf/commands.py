@@ -114,3 +114,7 @@ REGISTRARS.append(add_bench)
 from .hub import add_push  # noqa: E402
 
 REGISTRARS.append(add_push)
+
+from .profiling import add_profile  # noqa: E402
+
+REGISTRARS.append(add_profile)
