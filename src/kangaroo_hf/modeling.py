@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .backbone import DecoderParts
 from .configuration import KangarooConfig
 from .generation import DraftSettings, KangarooCandidateGenerator, KangarooStats
+from .peft_support import peft_fingerprint
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -157,6 +161,7 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         max_draft_tokens: int = 6,
         adapter_num_layers: int = 1,
         base_model_name_or_path: str | None = None,
+        peft_adapter_name_or_path: str | None = None,
         **config_kwargs: Any,
     ) -> KangarooForCausalLM:
         """Wrap an already loaded base (no copy) with a freshly initialised adapter.
@@ -168,8 +173,16 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
             max_draft_tokens: at most this many drafts per verification step.
             adapter_num_layers: attention blocks in the adapter (1 = the paper's adapter).
             base_model_name_or_path: where `from_pretrained` will find the base; defaults to the base's own name.
+            peft_adapter_name_or_path: for a `PeftModel` base, the folder or repo id of its PEFT adapter, recorded so
+                that `from_pretrained` can rebuild the same tuned base.
         """
         parts = DecoderParts.from_base(base)
+        fingerprint = peft_fingerprint(base)
+        if fingerprint is not None and peft_adapter_name_or_path is None:
+            logger.warning(
+                "The base is a PEFT model but peft_adapter_name_or_path was not given: a saved checkpoint will need "
+                "base_model= to rebuild the tuned base."
+            )
         config = KangarooConfig(
             # A copy: `PreTrainedModel.__init__` rewrites attributes of the config it is given.
             base_config=copy.deepcopy(parts.config),
@@ -178,6 +191,8 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
             draft_threshold=draft_threshold,
             max_draft_tokens=max_draft_tokens,
             adapter_num_layers=adapter_num_layers,
+            peft_adapter_name_or_path=peft_adapter_name_or_path,
+            peft_adapter_fingerprint=fingerprint,
             **config_kwargs,
         )
         model = cls(config, base=base)
