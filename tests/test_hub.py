@@ -335,7 +335,11 @@ def test_loading_never_runs_code_from_the_folder(checkpoint, tmp_path):
 
 def test_model_card_metadata_and_body(tmp_path):
     model = make_kangaroo("llama", base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
-    metrics = {"speedup": 1.734, "mean_accepted_tokens": 2.5, "by_category": {"translation": 1.41}}
+    metrics = {
+        "speedup": 1.734,
+        "by_category": {"translation": 1.41},
+        "epochs": [{"validation": {"top1_agreement": 0.5}}, {"validation": {"top1_agreement": 0.625}}],
+    }
     training_args = {"data": ["chat.jsonl"], "steps": 300, "learning_rate": 3e-4}
     model.save_pretrained(tmp_path, metrics=metrics, training_args=training_args)
     assert json.loads((tmp_path / "kangaroo_metrics.json").read_text()) == metrics
@@ -352,6 +356,8 @@ def test_model_card_metadata_and_body(tmp_path):
     assert f"| Adapter parameters | {params:,} ({megabytes:.2f} MB, float32) |" in card
     rows = ("| speedup | 1.734 |", "| by_category.translation | 1.41 |", "| data | chat.jsonl |", "| steps | 300 |")
     assert all(row in card for row in rows)
+    assert "| epochs[-1].validation.top1_agreement | 0.625 |" in card and "0.5 |" not in card
+    assert "| Base tuning | none |" in card
     assert "$" not in card.split("---", 2)[2]  # every template placeholder was filled
 
 
@@ -465,3 +471,25 @@ def test_package_helpers_absent_only_when_their_module_is_missing(monkeypatch):
     monkeypatch.setattr(hub.importlib, "import_module", broken_import)
     with pytest.raises(ModuleNotFoundError, match="gguf"):  # a broken dependency is reported, not hidden
         hub._package_module("default_model")
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_peft_tuned_base_is_rebuilt_on_load_and_a_different_base_is_flagged(tmp_path, caplog):
+    peft = pytest.importorskip("peft")
+    from kangaroo_hf.peft_support import peft_fingerprint
+
+    tiny_base("llama").save_pretrained(tmp_path / "base")
+    torch.manual_seed(1)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    tuned = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), lora).eval()
+    tuned.save_pretrained(tmp_path / "lora")
+    model = KangarooForCausalLM.from_base(tuned, exit_layer=2, peft_adapter_name_or_path=str(tmp_path / "lora"))
+    model.save_pretrained(tmp_path / "kangaroo")
+    assert "| Base tuning | PEFT adapter" in (tmp_path / "kangaroo" / "README.md").read_text()
+    loaded = KangarooForCausalLM.from_pretrained(tmp_path / "kangaroo")
+    assert peft_fingerprint(loaded.get_base_model()) == model.config.peft_adapter_fingerprint is not None
+    _assert_same_adapter(loaded, model)
+    assert _outputs(loaded, sample=False)["greedy"] == _outputs(model, sample=False)["greedy"]
+    with caplog.at_level("WARNING"):
+        KangarooForCausalLM.from_pretrained(tmp_path / "kangaroo", base_model=tiny_base("llama"))
+    assert "but the base carries no PEFT adapter" in caplog.text

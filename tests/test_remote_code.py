@@ -155,3 +155,18 @@ def test_trust_remote_code_loads_without_the_package(tmp_path):
     assert report["kangaroo_hf_imported"] is False
     assert report["greedy"] == expected
     assert report["stats"] == expected_stats  # the same adapter drafts the same tokens
+
+
+def test_imported_modules_are_pulled_in_after_their_dependencies(monkeypatch):
+    top = {"modeling": ["backbone", "helpers"], "helpers": ["backbone"], "hub": ["configuration"], "backbone": []}
+    lazy = {"modeling": ["hub"]}
+
+    def fake_imports(module, top_level_only):
+        return top.get(module, []) + ([] if top_level_only else lazy.get(module, []))
+
+    monkeypatch.setattr(remote_code, "_relative_imports", fake_imports)
+    order = remote_code.module_order(("backbone", "modeling"), provided=("configuration",))
+    assert order == ("backbone", "helpers", "modeling", "hub")
+    lazy["hub"] = ["model_card"]
+    with pytest.raises(ValueError, match=r"hub\.py imports \.model_card, which is not part of the remote code"):
+        remote_code.module_order(("backbone", "modeling"), provided=("configuration",))

@@ -36,6 +36,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 
 from .backbone import DecoderParts, unwrap_causal_lm
 from .configuration import KangarooConfig
+from .peft_support import load_peft_base, warn_if_peft_differs
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -232,11 +233,17 @@ def load_kangaroo(
     state_dict = load_adapter_weights(folder)
     if base_model is None:
         base_model, source = _load_base(config, folder, dtype, device_map, hub_kwargs, kwargs)
+        if config.peft_adapter_name_or_path is not None:
+            # The adapter was trained on a PEFT-tuned base: rebuild that tuning with PEFT's own loader.
+            base_model = load_peft_base(
+                base_model, config.peft_adapter_name_or_path, revision=config.peft_adapter_revision, **hub_kwargs
+            )
     else:
         source = None
         if kwargs or dtype is not None or device_map is not None:
             logger.warning("base_model= given: base loading arguments %s are ignored.", sorted(kwargs) or "dtype")
     check_base_matches(config, base_model, source)
+    warn_if_peft_differs(config.peft_adapter_name_or_path, config.peft_adapter_fingerprint, base_model)
     parts = DecoderParts.from_base(base_model)
     # The model's config describes the base actually wrapped (dtype, attention implementation, ...).
     config.base_config = copy.deepcopy(parts.config)
@@ -295,8 +302,6 @@ def save_kangaroo(
     config.auto_map = dict(AUTO_MAP)
     if config.base_model_name_or_path is None and not save_base:
         logger.warning("The base has no name or path: loading this checkpoint will need `base_model=`.")
-    if unwrap_causal_lm(model.base) is not model.base:
-        logger.warning("The base is a PEFT model: only the Kangaroo adapter is saved, not the base's own adapter.")
     config.save_pretrained(folder)
     weights = {name: tensor.detach().contiguous().cpu() for name, tensor in model.adapter_state_dict().items()}
     save_file(weights, folder / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt", "kangaroo_hf_version": __version__})

@@ -44,6 +44,8 @@ def _format_value(value: Any) -> str:
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in values.items():
+        if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+            value, key = value[-1], f"{key}[-1]"  # a history (e.g. per-epoch metrics): the latest entry
         if isinstance(value, dict):
             flat.update(_flatten(value, f"{prefix}{key}."))
         else:
@@ -111,6 +113,7 @@ def render_model_card(folder: str | os.PathLike, repo_id: str | None = None) -> 
         base_model_type=base_config.get("model_type", "unknown architecture"),
         base_revision=f"`{revision}`" if revision else "default branch",
         base_revision_note=f" at revision `{revision}`" if revision else "",
+        base_tuning=f"PEFT adapter `{peft}`" if (peft := config.get("peft_adapter_name_or_path")) else "none",
         repo_hint=repo_id or folder.name,
         exit_layer=config.get("exit_layer"),
         num_layers=base_config.get("num_hidden_layers", "?"),

@@ -1,11 +1,12 @@
 """Generate the remote-code files (`modeling/*.py`) from the package sources, so that one source of truth exists.
 
 `AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)` imports `modeling_kangaroo.py` from the repo
-without `kangaroo_hf` installed. That file is the concatenation of `backbone`, `generation`, `modeling` and `hub`;
-`configuration_kangaroo.py` is `version` + `configuration`. Package-relative imports between concatenated modules are
-removed, imports of the other generated file become `from .configuration_kangaroo import ...` (transformers copies
-relatively imported files along), and anything else relative is an error. Like transformers' `modular_*.py` files,
-the output carries a do-not-edit header, and a test fails when the committed copies drift.
+without `kangaroo_hf` installed. That file is the concatenation of `backbone`, `generation`, `modeling`, `hub` and
+every package module they import; `configuration_kangaroo.py` is `version` + `configuration`. Package-relative
+imports between concatenated modules are removed, imports of the other generated file become
+`from .configuration_kangaroo import ...` (transformers copies relatively imported files along), and importing a
+package-only module (`PACKAGE_ONLY`) is an error. Like transformers' `modular_*.py` files, the output carries a
+do-not-edit header, and a test fails when the committed copies drift.
 
 Regenerate (also refreshes the top-level `hub_cards/` mirror of the packaged card templates):
 
@@ -27,14 +28,59 @@ from .version import __version__
 logger = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).parent
-# Generated file -> package modules it is built from, in order (a module may use names of the ones before it).
-REMOTE_CODE_SOURCES = {
+# Generated file -> the package modules it starts from. Every module these import (at the top or inside a function)
+# is concatenated too, each after the modules it imports at the top; the configuration file's modules are imported
+# from it rather than copied.
+REMOTE_CODE_ROOTS = {
     "configuration_kangaroo.py": ("version", "configuration"),
     "modeling_kangaroo.py": ("backbone", "generation", "modeling", "hub"),
 }
+# Modules that need the installed package (package data, the GGUF, the CLI): remote code must not import them.
+PACKAGE_ONLY = ("cli", "commands", "default_model", "model_card", "remote_code")
 REMOTE_CODE_DIR = "modeling"
 CARDS_DIR = "hub_cards"
 _SHARED_NAMES = {"logger", "__all__"}  # defined identically by several modules
+
+
+def _relative_imports(module: str, top_level_only: bool) -> list[str]:
+    """Package modules imported by `module` (`from .x import y`), at the top of the file or anywhere."""
+    tree = ast.parse((PACKAGE_DIR / f"{module}.py").read_text(encoding="utf-8"))
+    nodes = tree.body if top_level_only else ast.walk(tree)
+    found = [node.module for node in nodes if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module]
+    return list(dict.fromkeys(found))
+
+
+def module_order(roots: tuple[str, ...], provided: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """`roots` and every package module they import, transitively, minus `provided`; imports first."""
+    modules = list(roots)
+    for module in modules:  # grows while iterating: a breadth-first closure
+        for imported in _relative_imports(module, top_level_only=False):
+            if imported in PACKAGE_ONLY:
+                raise ValueError(
+                    f"{module}.py imports .{imported}, which is not part of the remote code; "
+                    "look it up at run time instead (see hub._package_module)."
+                )
+            if imported not in modules and imported not in provided:
+                modules.append(imported)
+    order: list[str] = []
+    while len(order) < len(modules):
+        ready = [
+            module
+            for module in modules
+            if module not in order
+            and all(dep in order or dep in provided for dep in _relative_imports(module, top_level_only=True))
+        ]
+        if not ready:
+            raise ValueError(f"Circular top-level imports among {sorted(set(modules) - set(order))}.")
+        order.append(ready[0])
+    return tuple(order)
+
+
+def remote_code_sources() -> dict[str, tuple[str, ...]]:
+    """Generated file name -> the package modules concatenated into it, in order."""
+    config_name, model_name = REMOTE_CODE_ROOTS
+    config_modules = module_order(REMOTE_CODE_ROOTS[config_name])
+    return {config_name: config_modules, model_name: module_order(REMOTE_CODE_ROOTS[model_name], config_modules)}
 
 
 def _top_level_names(tree: ast.Module) -> set[str]:
@@ -106,10 +152,11 @@ def _header(name: str, modules: tuple[str, ...]) -> str:
 
 def render_remote_code() -> dict[str, str]:
     """The remote-code files as they must be now: file name -> text."""
-    file_of = {module: Path(name).stem for name, modules in REMOTE_CODE_SOURCES.items() for module in modules}
+    sources = remote_code_sources()
+    file_of = {module: Path(name).stem for name, modules in sources.items() for module in modules}
     defined: dict[str, str] = {}
     rendered = {}
-    for name, modules in REMOTE_CODE_SOURCES.items():
+    for name, modules in sources.items():
         elsewhere = {module: stem for module, stem in file_of.items() if stem != Path(name).stem}
         sections, hoisted, exported = [], {}, []
         for module in modules:
