@@ -47,6 +47,21 @@ class KangarooConfig(PreTrainedConfig):
             Upper bound on drafts per verification step (paper: 6).
         adapter_num_layers (`int`, *optional*, defaults to 1):
             Attention blocks in the adapter. 1 is the paper's adapter.
+        draft_vocab_size (`int`, *optional*, defaults to 0):
+            Score drafts over only this many (frequent) tokens, stored with the adapter as `draft_vocab_ids`; 0 uses
+            the full vocabulary. Verification always uses the full LM head, so output stays lossless.
+        lookup_num_tokens (`int`, *optional*, defaults to 0):
+            When > 0, a round may propose up to this many tokens copied from the context (prompt lookup) instead of
+            the adapter's drafts: when the context's n-gram continuation starts with the adapter's top choice, or
+            the adapter is unsure. Helps copy-heavy tasks (summarization, RAG). 0 disables it.
+        lookup_max_ngram (`int`, *optional*, defaults to 3):
+            Longest n-gram (ending at the last token) searched for in the context by prompt lookup.
+        peft_adapter_name_or_path (`str`, *optional*):
+            The PEFT (e.g. LoRA) adapter the base was tuned with when the Kangaroo adapter was trained.
+        peft_adapter_revision (`str`, *optional*):
+            Revision of `peft_adapter_name_or_path`.
+        peft_adapter_fingerprint (`str`, *optional*):
+            SHA-256 of the PEFT adapter's weights, to warn when a differently tuned base is used.
         kangaroo_hf_version (`str`, *optional*):
             Version of `kangaroo_hf` that wrote the config.
 
@@ -77,6 +92,15 @@ class KangarooConfig(PreTrainedConfig):
     max_draft_tokens: int = 6
     # Paper's adapter is a single attention block; more blocks trade draft cost for draft quality.
     adapter_num_layers: int = 1
+    # The draft's LM head is a large part of a draft step on small models; a frequent-token subset is much cheaper.
+    draft_vocab_size: int = 0
+    # Prompt lookup inside Kangaroo rounds: copy-heavy prompts get long, cheap drafts.
+    lookup_num_tokens: int = 0
+    lookup_max_ngram: int = 3
+    # The PEFT adapter of a LoRA-tuned base, so loading rebuilds the same tuned model.
+    peft_adapter_name_or_path: str | None = None
+    peft_adapter_revision: str | None = None
+    peft_adapter_fingerprint: str | None = None
     # Written on save so a checkpoint tells which release produced it.
     kangaroo_hf_version: str = __version__
     tie_word_embeddings: bool = False
@@ -98,6 +122,13 @@ class KangarooConfig(PreTrainedConfig):
         validate_draft_settings(self.draft_threshold, self.max_draft_tokens)
         if not isinstance(self.adapter_num_layers, int) or self.adapter_num_layers < 1:
             raise ValueError(f"adapter_num_layers must be an int >= 1, got {self.adapter_num_layers!r}.")
+        vocab_size = self.base_config.vocab_size
+        if not isinstance(self.draft_vocab_size, int) or not 0 <= self.draft_vocab_size <= vocab_size:
+            raise ValueError(
+                f"draft_vocab_size must be an int in [0, {vocab_size}] (0 = full vocabulary), "
+                f"got {self.draft_vocab_size!r}."
+            )
+        validate_lookup(self.lookup_num_tokens, self.lookup_max_ngram)
 
     def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> PreTrainedConfig:
         """The base's config: caches, masks and generation are sized by the wrapped model."""
@@ -114,4 +145,12 @@ def validate_draft_settings(draft_threshold: float, max_draft_tokens: int) -> No
         raise ValueError(f"max_draft_tokens must be an int >= 1, got {max_draft_tokens!r}.")
 
 
-__all__ = ['KangarooConfig', 'validate_draft_settings']
+def validate_lookup(num_tokens: int, max_ngram: int) -> None:
+    """Raise `ValueError` for a negative lookup length or an n-gram size below 1."""
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
+        raise ValueError(f"lookup_num_tokens must be an int >= 0 (0 disables it), got {num_tokens!r}.")
+    if isinstance(max_ngram, bool) or not isinstance(max_ngram, int) or max_ngram < 1:
+        raise ValueError(f"lookup_max_ngram must be an int >= 1, got {max_ngram!r}.")
+
+
+__all__ = ['KangarooConfig', 'validate_draft_settings', 'validate_lookup']

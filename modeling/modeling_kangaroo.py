@@ -1,12 +1,12 @@
 # GENERATED FILE, DO NOT EDIT. `python -m kangaroo_hf.remote_code` built it from the sources of
-# kangaroo_hf 0.1.0: kangaroo_hf/backbone.py, kangaroo_hf/generation.py, kangaroo_hf/modeling.py, kangaroo_hf/hub.py. Edit those and regenerate.
+# kangaroo_hf 0.1.0: kangaroo_hf/backbone.py, kangaroo_hf/generation.py, kangaroo_hf/peft_support.py, kangaroo_hf/modeling.py, kangaroo_hf/hub.py. Edit those and regenerate.
 # ruff: noqa
 """Kangaroo self-speculative decoding (arXiv 2404.18911), `modeling_kangaroo.py` for loading with
 `trust_remote_code=True` where the `kangaroo_hf` package is not installed."""
 
 from __future__ import annotations
 
-from .configuration_kangaroo import KangarooConfig, __version__, validate_draft_settings
+from .configuration_kangaroo import KangarooConfig, __version__, validate_draft_settings, validate_lookup
 
 
 # ------------------------------------------------------------------------------
@@ -154,13 +154,21 @@ from transformers.generation.candidate_generator import CandidateGenerator
 
 @dataclass(frozen=True)
 class DraftSettings:
-    """When drafting stops in one round: confidence below `draft_threshold`, or `max_draft_tokens` drafted."""
+    """How one round drafts: stop at confidence below `draft_threshold` or after `max_draft_tokens`; optionally
+    propose up to `lookup_num_tokens` tokens copied from the context (0 = never)."""
 
     draft_threshold: float
     max_draft_tokens: int
+    lookup_num_tokens: int = 0
+    lookup_max_ngram: int = 3
 
     def __post_init__(self) -> None:
         validate_draft_settings(self.draft_threshold, self.max_draft_tokens)
+        validate_lookup(self.lookup_num_tokens, self.lookup_max_ngram)
+
+    @property
+    def longest_draft(self) -> int:
+        return max(self.max_draft_tokens, self.lookup_num_tokens)
 
 
 @dataclass
@@ -176,6 +184,7 @@ class KangarooStats:
     verify_steps: int = 0
     drafted_tokens: int = 0
     accepted_drafts: int = 0
+    lookup_rounds: int = 0  # rounds whose drafts were copied from the context (prompt lookup)
     drafted_by_position: list[int] = field(default_factory=list)
     accepted_by_position: list[int] = field(default_factory=list)
 
@@ -210,6 +219,7 @@ class KangarooStats:
             "verify_steps": self.verify_steps,
             "drafted_tokens": self.drafted_tokens,
             "accepted_drafts": self.accepted_drafts,
+            "lookup_rounds": self.lookup_rounds,
             "mean_accepted_tokens": self.mean_accepted_tokens,
             "drafted_by_position": list(self.drafted_by_position),
             "accepted_by_position": list(self.accepted_by_position),
@@ -252,7 +262,8 @@ class KangarooCandidateGenerator(CandidateGenerator):
         self.logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
         self.stopping_criteria = stopping_criteria
         self.adapter_cache = DynamicCache()
-        self.stats = KangarooStats(max_draft_tokens=settings.max_draft_tokens)
+        self.stats = KangarooStats(max_draft_tokens=settings.longest_draft)
+        self.draft_head = model.draft_head()
         # Kwargs merged into the loop's next forward: the prefill must return exit states, a verification reuses them.
         self.model_kwargs_overrides: dict[str, Any] = {"output_exit_hidden_states": True}
         self._first_verified_position = 0  # position of the first token of the last full forward
@@ -281,7 +292,8 @@ class KangarooCandidateGenerator(CandidateGenerator):
         candidate_ids, draft_scores, exit_states = self._draft(input_ids, cache, model_kwargs)
         self._drafted_this_round = candidate_ids.shape[1] - input_ids.shape[1]
         self.model_kwargs_overrides = {"exit_hidden_states": exit_states}
-        candidate_logits = torch.stack(draft_scores, dim=1) if draft_scores else None  # (1, k, V)
+        # Only sampling reads the draft distribution (speculative sampling); greedy compares tokens.
+        candidate_logits = torch.stack(draft_scores, dim=1) if draft_scores and self.do_sample else None  # (1, k, V)
         return candidate_ids, candidate_logits
 
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int) -> None:
@@ -313,19 +325,28 @@ class KangarooCandidateGenerator(CandidateGenerator):
         self, input_ids: torch.LongTensor, cache: Cache, model_kwargs: dict[str, Any]
     ) -> tuple[torch.LongTensor, list[torch.Tensor], torch.Tensor]:
         """The drafting loop of one round; returns candidate ids, per-draft scores and (1, k + 1, D) exit states."""
-        budget = min(self.settings.max_draft_tokens, self.max_length - input_ids.shape[1] - 1)
+        budget = self.max_length - input_ids.shape[1] - 1
         position = model_kwargs["position_ids"][:, -1:]  # (1, 1): position of the last accepted token
         attention_mask = model_kwargs.get("attention_mask")
+        lookup = self._lookup(input_ids) if self.settings.lookup_num_tokens else None
         candidate_ids = input_ids
         exit_states = [self.model.shallow_forward(input_ids[:, -1:], position, cache, attention_mask)]
         draft_scores: list[torch.Tensor] = []
-        while len(draft_scores) < budget:
+        while len(draft_scores) < min(budget, self.settings.max_draft_tokens):
             step = len(draft_scores)
             hidden = self.model.adapter_forward(
                 exit_states[-1], position + step, self.adapter_cache, _extend_mask(attention_mask, step)
             )
-            scores = self.logits_processor(candidate_ids, self.model.lm_head_logits(hidden[:, -1]).float())
-            token, confidence = self._choose(scores)
+            scores, vocab_ids = self._draft_scores(hidden[:, -1], candidate_ids)
+            confidence, top_token = self._top1(scores, vocab_ids)
+            if (
+                step == 0
+                and lookup is not None
+                and (top_token == lookup[0] or confidence < self.settings.draft_threshold)
+            ):
+                # The context's continuation agrees with the adapter, or the adapter is unsure: copy it instead.
+                return self._copy_drafts(lookup[:budget], input_ids, exit_states[0], position, cache, attention_mask)
+            token = self._choose(scores, vocab_ids)
             extended = torch.cat([candidate_ids, token], dim=-1)
             # A draft that would end generation (EOS, stop string, max length) is left for the base to emit as its
             # own token: the loop checks stopping criteria only after a round, so a stop must fall on the round's end.
@@ -341,19 +362,148 @@ class KangarooCandidateGenerator(CandidateGenerator):
                 break
         return candidate_ids, draft_scores, torch.cat(exit_states, dim=1)
 
-    def _choose(self, scores: torch.Tensor) -> tuple[torch.LongTensor, float]:
-        """Pick a draft from processed `scores` (1, V): argmax, or a sample when sampling; also its top-1 prob.
+    def _copy_drafts(
+        self,
+        tokens: torch.LongTensor,
+        input_ids: torch.LongTensor,
+        first_exit_state: torch.Tensor,
+        position: torch.LongTensor,
+        cache: Cache,
+        attention_mask: torch.Tensor | None,
+    ) -> tuple[torch.LongTensor, list[torch.Tensor], torch.Tensor]:
+        """Propose `tokens` copied from the context: known in advance, so the shallow layers see them in one call."""
+        candidate_ids = input_ids
+        for token in tokens.view(-1, 1, 1):
+            extended = torch.cat([candidate_ids, token], dim=-1)
+            if self.stopping_criteria(extended, None).any():
+                break
+            candidate_ids = extended
+        drafts = candidate_ids[:, input_ids.shape[1] :]  # (1, k)
+        count = drafts.shape[1]
+        if count == 0:
+            return input_ids, [], first_exit_state
+        self.stats.lookup_rounds += 1
+        positions = position + torch.arange(1, count + 1, device=position.device)
+        exit_states = self.model.shallow_forward(drafts, positions, cache, _extend_mask(attention_mask, count))
+        # A copied draft is a deterministic proposal: q is one-hot on it, so speculative sampling accepts it with
+        # probability p(d) and, on rejection, resamples from p with d's mass removed.
+        vocab_size = self.model.parts.lm_head.out_features
+        one_hot = torch.full((count, vocab_size), float("-inf"), device=drafts.device)
+        one_hot[torch.arange(count), drafts[0]] = 0.0
+        return candidate_ids, list(one_hot.unsqueeze(1)), torch.cat([first_exit_state, exit_states], dim=1)
+
+    def _lookup(self, input_ids: torch.LongTensor) -> torch.LongTensor | None:
+        """Prompt lookup: the tokens that followed the latest earlier occurrence of the context's final n-gram."""
+        sequence = input_ids[0]
+        for size in range(min(self.settings.lookup_max_ngram, sequence.numel() - 1), 0, -1):
+            windows = sequence[:-1].unfold(0, size, 1)  # (positions, size): every earlier n-gram
+            matches = (windows == sequence[-size:]).all(dim=1).nonzero().view(-1)
+            if matches.numel():
+                start = int(matches[-1]) + size
+                return sequence[start : start + self.settings.lookup_num_tokens]
+        return None
+
+    def _draft_scores(
+        self, hidden: torch.Tensor, candidate_ids: torch.LongTensor
+    ) -> tuple[torch.Tensor, torch.LongTensor | None]:
+        """Processed draft scores (1, V') from adapter states (1, D), and the vocabulary ids of their columns.
+
+        With a reduced draft vocabulary the head scores only `draft_vocab_ids` (None means the full vocabulary);
+        the scores are scattered back to the full vocabulary whenever logits processors or sampling need it.
+        """
+        weight, bias, vocab_ids = self.draft_head
+        scores = torch.nn.functional.linear(hidden, weight, bias).float()
+        if vocab_ids is not None and (self.do_sample or len(self.logits_processor)):
+            full = torch.full((1, self.model.parts.lm_head.out_features), float("-inf"), device=scores.device)
+            scores, vocab_ids = full.index_copy_(1, vocab_ids, scores), None
+        if len(self.logits_processor):
+            scores = self.logits_processor(candidate_ids, scores)
+        return scores, vocab_ids
+
+    @staticmethod
+    def _top1(scores: torch.Tensor, vocab_ids: torch.LongTensor | None) -> tuple[float, int]:
+        """The draft's confidence (top-1 probability) and its top-1 token id."""
+        probs = scores.softmax(dim=-1)
+        confidence, index = probs.max(dim=-1)
+        token = vocab_ids[index] if vocab_ids is not None else index
+        return float(confidence), int(token)
+
+    def _choose(self, scores: torch.Tensor, vocab_ids: torch.LongTensor | None) -> torch.LongTensor:
+        """Pick a draft (1, 1) from processed `scores`: argmax, or a sample when sampling.
 
         Speculative sampling accepts a draft d with probability min(1, p(d) / q(d)), where q is the distribution d was
         drawn from: `scores` are exactly the processed logits returned to the loop as candidate logits.
         """
-        probs = scores.softmax(dim=-1)
-        confidence = float(probs.max())
         if self.do_sample:
-            token = torch.multinomial(probs, num_samples=1)
+            index = torch.multinomial(scores.softmax(dim=-1), num_samples=1)
         else:
-            token = scores.argmax(dim=-1, keepdim=True)
-        return token, confidence
+            index = scores.argmax(dim=-1, keepdim=True)
+        return vocab_ids[index] if vocab_ids is not None else index
+
+
+# ------------------------------------------------------------------------------
+# kangaroo_hf/peft_support.py
+# ------------------------------------------------------------------------------
+
+import hashlib
+import logging
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """True for a `peft.PeftModel` (checked by its attributes, so peft need not be installed)."""
+    return hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None))
+
+
+def peft_fingerprint(model: nn.Module) -> str | None:
+    """SHA-256 over the names and values of the PEFT adapter weights in `model`; None when it holds no PEFT adapter."""
+    if not is_peft_model(model):
+        return None
+    digest = hashlib.sha256()
+    found = False
+    for name, tensor in sorted(model.state_dict().items()):
+        if "lora_" not in name and "modules_to_save" not in name:
+            continue
+        found = True
+        digest.update(name.encode())
+        digest.update(tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest() if found else None
+
+
+def load_peft_base(base: nn.Module, name_or_path: str, revision: str | None = None, **kwargs) -> nn.Module:
+    """Put the recorded PEFT adapter on `base` with PEFT's own loader (folder or repo id)."""
+    try:
+        from peft import PeftModel
+    except ImportError as error:
+        raise ImportError(
+            f"This Kangaroo checkpoint was trained for a base tuned with the PEFT adapter {name_or_path!r}; "
+            "install peft (`pip install peft`) to rebuild it, or pass base_model= yourself."
+        ) from error
+    return PeftModel.from_pretrained(base, name_or_path, revision=revision, **kwargs).eval()
+
+
+def warn_if_peft_differs(recorded_path: str | None, recorded_fingerprint: str | None, base: nn.Module) -> bool:
+    """Warn (and return True) when `base` is not tuned with the PEFT adapter the Kangaroo adapter was trained for."""
+    actual = peft_fingerprint(base)
+    if actual == recorded_fingerprint:
+        return False
+    recorded = (
+        f"PEFT adapter {recorded_path or '(unnamed)'} (fingerprint {recorded_fingerprint[:12]})"
+        if recorded_fingerprint
+        else "the untuned base (no PEFT adapter)"
+    )
+    supplied = f"a PEFT adapter with fingerprint {actual[:12]}" if actual else "no PEFT adapter"
+    logger.warning(
+        "This Kangaroo adapter was trained for %s, but the base carries %s: outputs stay lossless, acceptance "
+        "may drop.",
+        recorded,
+        supplied,
+    )
+    return True
 
 
 # ------------------------------------------------------------------------------
@@ -362,6 +512,7 @@ class KangarooCandidateGenerator(CandidateGenerator):
 
 import contextlib
 import copy
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -378,6 +529,9 @@ from transformers import (
 )
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -415,10 +569,12 @@ class KangarooAdapterBlock(nn.Module):
 class KangarooAdapter(nn.Module):
     """The paper's adapter (section 3.1): attention block(s) between two RMSNorms, no MLP, its own KV cache."""
 
-    def __init__(self, parts: DecoderParts, num_layers: int = 1) -> None:
+    def __init__(self, parts: DecoderParts, num_layers: int = 1, draft_vocab_size: int = 0) -> None:
         super().__init__()
         self.layers = nn.ModuleList([KangarooAdapterBlock(parts, layer_idx) for layer_idx in range(num_layers)])
         self.norm = type(parts.norm)(parts.config.hidden_size, eps=parts.config.rms_norm_eps)
+        # Vocabulary ids the draft head scores (empty: all). Saved with the adapter; set by `set_draft_vocab`.
+        self.register_buffer("draft_vocab_ids", torch.arange(draft_vocab_size, dtype=torch.long), persistent=True)
 
     def forward(
         self,
@@ -484,7 +640,9 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
                 f"The base has {self.parts.num_layers} layers but its config says "
                 f"{config.base_config.num_hidden_layers}."
             )
-        self.adapter = KangarooAdapter(self.parts, num_layers=config.adapter_num_layers)
+        self.adapter = KangarooAdapter(
+            self.parts, num_layers=config.adapter_num_layers, draft_vocab_size=config.draft_vocab_size
+        )
         # Initialise the adapter before the base is attached: the base's weights must never be re-initialised.
         self.post_init()
         self.base = base
@@ -502,6 +660,7 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         max_draft_tokens: int = 6,
         adapter_num_layers: int = 1,
         base_model_name_or_path: str | None = None,
+        peft_adapter_name_or_path: str | None = None,
         **config_kwargs: Any,
     ) -> KangarooForCausalLM:
         """Wrap an already loaded base (no copy) with a freshly initialised adapter.
@@ -513,8 +672,16 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
             max_draft_tokens: at most this many drafts per verification step.
             adapter_num_layers: attention blocks in the adapter (1 = the paper's adapter).
             base_model_name_or_path: where `from_pretrained` will find the base; defaults to the base's own name.
+            peft_adapter_name_or_path: for a `PeftModel` base, the folder or repo id of its PEFT adapter, recorded so
+                that `from_pretrained` can rebuild the same tuned base.
         """
         parts = DecoderParts.from_base(base)
+        fingerprint = peft_fingerprint(base)
+        if fingerprint is not None and peft_adapter_name_or_path is None:
+            logger.warning(
+                "The base is a PEFT model but peft_adapter_name_or_path was not given: a saved checkpoint will need "
+                "base_model= to rebuild the tuned base."
+            )
         config = KangarooConfig(
             # A copy: `PreTrainedModel.__init__` rewrites attributes of the config it is given.
             base_config=copy.deepcopy(parts.config),
@@ -523,6 +690,8 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
             draft_threshold=draft_threshold,
             max_draft_tokens=max_draft_tokens,
             adapter_num_layers=adapter_num_layers,
+            peft_adapter_name_or_path=peft_adapter_name_or_path,
+            peft_adapter_fingerprint=fingerprint,
             **config_kwargs,
         )
         model = cls(config, base=base)
@@ -698,6 +867,27 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         """The base's LM head (shared by draft and verification)."""
         return self.parts.lm_head(hidden_states)
 
+    def draft_head(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.LongTensor | None]:
+        """(weight, bias, vocabulary ids) of the draft's head: the LM head's rows for `draft_vocab_ids`, or all."""
+        lm_head = self.parts.lm_head
+        vocab_ids = self.adapter.draft_vocab_ids
+        if vocab_ids.numel() == 0:
+            return lm_head.weight, lm_head.bias, None
+        bias = lm_head.bias[vocab_ids] if lm_head.bias is not None else None
+        return lm_head.weight[vocab_ids], bias, vocab_ids
+
+    def set_draft_vocab(self, vocab_ids: torch.LongTensor | list[int] | None) -> None:
+        """Score drafts over these token ids only (e.g. the most frequent tokens of the training data); None: all.
+
+        Verification keeps the full LM head, so outputs stay identical; drafts outside the subset cannot be proposed.
+        """
+        vocab_size = self.parts.lm_head.out_features
+        ids = torch.as_tensor([] if vocab_ids is None else vocab_ids, dtype=torch.long).unique()
+        if ids.numel() and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise ValueError(f"draft vocabulary ids must lie in [0, {vocab_size}), got {ids.min()}..{ids.max()}.")
+        self.adapter.draft_vocab_ids = ids.to(self.adapter.draft_vocab_ids.device)
+        self.config.draft_vocab_size = int(ids.numel())
+
     def deep_forward(
         self,
         exit_hidden_states: torch.Tensor,
@@ -790,6 +980,7 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         *,
         draft_threshold: float | None = None,
         max_draft_tokens: int | None = None,
+        lookup_num_tokens: int | None = None,
         use_kangaroo: bool = True,
         **kwargs: Any,
     ) -> Any:
@@ -798,6 +989,7 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         Args:
             draft_threshold: per-call override of `config.draft_threshold`.
             max_draft_tokens: per-call override of `config.max_draft_tokens`.
+            lookup_num_tokens: per-call override of `config.lookup_num_tokens` (0 disables copying from context).
             use_kangaroo: `False` decodes with the base alone (no drafting).
             **kwargs: every usual `generate()` argument (max_new_tokens, do_sample, streamer, stop_strings, ...).
 
@@ -805,9 +997,12 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         """
         settings = None
         if use_kangaroo:
+            config = self.config
             settings = DraftSettings(
-                draft_threshold=self.config.draft_threshold if draft_threshold is None else draft_threshold,
-                max_draft_tokens=self.config.max_draft_tokens if max_draft_tokens is None else max_draft_tokens,
+                draft_threshold=config.draft_threshold if draft_threshold is None else draft_threshold,
+                max_draft_tokens=config.max_draft_tokens if max_draft_tokens is None else max_draft_tokens,
+                lookup_num_tokens=config.lookup_num_tokens if lookup_num_tokens is None else lookup_num_tokens,
+                lookup_max_ngram=config.lookup_max_ngram,
             )
         self.last_generate_stats = None
         with self._scoped("_draft_settings", settings):
@@ -832,6 +1027,11 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"Kangaroo decoding supports one sequence at a time, got a batch of {input_ids.shape[0]}; "
                 "loop over the prompts or pass use_kangaroo=False."
+            )
+        if generation_config.assistant_ensemble_weight is not None:
+            raise ValueError(
+                "assistant_ensemble_weight relaxes verification (lossy); Kangaroo decoding is lossless and does not "
+                f"support it (got {generation_config.assistant_ensemble_weight})."
             )
         cache = kw.get("cache")
         if not isinstance(cache, DynamicCache) or cache.get_seq_length() > 0:
@@ -1076,11 +1276,17 @@ def load_kangaroo(
     state_dict = load_adapter_weights(folder)
     if base_model is None:
         base_model, source = _load_base(config, folder, dtype, device_map, hub_kwargs, kwargs)
+        if config.peft_adapter_name_or_path is not None:
+            # The adapter was trained on a PEFT-tuned base: rebuild that tuning with PEFT's own loader.
+            base_model = load_peft_base(
+                base_model, config.peft_adapter_name_or_path, revision=config.peft_adapter_revision, **hub_kwargs
+            )
     else:
         source = None
         if kwargs or dtype is not None or device_map is not None:
             logger.warning("base_model= given: base loading arguments %s are ignored.", sorted(kwargs) or "dtype")
     check_base_matches(config, base_model, source)
+    warn_if_peft_differs(config.peft_adapter_name_or_path, config.peft_adapter_fingerprint, base_model)
     parts = DecoderParts.from_base(base_model)
     # The model's config describes the base actually wrapped (dtype, attention implementation, ...).
     config.base_config = copy.deepcopy(parts.config)
@@ -1139,8 +1345,6 @@ def save_kangaroo(
     config.auto_map = dict(AUTO_MAP)
     if config.base_model_name_or_path is None and not save_base:
         logger.warning("The base has no name or path: loading this checkpoint will need `base_model=`.")
-    if unwrap_causal_lm(model.base) is not model.base:
-        logger.warning("The base is a PEFT model: only the Kangaroo adapter is saved, not the base's own adapter.")
     config.save_pretrained(folder)
     weights = {name: tensor.detach().contiguous().cpu() for name, tensor in model.adapter_state_dict().items()}
     save_file(weights, folder / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt", "kangaroo_hf_version": __version__})
@@ -1276,4 +1480,4 @@ def add_push(subparsers: Any) -> None:
     parser.set_defaults(handler=_run_push)
 
 
-__all__ = ['ADAPTER_WEIGHTS_NAME', 'AUTO_MAP', 'BASE_SUBFOLDER', 'DecoderParts', 'DraftSettings', 'KangarooAdapter', 'KangarooCandidateGenerator', 'KangarooCausalLMOutput', 'KangarooForCausalLM', 'KangarooPreTrainedModel', 'KangarooStats', 'METRICS_NAME', 'TRAINING_ARGS_NAME', 'add_push', 'check_base_matches', 'layer_types', 'load_adapter_weights', 'load_kangaroo', 'push_folder', 'push_kangaroo', 'resolve_checkpoint', 'save_kangaroo', 'slice_masks', 'unwrap_causal_lm', 'upload_file_list']
+__all__ = ['ADAPTER_WEIGHTS_NAME', 'AUTO_MAP', 'BASE_SUBFOLDER', 'DecoderParts', 'DraftSettings', 'KangarooAdapter', 'KangarooCandidateGenerator', 'KangarooCausalLMOutput', 'KangarooForCausalLM', 'KangarooPreTrainedModel', 'KangarooStats', 'METRICS_NAME', 'TRAINING_ARGS_NAME', 'add_push', 'check_base_matches', 'is_peft_model', 'layer_types', 'load_adapter_weights', 'load_kangaroo', 'load_peft_base', 'peft_fingerprint', 'push_folder', 'push_kangaroo', 'resolve_checkpoint', 'save_kangaroo', 'slice_masks', 'unwrap_causal_lm', 'upload_file_list', 'warn_if_peft_differs']
