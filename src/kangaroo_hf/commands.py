@@ -118,3 +118,7 @@ REGISTRARS.append(add_push)
 from .profiling import add_profile  # noqa: E402
 
 REGISTRARS.append(add_profile)
+
+from .training import add_train  # noqa: E402  (accelerate is imported only when training runs)
+
+REGISTRARS.append(add_train)

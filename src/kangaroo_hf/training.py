@@ -1,0 +1,617 @@
+"""Train a Kangaroo adapter with the base frozen: self-distillation data, cached features, soft cross-entropy.
+
+Recipe (paper section 3.1, Kangaroo arXiv 2404.18911): the draft is `layers[:exit_layer]` + adapter + the base's LM
+head, and the adapter learns to map the base's exit-layer states to the base's own next-token distribution. Here:
+
+1. conversations (JSONL `messages`, or any iterable of such dicts) are rendered with the base's chat template; the
+   loss covers assistant tokens only. With `self_distill`, assistant turns are first replaced by the base's own greedy
+   answers: drafts are verified against exactly those, so they are the right training text;
+2. the frozen base runs once over all sequences and its exit-layer and (post-norm) last-layer states are cached on
+   disk in half precision (`features.FeatureCache`);
+3. the adapter runs over whole sequences (causal attention over the exit states, positions 0..T-1); the loss is the
+   soft cross-entropy between the draft distribution and `softmax(lm_head(last))`, masked to assistant tokens;
+4. validation reports top-1 agreement with the base, expected acceptance `sum_v min(p, q)` and the mean accepted
+   tokens per verification step of greedy Kangaroo decoding replayed on the validation answers (`simulated_tau`).
+
+The same code runs on CPU, one GPU, or several through `accelerate launch` (data parallel over the adapter).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import logging
+import math
+import time
+import typing
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import SelfDistillArguments, encode_conversations, load_conversations, self_distill, split_validation
+from .distillation import (
+    DistillStats,
+    distill_loss_chunks,
+    draft_states,
+    evaluate_adapter,
+    iter_planned,
+    make_batch,
+    plan_epoch,
+    uses_final_context,
+)
+from .features import FeatureCache
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingArguments:
+    """Everything that decides a training run; saved as `training_args.json` next to the adapter."""
+
+    output_dir: str = field(default="runs/kangaroo-adapter", metadata={"help": "adapter, checkpoints and metrics"})
+    # -- the draft model (used when a plain base is given) --
+    exit_layer: int = field(default=2, metadata={"help": "shallow base layers shared by the draft"})
+    adapter_num_layers: int = field(default=1, metadata={"help": "attention blocks in the adapter (paper: 1)"})
+    adapter_context: str = field(
+        default="exit",
+        metadata={"help": "exit (paper) or final: the adapter also attends to verified tokens' final states"},
+    )
+    init_from_early_exit: bool = field(
+        default=True,
+        metadata={"help": "start as a plain early exit: zero attention output, output norm = the base's final norm"},
+    )
+    # -- data --
+    max_length: int = field(default=2048, metadata={"help": "tokens kept per conversation (long RAG prompts fit)"})
+    max_examples: int | None = field(default=None, metadata={"help": "conversations kept after mixing all sources"})
+    max_examples_per_source: int | None = field(default=None, metadata={"help": "cap per JSONL file, for balance"})
+    validation_size: float = field(default=0.02, metadata={"help": "held-out conversations: a count, or a fraction"})
+    self_distill: bool = field(
+        default=False, metadata={"help": "answer the prompts with the base's own greedy outputs"}
+    )
+    distill_cache: str | None = field(default=None, metadata={"help": "JSONL of self-distilled conversations"})
+    distill_max_new_tokens: int = field(default=256, metadata={"help": "answer length cap for self-distillation"})
+    distill_batch_size: int = field(default=16, metadata={"help": "prompts generated together"})
+    distill_dtype: str = field(default="bfloat16", metadata={"help": "dtype of the base while it generates answers"})
+    # -- feature cache --
+    feature_cache_dir: str | None = field(default=None, metadata={"help": "default: <output_dir>/features"})
+    feature_layers: list[int] | None = field(default=None, metadata={"help": "exit layers to cache (default: one)"})
+    feature_dtype: str = field(default="float16", metadata={"help": "storage dtype of cached states"})
+    extraction_dtype: str = field(default="bfloat16", metadata={"help": "autocast dtype of the base's forward"})
+    extraction_batch_tokens: int = field(default=8192, metadata={"help": "padded tokens per extraction forward"})
+    shard_tokens: int = field(default=262_144, metadata={"help": "tokens per cache shard"})
+    # -- optimisation --
+    num_epochs: int = field(default=3, metadata={"help": "passes over the training sequences"})
+    max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
+    batch_tokens: int = field(default=16384, metadata={"help": "padded tokens per micro-batch (B * T)"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not on norms)"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of steps with linear warmup"})
+    lr_scheduler: str = field(default="cosine", metadata={"help": "decay after warmup: cosine or linear (to 0)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 disables)"})
+    loss_chunk_tokens: int = field(default=2048, metadata={"help": "tokens per LM-head chunk in the loss"})
+    mixed_precision: str = field(default="no", metadata={"help": "no or bf16 (autocast for adapter and LM head)"})
+    seed: int = field(default=0, metadata={"help": "seeds data order, split and initialisation"})
+    # -- bookkeeping --
+    logging_steps: int = field(default=10, metadata={"help": "optimizer steps between log lines"})
+    save_steps: int | None = field(default=None, metadata={"help": "checkpoint interval (also after every epoch)"})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "checkpoint folder, or 'latest'"})
+    eval_thresholds: list[float] = field(
+        default_factory=lambda: [0.0, 0.2, 0.4, 0.6, 0.8], metadata={"help": "draft thresholds of simulated_tau"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.lr_scheduler not in ("cosine", "linear"):
+            raise ValueError(f"lr_scheduler must be 'cosine' or 'linear', got {self.lr_scheduler!r}.")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}.")
+        for name in ("num_epochs", "batch_tokens", "gradient_accumulation_steps", "max_length", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.validation_size < 0:
+            raise ValueError(f"validation_size must be >= 0, got {self.validation_size}.")
+
+    @property
+    def cached_layers(self) -> list[int]:
+        return sorted(set(self.feature_layers or []) | {self.exit_layer})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """What `train_adapter` returns: the trained model (adapter in place) and its numbers."""
+
+    model: nn.Module
+    global_step: int
+    metrics: list[dict[str, Any]]
+    output_dir: Path
+    train_loss: list[float] = field(default_factory=list)
+
+
+# -- optimizer, schedule, checkpoints -----------------------------------------------------------------------------
+
+
+def _lr_lambda(step: int, warmup: int, total: int, kind: str) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+
+
+def _save_tensors_and_state(optimizer, scheduler, folder: Path) -> None:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for param_id, param_state in state["state"].items():
+        for key, value in param_state.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{param_id}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{param_id}.{key}"] = value
+    save_file(tensors, folder / "optimizer.safetensors")
+    (folder / "optimizer_state.json").write_text(
+        json.dumps({"param_groups": state["param_groups"], "scalars": scalars, "scheduler": scheduler.state_dict()})
+    )
+
+
+def _load_tensors_and_state(optimizer, scheduler, folder: Path) -> None:
+    meta = json.loads((folder / "optimizer_state.json").read_text())
+    state: dict[int, dict[str, Any]] = {}
+    for name, tensor in load_file(folder / "optimizer.safetensors").items():
+        _, param_id, key = name.split(".", 2)
+        state.setdefault(int(param_id), {})[key] = tensor
+    for name, value in meta["scalars"].items():
+        param_id, key = name.split(".", 1)
+        state.setdefault(int(param_id), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+
+
+def _find_checkpoint(output_dir: Path, spec: str) -> Path | None:
+    if spec != "latest":
+        return Path(spec)
+    checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    complete = [p for p in checkpoints if (p / "trainer_state.json").is_file()]
+    return complete[-1] if complete else None
+
+
+class _AdapterModule(nn.Module):
+    """What DDP wraps: the adapter's parameters only, called through the model's own `adapter_forward`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.adapter = model.adapter
+        object.__setattr__(self, "kangaroo", model)  # not a submodule: the frozen base stays out of DDP
+
+    def forward(self, exit_states, position_ids, adapter_cache, attention_mask, **context):
+        return self.kangaroo.adapter_forward(exit_states, position_ids, adapter_cache, attention_mask, **context)
+
+
+def prepare_model(model_or_base: nn.Module, args: TrainingArguments) -> nn.Module:
+    """A `KangarooForCausalLM` with a fresh adapter (or the given one), base frozen, adapter trainable."""
+    from .modeling import KangarooForCausalLM
+
+    if isinstance(model_or_base, KangarooForCausalLM):
+        model = model_or_base
+        if model.config.exit_layer != args.exit_layer:
+            logger.info("Using the model's exit_layer=%d (not %d)", model.config.exit_layer, args.exit_layer)
+            args.exit_layer = model.config.exit_layer
+    else:
+        torch.manual_seed(args.seed)
+        # Only set when used, so a model class without the option still trains the paper's adapter.
+        context = {"adapter_context": args.adapter_context} if args.adapter_context != "exit" else {}
+        model = KangarooForCausalLM.from_base(
+            model_or_base, exit_layer=args.exit_layer, adapter_num_layers=args.adapter_num_layers, **context
+        )
+        if args.init_from_early_exit:
+            with torch.no_grad():
+                for block in model.adapter.layers:
+                    block.self_attn.o_proj.weight.zero_()
+                model.adapter.norm.weight.copy_(model.parts.norm.weight)
+    model.requires_grad_(False)
+    model.adapter.requires_grad_(True)
+    model.adapter.float()
+    adapter_ids = {id(p) for p in model.adapter.parameters()}
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert all(id(p) in adapter_ids for p in model.parameters() if p.requires_grad), trainable
+    return model
+
+
+def _autocast_dtype(name: str) -> torch.dtype | None:
+    return None if name in ("no", "float32") else getattr(torch, name.replace("bf16", "bfloat16"))
+
+
+def _prepare_data(model, tokenizer, train_data, validation_data, args: TrainingArguments, accelerator):
+    """Conversations -> (self-distilled) -> encoded -> feature caches for training and validation."""
+    output_dir = Path(args.output_dir)
+    if isinstance(train_data, FeatureCache):
+        return train_data, validation_data
+    conversations = load_conversations(train_data, args.max_examples, args.max_examples_per_source, args.seed)
+    if validation_data is None and args.validation_size > 0:
+        train_conversations, validation_conversations = split_validation(
+            conversations, args.validation_size, args.seed
+        )
+    else:
+        train_conversations = conversations
+        validation_conversations = (
+            None if validation_data is None else load_conversations(validation_data, seed=args.seed)
+        )
+    if args.self_distill:
+        cache = Path(args.distill_cache or output_dir / "self_distilled.jsonl")
+        if accelerator.is_main_process:
+            base = copy.deepcopy(model.get_base_model()).to(getattr(torch, args.distill_dtype))
+            settings = SelfDistillArguments(
+                max_new_tokens=args.distill_max_new_tokens,
+                batch_size=args.distill_batch_size,
+                max_prompt_length=args.max_length - 1,
+            )
+            self_distill(base, tokenizer, train_conversations + (validation_conversations or []), cache, settings)
+            del base
+        accelerator.wait_for_everyone()
+        answers = {c["id"]: c for c in load_conversations([cache], seed=args.seed)}
+        train_conversations = [answers[c["id"]] for c in train_conversations if c["id"] in answers]
+        if validation_conversations:
+            validation_conversations = [answers[c["id"]] for c in validation_conversations if c["id"] in answers]
+    caches = []
+    feature_root = Path(args.feature_cache_dir or output_dir / "features")
+    for name, split in (("train", train_conversations), ("validation", validation_conversations)):
+        if not split:
+            caches.append(None)
+            continue
+        sequences = encode_conversations(tokenizer, split, args.max_length)
+        FeatureCache.build(
+            model,
+            sequences,
+            feature_root / name,
+            args.cached_layers,
+            storage_dtype=args.feature_dtype,
+            shard_tokens=args.shard_tokens,
+            batch_tokens=args.extraction_batch_tokens,
+            autocast_dtype=_autocast_dtype(args.extraction_dtype),
+            process_index=accelerator.process_index,
+            num_processes=accelerator.num_processes,
+        )
+        accelerator.wait_for_everyone()
+        caches.append(FeatureCache.finalize(feature_root / name) if accelerator.is_main_process else None)
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            caches[-1] = FeatureCache(feature_root / name)
+    return caches[0], caches[1]
+
+
+def train_adapter(
+    model_or_base: nn.Module,
+    train_data: Sequence[str | Path] | Iterable[dict[str, Any]] | FeatureCache,
+    args: TrainingArguments,
+    tokenizer=None,
+    validation_data: Sequence[str | Path] | Iterable[dict[str, Any]] | FeatureCache | None = None,
+) -> TrainResult:
+    """Train the adapter of a Kangaroo model with its base frozen (see the module docstring for the recipe).
+
+    Args:
+        model_or_base: a `KangarooForCausalLM` (its adapter is trained further) or a LLaMA-family base (a fresh
+            adapter is attached at `args.exit_layer`).
+        train_data: JSONL paths, an iterable of `{"messages": [...]}` dicts (e.g. a `datasets.Dataset`), or a
+            `FeatureCache` already built.
+        args: the run's settings.
+        tokenizer: the base's tokenizer (its chat template renders the conversations); not needed for a cache.
+        validation_data: like `train_data`; default: `args.validation_size` conversations held out of `train_data`.
+
+    Writes `<output_dir>/checkpoint-<step>/` (resumable) after every epoch and every `save_steps`, and the final
+    adapter (`save_pretrained`, with `training_args.json` and `kangaroo_metrics.json`) to `output_dir`.
+
+    Example:
+
+    ```python
+    >>> from kangaroo_hf import load_embedded_base
+    >>> from kangaroo_hf.training import TrainingArguments, train_adapter
+    >>> base, tokenizer = load_embedded_base()  # doctest: +SKIP
+    >>> args = TrainingArguments(output_dir="runs/demo", exit_layer=2, self_distill=True, max_examples=2000)
+    >>> result = train_adapter(base, ["data/train/gsm8k_train.jsonl"], args, tokenizer)  # doctest: +SKIP
+    >>> result.metrics[-1]["validation"]["top1_agreement"]  # doctest: +SKIP
+    ```
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    set_seed(args.seed)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer is None and not isinstance(train_data, FeatureCache):
+        raise ValueError("train_adapter needs the base's tokenizer to render conversations (or a FeatureCache).")
+    model = prepare_model(model_or_base, args).to(accelerator.device)
+    train_cache, validation_cache = _prepare_data(model, tokenizer, train_data, validation_data, args, accelerator)
+    if accelerator.is_main_process:
+        (output_dir / "training_args.json").write_text(json.dumps(args.to_dict(), indent=2, sort_keys=True))
+        logger.info(
+            "Training the adapter at exit layer %d on %d sequences (%d tokens, %d loss tokens)",
+            model.config.exit_layer,
+            train_cache.num_sequences,
+            train_cache.num_tokens,
+            train_cache.num_target_tokens,
+        )
+    run = _Run(model, train_cache, validation_cache, args, accelerator)
+    run.resume()
+    run.train()
+    if accelerator.is_main_process:
+        model.save_pretrained(
+            output_dir, metrics={"epochs": run.history}, training_args={**args.to_dict(), **run.data_summary()}
+        )
+    accelerator.wait_for_everyone()
+    return TrainResult(model, run.global_step, run.history, output_dir, run.losses)
+
+
+class _Run:
+    """The optimisation state of one `train_adapter` call: optimizer, schedule, step, metrics, checkpoints."""
+
+    def __init__(self, model, train_cache: FeatureCache, validation_cache, args: TrainingArguments, accelerator):
+        self.model, self.args, self.accelerator = model, args, accelerator
+        self.train_cache, self.validation_cache = train_cache, validation_cache
+        self.output_dir = Path(args.output_dir)
+        module = _AdapterModule(model)
+        decay = [p for p in module.parameters() if p.dim() > 1]
+        no_decay = [p for p in module.parameters() if p.dim() <= 1]  # norms
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+        )
+        # Only the module goes through `prepare` (DDP when distributed); the schedule is stepped once per update.
+        self.module = accelerator.prepare(module)
+        self.per_step = args.gradient_accumulation_steps * accelerator.num_processes
+        self.steps_per_epoch = len(plan_epoch(train_cache, args.batch_tokens, args.seed, 0)) // self.per_step
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"Too little training data for one optimizer step ({self.per_step} micro-batches).")
+        self.total_steps = args.max_steps or self.steps_per_epoch * args.num_epochs
+        warmup = int(args.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: _lr_lambda(step, warmup, self.total_steps, args.lr_scheduler)
+        )
+        self.autocast_dtype = _autocast_dtype(args.mixed_precision)
+        self.final_context = uses_final_context(model)
+        self.global_step, self.history, self.losses = 0, [], []
+
+    def data_summary(self) -> dict[str, int]:
+        cache = self.train_cache
+        return {
+            "train_sequences": cache.num_sequences,
+            "train_tokens": cache.num_tokens,
+            "train_loss_tokens": cache.num_target_tokens,
+        }
+
+    def resume(self) -> None:
+        if not self.args.resume_from_checkpoint:
+            return
+        checkpoint = _find_checkpoint(self.output_dir, self.args.resume_from_checkpoint)
+        if checkpoint is None:
+            logger.info("No checkpoint in %s: starting from scratch", self.output_dir)
+            return
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        self.model.load_adapter_state_dict(load_file(checkpoint / "adapter_weights.safetensors"))
+        _load_tensors_and_state(self.optimizer, self.scheduler, checkpoint)
+        self.global_step, self.history, self.losses = state["global_step"], state["metrics"], state["train_loss"]
+        logger.info("Resumed from %s at step %d", checkpoint, self.global_step)
+
+    def train(self) -> None:
+        args, accelerator = self.args, self.accelerator
+        progress = tqdm(
+            total=self.total_steps,
+            initial=self.global_step,
+            desc="train adapter",
+            mininterval=10,
+            disable=not accelerator.is_main_process,
+        )
+        window, started = DistillStats(), time.perf_counter()
+        while self.global_step < self.total_steps:
+            epoch, step_in_epoch = divmod(self.global_step, self.steps_per_epoch)
+            plan = plan_epoch(self.train_cache, args.batch_tokens, args.seed, epoch)
+            plan = plan[step_in_epoch * self.per_step : self.steps_per_epoch * self.per_step]
+            plan = plan[accelerator.process_index :: accelerator.num_processes]
+            group = []
+            for sequences in iter_planned(self.train_cache, plan, self.model.config.exit_layer):
+                group.append(make_batch(sequences, accelerator.device, with_context=self.final_context))
+                if len(group) < args.gradient_accumulation_steps:
+                    continue
+                self._update(group, window)
+                group = []
+                self.global_step += 1
+                progress.update(1)
+                if self.global_step % args.logging_steps == 0 or self.global_step == self.total_steps:
+                    self._log(window, time.perf_counter() - started, epoch)
+                    window, started = DistillStats(), time.perf_counter()
+                self._end_of_step(epoch)
+                if self.global_step >= self.total_steps:
+                    break
+        progress.close()
+
+    def _update(self, group: list, stats: DistillStats) -> None:
+        """One optimizer step over `group` micro-batches; the loss is the mean over all their loss tokens."""
+        args, accelerator = self.args, self.accelerator
+        group_tokens = max(1, sum(batch.num_loss_tokens for batch in group))
+        for index, batch in enumerate(group):
+            last = index == len(group) - 1
+            with contextlib.ExitStack() as stack:
+                if not last:
+                    stack.enter_context(accelerator.no_sync(self.module))
+                with torch.autocast(accelerator.device.type, self.autocast_dtype, self.autocast_dtype is not None):
+                    hidden = draft_states(self.model, batch, self.module, self._draft_depth(batch, index))  # (B, T, D)
+                    selected = hidden[batch.loss_mask]  # (N, D)
+                    grad = distill_loss_chunks(
+                        self.model.parts.lm_head,
+                        selected,
+                        batch.teacher_states,
+                        args.loss_chunk_tokens,
+                        stats,
+                        loss_scale=1.0 / group_tokens,
+                    )
+                # The LM-head chunks already gave d(loss)/d(selected): one backward pass through the adapter.
+                accelerator.backward((selected.float() * grad).sum())
+        if args.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(self.module.parameters(), args.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _draft_depth(self, batch, index: int) -> torch.Tensor | int:
+        """adapter_context="final": each position plays a random draft depth in [0, max_draft_tokens) (seeded)."""
+        if not self.final_context:
+            return 0
+        generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.global_step * 1009 + index)
+        width = batch.exit_states.shape[1]
+        depth = torch.randint(0, self.model.config.max_draft_tokens, (width,), generator=generator)
+        return depth.to(batch.exit_states.device)
+
+    def _log(self, window: DistillStats, seconds: float, epoch: int) -> None:
+        summary = window.summary()
+        self.losses.append(summary["loss"])
+        logger.info(
+            "step %d/%d (epoch %d): loss %.4f, top-1 agreement %.3f, expected acceptance %.3f, lr %.2e, %.0f tokens/s",
+            self.global_step,
+            self.total_steps,
+            epoch + 1,
+            summary["loss"],
+            summary["top1_agreement"],
+            summary["expected_acceptance"],
+            self.scheduler.get_last_lr()[0],
+            summary["tokens"] / max(seconds, 1e-9),
+        )
+
+    def _end_of_step(self, epoch: int) -> None:
+        """Validate after every epoch (and at the end); checkpoint then and every `save_steps`."""
+        step, args = self.global_step, self.args
+        finished = step == self.total_steps
+        end_of_epoch = step % self.steps_per_epoch == 0 or finished
+        if end_of_epoch:
+            entry: dict[str, Any] = {"epoch": epoch + 1, "step": step}
+            if self.validation_cache is not None and self.accelerator.is_main_process:
+                entry["validation"] = evaluate_adapter(
+                    self.model,
+                    self.validation_cache,
+                    args.batch_tokens,
+                    args.loss_chunk_tokens,
+                    args.eval_thresholds,
+                    self.autocast_dtype,
+                )
+                logger.info("validation after epoch %d: %s", epoch + 1, json.dumps(entry["validation"]))
+            self.history.append(entry)
+        if end_of_epoch or (args.save_steps and step % args.save_steps == 0):
+            self._save_checkpoint()
+
+    def _save_checkpoint(self) -> None:
+        """`checkpoint-<step>/`: adapter and optimizer tensors (safetensors), schedule and progress (json)."""
+        if self.accelerator.is_main_process:
+            folder = self.output_dir / f"checkpoint-{self.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            weights = {k: v.detach().cpu().contiguous() for k, v in self.model.adapter_state_dict().items()}
+            save_file(weights, folder / "adapter_weights.safetensors")
+            _save_tensors_and_state(self.optimizer, self.scheduler, folder)
+            (folder / "kangaroo_metrics.json").write_text(json.dumps({"epochs": self.history}, indent=2))
+            state = {"global_step": self.global_step, "metrics": self.history, "train_loss": self.losses}
+            # Written last: a checkpoint without it is incomplete and never resumed from.
+            (folder / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        self.accelerator.wait_for_everyone()
+
+
+# -- command line -------------------------------------------------------------------------------------------------
+
+
+def _load_base(name: str | None, dtype: str):
+    """The base and tokenizer: the embedded SmolLM2 by default, else any `AutoModelForCausalLM` id or folder."""
+    if name is None:
+        from .default_model import load_embedded_base
+
+        return load_embedded_base(dtype=getattr(torch, dtype))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype)), AutoTokenizer.from_pretrained(name)
+
+
+def add_dataclass_arguments(parser, cls) -> None:
+    """One `--flag` per dataclass field, typed from its annotation, with the field's help text."""
+    import argparse
+
+    hints = typing.get_type_hints(cls)
+    for item in dataclasses.fields(cls):
+        hint = hints[item.name]
+        args = typing.get_args(hint)
+        inner = next((a for a in args if a is not type(None)), hint) if args and type(None) in args else hint
+        default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
+        flag = "--" + item.name.replace("_", "-")
+        help_text = f"{item.metadata.get('help', '')} (default: {default})"
+        if inner is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif typing.get_origin(inner) is list:
+            parser.add_argument(flag, type=typing.get_args(inner)[0], nargs="+", default=default, help=help_text)
+        else:
+            parser.add_argument(flag, type=inner, default=default, help=help_text)
+
+
+def _run_train(args) -> int:
+    training_args = TrainingArguments(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments)})
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base, tokenizer = _load_base(args.base, args.base_dtype)
+    result = train_adapter(base, args.data, training_args, tokenizer, validation_data=args.validation_data)
+    last = result.metrics[-1].get("validation", {}) if result.metrics else {}
+    logger.info("Adapter saved to %s after %d steps; last validation: %s", result.output_dir, result.global_step, last)
+    return 0
+
+
+def _run_distill(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base, tokenizer = _load_base(args.base, args.dtype)
+    conversations = load_conversations(args.data, args.max_examples, args.max_examples_per_source, args.seed)
+    settings = SelfDistillArguments(
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, max_prompt_length=args.max_prompt_length
+    )
+    results = self_distill(base, tokenizer, conversations, args.output, settings)
+    logger.info("%d self-distilled conversations in %s", len(results), args.output)
+    return 0
+
+
+def add_train(subparsers) -> None:
+    """Register `kangaroo-hf train` and `kangaroo-hf distill`."""
+    parser = subparsers.add_parser(
+        "train",
+        help="train a Kangaroo adapter (base frozen) on chat JSONL files",
+        description="Train a Kangaroo adapter; run under `accelerate launch` for several GPUs.",
+    )
+    parser.add_argument("--data", nargs="+", required=True, help="JSONL files of {'messages': [...]} conversations")
+    parser.add_argument("--validation-data", nargs="+", default=None, help="held-out JSONL files (optional)")
+    parser.add_argument("--base", default=None, help="base model id or folder (default: embedded SmolLM2-135M)")
+    parser.add_argument("--base-dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    add_dataclass_arguments(parser, TrainingArguments)
+    parser.set_defaults(handler=_run_train)
+
+    distill = subparsers.add_parser(
+        "distill", help="replace assistant turns of chat JSONL files by the base's own greedy answers"
+    )
+    distill.add_argument("--data", nargs="+", required=True, help="JSONL files of conversations")
+    distill.add_argument("--output", required=True, help="JSONL cache to write (resumed when it exists)")
+    distill.add_argument("--base", default=None, help="base model id or folder (default: embedded SmolLM2-135M)")
+    distill.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    distill.add_argument("--max-examples", type=int, default=None)
+    distill.add_argument("--max-examples-per-source", type=int, default=None)
+    distill.add_argument("--max-new-tokens", type=int, default=256)
+    distill.add_argument("--max-prompt-length", type=int, default=2047)
+    distill.add_argument("--batch-size", type=int, default=16)
+    distill.add_argument("--seed", type=int, default=0)
+    distill.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    distill.set_defaults(handler=_run_distill)
+
+
+__all__ = ["TrainResult", "TrainingArguments", "add_train", "prepare_model", "train_adapter"]

@@ -1,0 +1,240 @@
+"""Adapter training end to end on a tiny random Llama: data masks, feature cache, loss, metrics, checkpoints, CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import tiny_base, tiny_tokenizer
+from kangaroo_hf import KangarooForCausalLM
+from kangaroo_hf.data import (
+    SelfDistillArguments,
+    encode_conversation,
+    encode_conversations,
+    load_conversations,
+    self_distill,
+    split_validation,
+)
+from kangaroo_hf.distillation import simulate_tau
+from kangaroo_hf.features import FeatureCache
+from kangaroo_hf.training import TrainingArguments, prepare_model, train_adapter
+
+# One character per token in the tiny vocabulary: '9' opens a turn, the role's initial follows, '8' closes it.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '9' + message['role'][0] + message['content'] + '8' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '9a' }}{% endif %}"
+)
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def chat_tokenizer():
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def _conversations(count: int, seed: int = 0) -> list[dict]:
+    """Short conversations whose answers follow the prompt (a shifted copy), one or two exchanges each."""
+    rng = random.Random(seed)
+    conversations = []
+    for index in range(count):
+        messages = []
+        for _ in range(1 + (index % 3 == 0)):
+            prompt = "".join(rng.choice(LETTERS) for _ in range(rng.randint(4, 12)))
+            answer = "".join(LETTERS[(LETTERS.index(c) + 1) % 26] for c in prompt) + str(index % 10)
+            messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        conversations.append({"id": f"tiny-{index:04d}", "messages": messages})
+    return conversations
+
+
+@pytest.fixture
+def jsonl(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in _conversations(60)))
+    return path
+
+
+def _args(tmp_path, name: str, **overrides) -> TrainingArguments:
+    settings = dict(
+        output_dir=str(tmp_path / name),
+        feature_cache_dir=str(tmp_path / "features"),
+        exit_layer=2,
+        max_length=48,
+        validation_size=10,
+        extraction_dtype="float32",
+        shard_tokens=400,
+        batch_tokens=160,
+        num_epochs=2,
+        learning_rate=1e-2,
+        warmup_ratio=0.1,
+        logging_steps=1,
+        seed=0,
+    )
+    settings.update(overrides)
+    return TrainingArguments(**settings)
+
+
+def test_assistant_mask_covers_answer_and_end_of_turn_only():
+    tokenizer = chat_tokenizer()
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    encoded = encode_conversation(tokenizer, messages)
+    assert tokenizer.convert_ids_to_tokens(encoded.input_ids) == list("9uhi89ayo8")
+    assert encoded.assistant_mask == [0, 0, 0, 0, 0, 0, 0, 1, 1, 1]
+    # A cut answer: the base never emitted the end-of-turn token, so it is no target.
+    truncated = encode_conversation(tokenizer, [messages[0], {**messages[1], "truncated": True}])
+    assert truncated.assistant_mask == [0, 0, 0, 0, 0, 0, 0, 1, 1, 0]
+    two_turns = messages + [{"role": "user", "content": "ab"}, {"role": "assistant", "content": "c"}]
+    assert encode_conversation(tokenizer, two_turns).assistant_mask == [0] * 7 + [1] * 3 + [0] * 7 + [1, 1]
+    assert encode_conversation(tokenizer, two_turns, max_length=8).assistant_mask == [0] * 7 + [1]
+
+
+def test_fallback_rendering_without_chat_template():
+    tokenizer = tiny_tokenizer()  # no chat template: "role: content" lines
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    encoded = encode_conversation(tokenizer, messages)
+    text = "user: hi\nassistant: yo\n"
+    assert len(encoded.input_ids) == len(text)
+    assert [text[i] for i, m in enumerate(encoded.assistant_mask) if m] == ["y", "o"]
+
+
+def test_loading_mixes_sources_and_checks_messages(tmp_path, jsonl):
+    other = tmp_path / "other.jsonl"
+    exchange = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    other.write_text(json.dumps({"messages": exchange}))
+    mixed = load_conversations([jsonl, other], max_examples_per_source=20, seed=1)
+    assert len(mixed) == 21 and "other-000000" in {c["id"] for c in mixed}
+    train, validation = split_validation(mixed, 5, seed=0)
+    assert len(train) == 16 and len(validation) == 5
+    assert not {c["id"] for c in train} & {c["id"] for c in validation}
+    assert len(load_conversations(iter(_conversations(7)))) == 7  # any iterable of dicts (e.g. a datasets.Dataset)
+    with pytest.raises(ValueError, match="no assistant turn"):
+        load_conversations([{"messages": [{"role": "user", "content": "x"}]}])
+    with pytest.raises(ValueError, match="role"):
+        load_conversations([{"messages": [{"role": "bot", "content": "x"}]}])
+
+
+def test_simulate_tau_replays_rounds():
+    # 8 answer tokens, all drafts right and confident, at most 3 drafts: prefill 1 token, rounds of 4 and 3 tokens.
+    result = simulate_tau([[[True] * 8]], [[[1.0] * 8]], draft_threshold=0.5, max_draft=3)
+    assert result["tau"] == pytest.approx(8 / 3)
+    # Unconfident first drafts: one draft per round; wrong ones cost a step each.
+    correct = [[True, True, False, True, True, True]]
+    result = simulate_tau([correct], [[[0.1] * 6]], draft_threshold=0.5, max_draft=4)
+    assert result["tau"] == pytest.approx(6 / 4)
+    # Depth-dependent drafts (adapter_context="final"): the second draft of a round reads depth 1.
+    by_depth = [[True] * 6, [False] * 6]
+    assert simulate_tau([by_depth], [[[1.0] * 6] * 2], 0.0, max_draft=3)["tau"] == pytest.approx(6 / 4)
+
+
+def test_only_the_adapter_is_trainable(tmp_path):
+    model = prepare_model(tiny_base("llama"), _args(tmp_path, "frozen"))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(name.startswith("adapter.") for name in trainable)
+    # Early-exit initialisation: the adapter starts as the base's own final norm on the exit states.
+    exit_states = torch.randn(1, 5, model.parts.config.hidden_size)
+    out = model.adapter_forward(exit_states, torch.arange(5).unsqueeze(0), None)
+    torch.testing.assert_close(out, model.parts.norm(exit_states), rtol=1e-5, atol=1e-5)
+
+
+def test_feature_cache_is_sharded_half_precision(tmp_path, jsonl):
+    tokenizer = chat_tokenizer()
+    model = prepare_model(tiny_base("llama"), _args(tmp_path, "cache"))
+    sequences = encode_conversations(tokenizer, load_conversations([jsonl]), max_length=48)
+    cache = FeatureCache.build(model, sequences, tmp_path / "cache", layers=[1, 2], shard_tokens=300)
+    assert len(cache.shards) > 1
+    assert cache.num_sequences == len(sequences) and cache.num_tokens == sum(len(s.input_ids) for s in sequences)
+    with safe_open(tmp_path / "cache" / cache.shards[0]["file"], framework="pt") as shard:
+        assert {"hidden.1", "hidden.2", "last", "input_ids", "assistant_mask", "offsets"} <= set(shard.keys())
+        assert shard.get_tensor("hidden.2").dtype == torch.float16
+        assert shard.get_tensor("last").dtype == torch.float16
+    first = cache.load_shard(0, exit_layer=2)[0]
+    assert first.input_ids.tolist() == sequences[0].input_ids
+    with torch.no_grad():
+        reference = model(torch.tensor([sequences[0].input_ids]), output_exit_hidden_states=True)
+    torch.testing.assert_close(first.exit_states.float(), reference.exit_hidden_states[0], rtol=2e-3, atol=2e-3)
+    # The teacher: the base's own logits come back from the cached (post-norm) last states.
+    teacher_logits = model.lm_head_logits(first.last_states.float())
+    torch.testing.assert_close(teacher_logits, reference.logits[0], rtol=1e-2, atol=1e-2)
+    # Same data, same settings: reused; other data: refused.
+    assert FeatureCache.build(model, sequences, tmp_path / "cache", layers=[1, 2], shard_tokens=300).index
+    with pytest.raises(ValueError, match="other data"):
+        FeatureCache.build(model, sequences[:5], tmp_path / "cache", layers=[1, 2], shard_tokens=300)
+
+
+def test_training_lowers_the_loss_and_reports_metrics(tmp_path, jsonl):
+    args = _args(tmp_path, "run", num_epochs=3)
+    result = train_adapter(tiny_base("llama"), [jsonl], args, chat_tokenizer())
+    assert len(result.train_loss) == result.global_step
+    assert sum(result.train_loss[-3:]) < sum(result.train_loss[:3])
+    assert [entry["epoch"] for entry in result.metrics] == [1, 2, 3]
+    first, last = result.metrics[0]["validation"], result.metrics[-1]["validation"]
+    for metrics in (first, last):
+        assert 0.0 <= metrics["top1_agreement"] <= 1.0
+        assert 0.0 <= metrics["expected_acceptance"] <= 1.0
+        longest = 1.0 + metrics["simulated_max_draft_tokens"]
+        assert all(1.0 <= tau <= longest for tau in metrics["simulated_tau"].values())
+    assert last["loss"] < first["loss"]
+    written = json.loads((tmp_path / "run" / "kangaroo_metrics.json").read_text())
+    assert written["epochs"][-1]["validation"] == last
+    assert (tmp_path / "run" / f"checkpoint-{result.global_step}" / "kangaroo_metrics.json").is_file()
+    assert json.loads((tmp_path / "run" / "training_args.json").read_text())["exit_layer"] == 2
+    # The saved adapter reloads onto the base.
+    reloaded = KangarooForCausalLM.from_pretrained(tmp_path / "run", base_model=result.model.get_base_model())
+    for name, tensor in result.model.adapter_state_dict().items():
+        torch.testing.assert_close(reloaded.adapter_state_dict()[name], tensor)
+
+
+def test_resume_continues_from_the_checkpoint_and_matches_an_uninterrupted_run(tmp_path, jsonl):
+    tokenizer = chat_tokenizer()
+    full = train_adapter(tiny_base("llama"), [jsonl], _args(tmp_path, "full", save_steps=3), tokenizer)
+    assert full.global_step > 3
+    # An "interrupted" run: only the step-3 checkpoint survived.
+    interrupted = tmp_path / "interrupted"
+    interrupted.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", interrupted / "checkpoint-3")
+    args = _args(tmp_path, "interrupted", save_steps=3, resume_from_checkpoint="latest")
+    resumed = train_adapter(tiny_base("llama"), [jsonl], args, tokenizer)
+    assert resumed.global_step == full.global_step
+    assert len(resumed.train_loss) == len(full.train_loss)
+    torch.testing.assert_close(resumed.train_loss[3:], full.train_loss[3:], rtol=1e-5, atol=1e-6)
+    for name, tensor in full.model.adapter_state_dict().items():
+        torch.testing.assert_close(resumed.model.adapter_state_dict()[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_self_distill_writes_the_base_greedy_answers(tmp_path):
+    tokenizer = chat_tokenizer()
+    base = tiny_base("llama")
+    conversations = _conversations(5, seed=3)
+    cache = tmp_path / "distilled.jsonl"
+    settings = SelfDistillArguments(max_new_tokens=6, batch_size=3, chunk_size=4)
+    distilled = self_distill(base, tokenizer, conversations, cache, settings)
+    assert [c["id"] for c in distilled] == [c["id"] for c in conversations]
+    for original, answered in zip(conversations, distilled, strict=True):
+        # No end-of-turn token in the tiny model: every answer is cut at max_new_tokens, so later turns are dropped.
+        assert answered["messages"][0] == original["messages"][0]
+        assert len(answered["messages"]) == 2 and answered["messages"][1]["truncated"]
+        prompt = tokenizer.apply_chat_template(original["messages"][:1], add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        expected = base.generate(ids, do_sample=False, max_new_tokens=6, pad_token_id=0)[0, ids.shape[1] :]
+        assert answered["messages"][1]["content"] == tokenizer.decode(expected, skip_special_tokens=True)
+    # Resumable: a second call generates nothing new.
+    assert len(self_distill(base, tokenizer, conversations, cache, settings)) == len(conversations)
+
+
+def test_cli_train_on_a_saved_base(tmp_path, jsonl):
+    from kangaroo_hf.cli import main
+
+    folder = tmp_path / "base"
+    tiny_base("llama").save_pretrained(folder)
+    chat_tokenizer().save_pretrained(folder)
+    output = tmp_path / "cli-run"
+    argv = ["train", "--data", str(jsonl), "--base", str(folder), "--output-dir", str(output), "--num-epochs", "1"]
+    argv += ["--max-length", "48", "--batch-tokens", "160", "--validation-size", "10", "--extraction-dtype", "float32"]
+    assert main(argv) == 0
+    metrics = json.loads((output / "kangaroo_metrics.json").read_text())
+    assert 0.0 <= metrics["epochs"][-1]["validation"]["top1_agreement"] <= 1.0
