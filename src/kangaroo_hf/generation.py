@@ -156,7 +156,7 @@ class KangarooCandidateGenerator(CandidateGenerator):
             self.model_kwargs_overrides = {"output_exit_hidden_states": True}
             return input_ids, None
 
-        self._sync_adapter(model_outputs.exit_hidden_states, cache, model_kwargs)
+        self._sync_adapter(model_outputs, cache, model_kwargs)
         self._first_verified_position = cache.get_seq_length(exit_layer)
         candidate_ids, draft_scores, exit_states = self._draft(input_ids, cache, model_kwargs)
         self._drafted_this_round = candidate_ids.shape[1] - input_ids.shape[1]
@@ -169,22 +169,26 @@ class KangarooCandidateGenerator(CandidateGenerator):
         """Record how many of this round's drafts the base accepted (after the loop's EOS / length trimming)."""
         self.stats.record_step(self._drafted_this_round, int(num_matches))
 
-    def _sync_adapter(self, exit_states: torch.Tensor, cache: Cache, model_kwargs: dict[str, Any]) -> None:
-        """Make the adapter cache hold exactly the verified tokens: crop rejected drafts, feed the missing states.
+    def _sync_adapter(self, model_outputs: Any, cache: Cache, model_kwargs: dict[str, Any]) -> None:
+        """Make the adapter cache hold exactly the verified tokens: crop what is stale, feed what is missing.
 
-        After a prefill the adapter has seen nothing; after an all-accepted round it has not seen the last draft
-        (drafting stopped before running the adapter on it). `exit_states` are those of the last full forward,
-        whose first token sits at `_first_verified_position`.
+        The last full forward processed tokens from `_first_verified_position` on; its exit (and final) states are in
+        `model_outputs`. With `adapter_context="exit"` the drafted tokens' entries stay valid once accepted: crop the
+        rejected ones, and feed what the adapter never saw (the prompt after a prefill; the last draft after an
+        all-accepted round). With `"final"` every token of the last forward is re-entered from its final state.
         """
         verified = cache.get_seq_length(self.model.config.exit_layer)  # every accepted token but the last
-        kept = min(self.adapter_cache.get_seq_length(), verified)
+        offset = self._first_verified_position
+        final_context = self.model.config.adapter_context == "final"
+        kept = offset if final_context else min(self.adapter_cache.get_seq_length(), verified)
         self.adapter_cache.crop(kept - self.adapter_cache.get_seq_length())
         if kept == verified:
             return
-        offset = self._first_verified_position
         attention_mask = model_kwargs.get("attention_mask")
-        self.model.adapter_forward(
-            exit_states[:, kept - offset : verified - offset],
+        states = model_outputs.final_hidden_states if final_context else model_outputs.exit_hidden_states
+        feed = self.model.adapter_add_context if final_context else self.model.adapter_forward
+        feed(
+            states[:, kept - offset : verified - offset],
             position_ids=model_kwargs["position_ids"][:, kept:verified],
             adapter_cache=self.adapter_cache,
             attention_mask=None if attention_mask is None else attention_mask[:, :verified],
