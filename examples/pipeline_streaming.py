@@ -1,6 +1,6 @@
 """Kangaroo behind `pipeline("text-generation")`, streaming tokens to the terminal as they are verified.
 
-    python examples/pipeline_streaming.py "Write a haiku about kangaroos."
+python examples/pipeline_streaming.py "Write a haiku about kangaroos."
 """
 
 import argparse

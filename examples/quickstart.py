@@ -1,6 +1,6 @@
 """Quickstart: answer a prompt with the embedded SmolLM2-135M-Instruct and its shipped Kangaroo adapter.
 
-    python examples/quickstart.py "What is speculative decoding?" --max-new-tokens 96
+python examples/quickstart.py "What is speculative decoding?" --max-new-tokens 96
 """
 
 import argparse
@@ -27,8 +27,8 @@ def main() -> None:
     print(tokenizer.decode(new_tokens, skip_special_tokens=True))
     stats = model.last_generate_stats
     print(
-        f"\n{stats.new_tokens} tokens in {seconds:.2f} s; {stats.mean_accepted_tokens:.2f} tokens per verification step "
-        f"({stats.accepted_drafts}/{stats.drafted_tokens} drafts accepted)"
+        f"\n{stats.new_tokens} tokens in {seconds:.2f} s; {stats.mean_accepted_tokens:.2f} tokens per "
+        f"verification step ({stats.accepted_drafts}/{stats.drafted_tokens} drafts accepted)"
     )
 
 
