@@ -25,6 +25,9 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 
+ADAPTER_CONTEXTS = ("exit", "final")
+
+
 @strict
 class KangarooConfig(PreTrainedConfig):
     r"""
@@ -47,6 +50,11 @@ class KangarooConfig(PreTrainedConfig):
             Upper bound on drafts per verification step (paper: 6).
         adapter_num_layers (`int`, *optional*, defaults to 1):
             Attention blocks in the adapter. 1 is the paper's adapter.
+        adapter_context (`str`, *optional*, defaults to `"exit"`):
+            What the adapter attends to for already verified tokens. `"exit"` (the paper): their exit-layer states.
+            `"final"`: the base's final (post-norm) states, which every verification computes anyway (as EAGLE's
+            features); tokens drafted in the current round still use their exit-layer states. Needs
+            `adapter_num_layers=1`.
         draft_vocab_size (`int`, *optional*, defaults to 0):
             Score drafts over only this many (frequent) tokens, stored with the adapter as `draft_vocab_ids`; 0 uses
             the full vocabulary. Verification always uses the full LM head, so output stays lossless.
@@ -92,6 +100,8 @@ class KangarooConfig(PreTrainedConfig):
     max_draft_tokens: int = 6
     # Paper's adapter is a single attention block; more blocks trade draft cost for draft quality.
     adapter_num_layers: int = 1
+    # Richer context for the adapter: the verified tokens' final states come free with each verification.
+    adapter_context: str = "exit"
     # The draft's LM head is a large part of a draft step on small models; a frequent-token subset is much cheaper.
     draft_vocab_size: int = 0
     # Prompt lookup inside Kangaroo rounds: copy-heavy prompts get long, cheap drafts.
@@ -122,6 +132,10 @@ class KangarooConfig(PreTrainedConfig):
         validate_draft_settings(self.draft_threshold, self.max_draft_tokens)
         if not isinstance(self.adapter_num_layers, int) or self.adapter_num_layers < 1:
             raise ValueError(f"adapter_num_layers must be an int >= 1, got {self.adapter_num_layers!r}.")
+        if self.adapter_context not in ADAPTER_CONTEXTS:
+            raise ValueError(f"adapter_context must be one of {ADAPTER_CONTEXTS}, got {self.adapter_context!r}.")
+        if self.adapter_context == "final" and self.adapter_num_layers != 1:
+            raise ValueError(f"adapter_context='final' needs adapter_num_layers=1, got {self.adapter_num_layers}.")
         vocab_size = self.base_config.vocab_size
         if not isinstance(self.draft_vocab_size, int) or not 0 <= self.draft_vocab_size <= vocab_size:
             raise ValueError(

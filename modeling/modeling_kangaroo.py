@@ -287,7 +287,7 @@ class KangarooCandidateGenerator(CandidateGenerator):
             self.model_kwargs_overrides = {"output_exit_hidden_states": True}
             return input_ids, None
 
-        self._sync_adapter(model_outputs.exit_hidden_states, cache, model_kwargs)
+        self._sync_adapter(model_outputs, cache, model_kwargs)
         self._first_verified_position = cache.get_seq_length(exit_layer)
         candidate_ids, draft_scores, exit_states = self._draft(input_ids, cache, model_kwargs)
         self._drafted_this_round = candidate_ids.shape[1] - input_ids.shape[1]
@@ -300,22 +300,26 @@ class KangarooCandidateGenerator(CandidateGenerator):
         """Record how many of this round's drafts the base accepted (after the loop's EOS / length trimming)."""
         self.stats.record_step(self._drafted_this_round, int(num_matches))
 
-    def _sync_adapter(self, exit_states: torch.Tensor, cache: Cache, model_kwargs: dict[str, Any]) -> None:
-        """Make the adapter cache hold exactly the verified tokens: crop rejected drafts, feed the missing states.
+    def _sync_adapter(self, model_outputs: Any, cache: Cache, model_kwargs: dict[str, Any]) -> None:
+        """Make the adapter cache hold exactly the verified tokens: crop what is stale, feed what is missing.
 
-        After a prefill the adapter has seen nothing; after an all-accepted round it has not seen the last draft
-        (drafting stopped before running the adapter on it). `exit_states` are those of the last full forward,
-        whose first token sits at `_first_verified_position`.
+        The last full forward processed tokens from `_first_verified_position` on; its exit (and final) states are in
+        `model_outputs`. With `adapter_context="exit"` the drafted tokens' entries stay valid once accepted: crop the
+        rejected ones, and feed what the adapter never saw (the prompt after a prefill; the last draft after an
+        all-accepted round). With `"final"` every token of the last forward is re-entered from its final state.
         """
         verified = cache.get_seq_length(self.model.config.exit_layer)  # every accepted token but the last
-        kept = min(self.adapter_cache.get_seq_length(), verified)
+        offset = self._first_verified_position
+        final_context = self.model.config.adapter_context == "final"
+        kept = offset if final_context else min(self.adapter_cache.get_seq_length(), verified)
         self.adapter_cache.crop(kept - self.adapter_cache.get_seq_length())
         if kept == verified:
             return
-        offset = self._first_verified_position
         attention_mask = model_kwargs.get("attention_mask")
-        self.model.adapter_forward(
-            exit_states[:, kept - offset : verified - offset],
+        states = model_outputs.final_hidden_states if final_context else model_outputs.exit_hidden_states
+        feed = self.model.adapter_add_context if final_context else self.model.adapter_forward
+        feed(
+            states[:, kept - offset : verified - offset],
             position_ids=model_kwargs["position_ids"][:, kept:verified],
             adapter_cache=self.adapter_cache,
             attention_mask=None if attention_mask is None else attention_mask[:, :verified],
@@ -536,9 +540,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class KangarooCausalLMOutput(CausalLMOutputWithPast):
-    """`CausalLMOutputWithPast` plus `exit_hidden_states` (B, T, D): the input tokens' states after `exit_layer`."""
+    """`CausalLMOutputWithPast` plus, for the input tokens, `exit_hidden_states` (B, T, D), their states after
+    `exit_layer`, and `final_hidden_states` (B, T, D), their final post-norm states (the LM head's input)."""
 
     exit_hidden_states: torch.FloatTensor | None = None
+    final_hidden_states: torch.FloatTensor | None = None
 
 
 class KangarooAdapterBlock(nn.Module):
@@ -569,10 +575,16 @@ class KangarooAdapterBlock(nn.Module):
 class KangarooAdapter(nn.Module):
     """The paper's adapter (section 3.1): attention block(s) between two RMSNorms, no MLP, its own KV cache."""
 
-    def __init__(self, parts: DecoderParts, num_layers: int = 1, draft_vocab_size: int = 0) -> None:
+    def __init__(
+        self, parts: DecoderParts, num_layers: int = 1, draft_vocab_size: int = 0, context: str = "exit"
+    ) -> None:
         super().__init__()
         self.layers = nn.ModuleList([KangarooAdapterBlock(parts, layer_idx) for layer_idx in range(num_layers)])
         self.norm = type(parts.norm)(parts.config.hidden_size, eps=parts.config.rms_norm_eps)
+        # adapter_context="final": verified tokens enter the attention as the base's final states, normed here.
+        self.context_norm = (
+            type(parts.norm)(parts.config.hidden_size, eps=parts.config.rms_norm_eps) if context == "final" else None
+        )
         # Vocabulary ids the draft head scores (empty: all). Saved with the adapter; set by `set_draft_vocab`.
         self.register_buffer("draft_vocab_ids", torch.arange(draft_vocab_size, dtype=torch.long), persistent=True)
 
@@ -587,6 +599,21 @@ class KangarooAdapter(nn.Module):
         for layer in self.layers:
             hidden_states = layer(hidden_states, position_embeddings, attention_mask, cache)
         return self.norm(hidden_states)
+
+    def add_context(
+        self,
+        final_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache,
+    ) -> None:
+        """Write the keys/values of verified tokens, computed from their final states (B, T, D), into `cache`."""
+        self.layers[0].self_attn(
+            hidden_states=self.context_norm(final_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            cache=cache,
+        )
 
 
 class KangarooPreTrainedModel(PreTrainedModel):
@@ -641,7 +668,10 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
                 f"{config.base_config.num_hidden_layers}."
             )
         self.adapter = KangarooAdapter(
-            self.parts, num_layers=config.adapter_num_layers, draft_vocab_size=config.draft_vocab_size
+            self.parts,
+            num_layers=config.adapter_num_layers,
+            draft_vocab_size=config.draft_vocab_size,
+            context=config.adapter_context,
         )
         # Initialise the adapter before the base is attached: the base's weights must never be re-initialised.
         self.post_init()
@@ -850,18 +880,66 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         position_ids: torch.LongTensor,
         adapter_cache: Cache | None,
         attention_mask: torch.Tensor | None = None,
+        context_states: torch.Tensor | None = None,
+        draft_depth: int | torch.LongTensor = 0,
     ) -> torch.Tensor:
-        """Adapter on exit states (B, T, D) at `position_ids` (B, T); returns states for the LM head (B, T, D)."""
+        """Adapter on exit states (B, T, D) at `position_ids` (B, T); returns states for the LM head (B, T, D).
+
+        With `adapter_context="final"`, training passes `context_states` (B, T, D), the final post-norm states of
+        the same tokens: token t then attends to the final states of tokens before `t - draft_depth` and to the exit
+        states of tokens `t - draft_depth .. t`, as in a drafting round `draft_depth` drafts deep.
+        """
+        if context_states is not None:
+            if adapter_cache is not None or self.adapter.context_norm is None:
+                raise ValueError("context_states need adapter_context='final' and no adapter_cache (training only).")
+            return self._adapter_over_context(
+                exit_hidden_states, context_states, position_ids, attention_mask, draft_depth
+            )
         position_embeddings = self.parts.rotary_emb(exit_hidden_states, position_ids=position_ids)
-        mask = create_causal_mask(
+        mask = self._adapter_mask(exit_hidden_states, position_ids, adapter_cache, attention_mask)
+        return self.adapter(exit_hidden_states, position_embeddings, mask, adapter_cache)
+
+    def adapter_add_context(
+        self,
+        final_states: torch.Tensor,
+        position_ids: torch.LongTensor,
+        adapter_cache: Cache,
+        attention_mask: torch.Tensor | None = None,
+    ) -> None:
+        """`adapter_context="final"`: append verified tokens (their final states, B, T, D) to the adapter cache."""
+        position_embeddings = self.parts.rotary_emb(final_states, position_ids=position_ids)
+        mask = self._adapter_mask(final_states, position_ids, adapter_cache, attention_mask)
+        self.adapter.add_context(final_states, position_embeddings, mask, adapter_cache)
+
+    def _adapter_mask(self, hidden_states, position_ids, adapter_cache, attention_mask):
+        return create_causal_mask(
             config=self.parts.config,
-            inputs_embeds=exit_hidden_states,
+            inputs_embeds=hidden_states,
             attention_mask=attention_mask,
             cache=adapter_cache,
             position_ids=position_ids,
             layer_idx=0 if adapter_cache is not None and len(adapter_cache.layers) else None,
         )
-        return self.adapter(exit_hidden_states, position_embeddings, mask, adapter_cache)
+
+    def _adapter_over_context(
+        self,
+        exit_states: torch.Tensor,
+        context_states: torch.Tensor,
+        position_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        draft_depth: int | torch.LongTensor,
+    ) -> torch.Tensor:
+        """Training form of `adapter_context="final"`: one attention over [final states ; exit states] (B, 2T, D)."""
+        batch, length, _ = exit_states.shape
+        block = self.adapter.layers[0]
+        hidden = torch.cat([self.adapter.context_norm(context_states), block.input_layernorm(exit_states)], dim=1)
+        positions = torch.cat([position_ids, position_ids], dim=1)  # (B, 2T)
+        position_embeddings = self.parts.rotary_emb(hidden, position_ids=positions)
+        mask = _context_training_mask(length, draft_depth, attention_mask, batch, hidden.dtype, hidden.device)
+        attn_output, _ = block.self_attn(
+            hidden_states=hidden, position_embeddings=position_embeddings, attention_mask=mask, cache=None
+        )
+        return self.adapter.norm(exit_states + attn_output[:, length:])
 
     def lm_head_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The base's LM head (shared by draft and verification)."""
@@ -959,16 +1037,22 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
             exit_hidden_states = self.parts.run_layers(
                 hidden_states, 0, exit_layer, position_ids, attention_mask, cache
             )
-        hidden_states = self.deep_forward(exit_hidden_states, position_ids, cache, attention_mask)
+        final_hidden_states = self.deep_forward(exit_hidden_states, position_ids, cache, attention_mask)
         if isinstance(logits_to_keep, int):
-            hidden_states = hidden_states[:, -logits_to_keep:, :]  # (B, kept, D); 0 keeps all
+            hidden_states = final_hidden_states[:, -logits_to_keep:, :]  # (B, kept, D); 0 keeps all
         else:
-            hidden_states = hidden_states[:, logits_to_keep, :]
+            hidden_states = final_hidden_states[:, logits_to_keep, :]
         logits = self.lm_head_logits(hidden_states)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.base_config.vocab_size)
-        return KangarooCausalLMOutput(loss=loss, logits=logits, cache=cache, exit_hidden_states=exit_hidden_states)
+        return KangarooCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            cache=cache,
+            exit_hidden_states=exit_hidden_states,
+            final_hidden_states=final_hidden_states,
+        )
 
     # -- generation ------------------------------------------------------------------------------------------------
 
@@ -1049,6 +1133,37 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         if self._candidate_generator is not None:
             return self._candidate_generator
         return super()._get_candidate_generator(*args, **kwargs)
+
+
+def _context_training_mask(
+    length: int,
+    draft_depth: int | torch.LongTensor,
+    attention_mask: torch.Tensor | None,
+    batch: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """Additive mask (B, 1, 2T, 2T) over [final states ; exit states] for `KangarooForCausalLM._adapter_over_context`.
+
+    Exit row t sees final-state columns s < t - depth(t) and exit-state columns t - depth(t) <= s <= t; final-state
+    rows only see themselves (their outputs are discarded). Padding (`attention_mask` == 0) is hidden everywhere.
+    """
+    t = torch.arange(length, device=device)
+    depth = torch.as_tensor(draft_depth, device=device).expand(length).clamp(min=0)
+    first_drafted = (t - depth).clamp(min=0).view(-1, 1)  # (T, 1)
+    s = t.view(1, -1)
+    sees_final = s < first_drafted
+    sees_exit = (s >= first_drafted) & (s <= t.view(-1, 1))
+    allowed = torch.zeros(2 * length, 2 * length, dtype=torch.bool, device=device)
+    allowed[:length, :length] = torch.eye(length, dtype=torch.bool, device=device)
+    allowed[length:, :length] = sees_final
+    allowed[length:, length:] = sees_exit
+    allowed = allowed.expand(batch, 1, 2 * length, 2 * length)
+    if attention_mask is not None:
+        keep = attention_mask.bool().repeat(1, 2).view(batch, 1, 1, 2 * length)
+        allowed = allowed & keep | torch.eye(2 * length, dtype=torch.bool, device=device)  # no empty rows
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def unwrap_generation_config(base: nn.Module) -> GenerationConfig:
