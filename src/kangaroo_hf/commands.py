@@ -122,3 +122,7 @@ REGISTRARS.append(add_profile)
 from .training import add_train  # noqa: E402  (accelerate is imported only when training runs)
 
 REGISTRARS.append(add_train)
+
+from .tune import add_tune  # noqa: E402
+
+REGISTRARS.append(add_tune)

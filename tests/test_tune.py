@@ -1,0 +1,54 @@
+"""`kangaroo-hf tune` measures every grid point losslessly and saves the fastest settings."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from conftest import VOCAB, make_kangaroo, tiny_tokenizer
+from kangaroo_hf import KangarooForCausalLM
+from kangaroo_hf.tune import calibration_prompts, tune
+
+
+def test_tune_grid_sorted_by_speedup_and_lossless():
+    model = make_kangaroo("llama")
+    prompts = [torch.randint(2, VOCAB, (1, 5 + i), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    results = tune(
+        {"tiny": model}, prompts, thresholds=[0.0, 0.5], max_drafts=[2, 4], lookups=[0, 3], max_new_tokens=8
+    )
+    assert len(results) == 8
+    assert [r.speedup for r in results] == sorted((r.speedup for r in results), reverse=True)
+    assert all(r.mean_accepted_tokens >= 1.0 for r in results)
+
+
+def test_cli_tune_writes_the_best_settings(tmp_path, monkeypatch):
+    from kangaroo_hf import commands
+    from kangaroo_hf.cli import main
+
+    model, tokenizer = make_kangaroo("qwen2"), tiny_tokenizer()
+    monkeypatch.setattr(commands, "load_model", lambda name, dtype, device: (model, tokenizer))
+    data = tmp_path / "calibration.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "abc" * i}]}) + "\n" for i in (1, 2)))
+    output = tmp_path / "tuned"
+    argv = ["tune", "--data", str(data), "--num-prompts", "2", "--thresholds", "0.1,0.9", "--max-drafts", "2"]
+    assert main([*argv, "--max-new-tokens", "6", "--output", str(output)]) == 0
+    results = json.loads((output / "tune_results.json").read_text())
+    best = results[0]
+    config = json.loads((output / "config.json").read_text())
+    assert config["draft_threshold"] == best["draft_threshold"] and config["max_draft_tokens"] == 2
+    assert isinstance(
+        KangarooForCausalLM.from_pretrained(output, base_model=model.get_base_model()), KangarooForCausalLM
+    )
+
+
+def test_calibration_prompts_spread_over_files(tmp_path):
+    files = []
+    for index in range(2):
+        path = tmp_path / f"f{index}.jsonl"
+        path.write_text(
+            "".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"}]}) + "\n" for i in range(5))
+        )
+        files.append(path)
+    prompts = calibration_prompts(files, 4, tiny_tokenizer())
+    assert len(prompts) == 4 and all(p.shape[0] == 1 for p in prompts)
