@@ -238,3 +238,17 @@ def test_cli_train_on_a_saved_base(tmp_path, jsonl):
     assert main(argv) == 0
     metrics = json.loads((output / "kangaroo_metrics.json").read_text())
     assert 0.0 <= metrics["epochs"][-1]["validation"]["top1_agreement"] <= 1.0
+
+
+def test_training_with_final_state_context(tmp_path, jsonl):
+    from kangaroo_hf import KangarooConfig
+
+    if "adapter_context" not in KangarooConfig.__dataclass_fields__:
+        pytest.skip("this KangarooConfig has no adapter_context")
+    args = _args(tmp_path, "final", adapter_context="final", num_epochs=2)
+    result = train_adapter(tiny_base("llama"), [jsonl], args, chat_tokenizer())
+    assert result.model.config.adapter_context == "final"
+    assert sum(result.train_loss[-3:]) < sum(result.train_loss[:3])
+    validation = result.metrics[-1]["validation"]
+    depths = validation["top1_agreement_by_depth"]
+    assert len(depths) == result.model.config.max_draft_tokens and all(0.0 <= a <= 1.0 for a in depths)

@@ -216,6 +216,9 @@ class SelfDistillArguments:
 
     max_new_tokens: int = 256  # answers are cut here (and marked `truncated`)
     batch_size: int = 16  # prompts generated together (left padding)
+    batch_tokens: int = (
+        12288  # and at most this many cached tokens (prompt + answer) per batch: long prompts go in small batches
+    )
     max_prompt_length: int = 1536  # longer prompts are skipped (their conversation ends at the previous turn)
     chunk_size: int = 256  # conversations written to the cache together; the unit of resumption
 
@@ -251,6 +254,19 @@ def _generate_batch(
     return answers
 
 
+def _token_batches(pending: list, args: SelfDistillArguments) -> Iterator[list]:
+    """Consecutive (length-sorted) prompts, at most `batch_size` and `batch_tokens` (prompt + answer) per batch."""
+    batch: list = []
+    for item in pending:
+        width = len(item[1]) + args.max_new_tokens
+        if batch and (len(batch) == args.batch_size or (len(batch) + 1) * width > args.batch_tokens):
+            yield batch
+            batch = []
+        batch.append(item)
+    if batch:
+        yield batch
+
+
 def _distill_chunk(base, tokenizer, chunk: list[dict[str, Any]], args: SelfDistillArguments, progress) -> list[dict]:
     """Replace every assistant turn of `chunk`, turn index by turn index, batching prompts of similar length."""
     states = [{"source": c, "messages": [], "next": 0, "open": True} for c in chunk]
@@ -277,8 +293,7 @@ def _distill_chunk(base, tokenizer, chunk: list[dict[str, Any]], args: SelfDisti
         if not pending:
             break
         pending.sort(key=lambda item: len(item[1]))
-        for start in range(0, len(pending), args.batch_size):
-            batch = pending[start : start + args.batch_size]
+        for batch in _token_batches(pending, args):
             answers = _generate_batch(base, tokenizer, [prompt for _, prompt in batch], args.max_new_tokens)
             for (state, _), (text, finished) in zip(batch, answers, strict=True):
                 message = {"role": "assistant", "content": text}

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .features import CachedSequence, FeatureCache
@@ -116,6 +117,7 @@ class DistillStats:
         }
 
 
+@torch.no_grad()
 def distill_loss_chunks(
     lm_head: nn.Module,
     draft_states: torch.Tensor,
@@ -124,36 +126,40 @@ def distill_loss_chunks(
     stats: DistillStats,
     loss_scale: float | None = None,
     keep_tokens: bool = False,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor | None:
     """Soft cross-entropy `-sum_v p_base(v) log p_draft(v)` over (N, D) states, one LM-head chunk at a time.
 
-    With `loss_scale`, each chunk's summed loss times the scale is back-propagated to (a detached copy of) the draft
-    states at once and the (N, D) gradient is returned; the caller pushes it through the adapter in one backward.
+    The gradient is written out by hand: d(loss)/d(draft logits) = p_draft - p_base, so a chunk costs three LM-head
+    matmuls and a few passes over its (chunk, V) logits, with no autograd graph over the vocabulary. With
+    `loss_scale`, returns d(loss_scale * sum of losses)/d(draft_states) (N, D), which the caller back-propagates
+    through the adapter. `compute_dtype` (e.g. bfloat16) runs the LM-head matmuls in that dtype (softmax in float32).
     Metrics go to `stats` (and per-token correctness / confidence when `keep_tokens`).
     """
+    weight = lm_head.weight if compute_dtype is None else lm_head.weight.to(compute_dtype)  # (V, D)
+    bias = getattr(lm_head, "bias", None)
     grads = []
     for start in range(0, draft_states.shape[0], chunk_tokens):
-        draft = draft_states[start : start + chunk_tokens].detach().requires_grad_(loss_scale is not None)
-        with torch.no_grad():
-            teacher_logits = lm_head(teacher_states[start : start + chunk_tokens]).float()  # (n, V)
-            teacher_p = teacher_logits.softmax(-1)
-        with torch.set_grad_enabled(loss_scale is not None):
-            draft_logp = lm_head(draft).float().log_softmax(-1)  # (n, V)
-            loss = -(teacher_p * draft_logp).sum(-1)  # (n,)
-            if loss_scale is not None:
-                (loss.sum() * loss_scale).backward()
-                grads.append(draft.grad)
-        with torch.no_grad():
-            draft_p = draft_logp.detach().exp()
-            correct = draft_p.argmax(-1) == teacher_logits.argmax(-1)
-            stats.tokens += loss.shape[0]
-            stats.loss += float(loss.detach().sum())
-            stats.agree += float(correct.sum())
-            # Probability that speculative sampling accepts a draft token (Leviathan et al.): sum_v min(p, q).
-            stats.expected_acceptance += float(torch.minimum(teacher_p, draft_p).sum())
-            if keep_tokens:
-                stats.correct.append(correct.cpu())
-                stats.confidence.append(draft_p.max(-1).values.cpu())
+        teacher_logits = F.linear(teacher_states[start : start + chunk_tokens].to(weight.dtype), weight, bias).float()
+        teacher_top = teacher_logits.argmax(-1)
+        teacher_p = teacher_logits.softmax(-1)  # (n, V)
+        del teacher_logits
+        draft_logits = F.linear(draft_states[start : start + chunk_tokens].to(weight.dtype), weight, bias).float()
+        correct = draft_logits.argmax(-1) == teacher_top
+        log_normalizer = draft_logits.logsumexp(-1)  # (n,)
+        loss = log_normalizer - torch.einsum("nv,nv->n", teacher_p, draft_logits)  # (n,)
+        draft_p = draft_logits.sub_(log_normalizer.unsqueeze(-1)).exp_()  # in place: (n, V) probabilities
+        stats.tokens += loss.shape[0]
+        stats.loss += float(loss.sum())
+        stats.agree += float(correct.sum())
+        # Probability that speculative sampling accepts a draft token (Leviathan et al.): sum_v min(p, q).
+        stats.expected_acceptance += float(torch.minimum(teacher_p, draft_p).sum())
+        if keep_tokens:
+            stats.correct.append(correct.cpu())
+            stats.confidence.append(draft_p.max(-1).values.cpu())
+        if loss_scale is not None:
+            grad_logits = draft_p.sub_(teacher_p).mul_(loss_scale)  # (n, V)
+            grads.append((grad_logits.to(weight.dtype) @ weight).float())  # (n, D)
     return torch.cat(grads) if grads else None
 
 
@@ -252,7 +258,7 @@ def evaluate_adapter(
     batch_tokens: int = 16384,
     chunk_tokens: int = 2048,
     thresholds: Sequence[float] = (0.0, 0.2, 0.4, 0.6, 0.8),
-    autocast_dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """Validation metrics of `model`'s adapter on a feature cache (assistant tokens only).
 
@@ -270,17 +276,16 @@ def evaluate_adapter(
         batch = make_batch(sequences, device, with_context=uses_final_context(model))
         by_depth_correct, by_depth_confidence = [], []
         for depth in depths:
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                hidden = draft_states(model, batch, draft_depth=depth)
-                distill_loss_chunks(
-                    model.parts.lm_head,
-                    hidden[batch.loss_mask],
-                    batch.teacher_states,
-                    chunk_tokens,
-                    stats[depth],
-                    None,
-                    True,
-                )
+            hidden = draft_states(model, batch, draft_depth=depth)
+            distill_loss_chunks(
+                model.parts.lm_head,
+                hidden[batch.loss_mask],
+                batch.teacher_states,
+                chunk_tokens,
+                stats[depth],
+                keep_tokens=True,
+                compute_dtype=compute_dtype,
+            )
             by_depth_correct.append(answer_runs(batch.loss_mask, torch.cat(stats[depth].correct)))
             by_depth_confidence.append(answer_runs(batch.loss_mask, torch.cat(stats[depth].confidence)))
             stats[depth].correct.clear()

@@ -100,7 +100,9 @@ class TrainingArguments:
     lr_scheduler: str = field(default="cosine", metadata={"help": "decay after warmup: cosine or linear (to 0)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 disables)"})
     loss_chunk_tokens: int = field(default=2048, metadata={"help": "tokens per LM-head chunk in the loss"})
-    mixed_precision: str = field(default="no", metadata={"help": "no or bf16 (autocast for adapter and LM head)"})
+    mixed_precision: str = field(
+        default="no", metadata={"help": "no or bf16: LM-head matmuls of the loss in bfloat16"}
+    )
     seed: int = field(default=0, metadata={"help": "seeds data order, split and initialisation"})
     # -- bookkeeping --
     logging_steps: int = field(default=10, metadata={"help": "optimizer steps between log lines"})
@@ -325,7 +327,9 @@ def train_adapter(
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    # `args.mixed_precision` only sets the dtype of the loss's LM-head matmuls (the adapter itself is tiny), so the
+    # process-wide accelerator state is left alone and train_adapter can run several times in one process.
+    accelerator = Accelerator()
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -379,7 +383,7 @@ class _Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: _lr_lambda(step, warmup, self.total_steps, args.lr_scheduler)
         )
-        self.autocast_dtype = _autocast_dtype(args.mixed_precision)
+        self.compute_dtype = _autocast_dtype(args.mixed_precision)
         self.final_context = uses_final_context(model)
         self.global_step, self.history, self.losses = 0, [], []
 
@@ -445,19 +449,19 @@ class _Run:
             with contextlib.ExitStack() as stack:
                 if not last:
                     stack.enter_context(accelerator.no_sync(self.module))
-                with torch.autocast(accelerator.device.type, self.autocast_dtype, self.autocast_dtype is not None):
-                    hidden = draft_states(self.model, batch, self.module, self._draft_depth(batch, index))  # (B, T, D)
-                    selected = hidden[batch.loss_mask]  # (N, D)
-                    grad = distill_loss_chunks(
-                        self.model.parts.lm_head,
-                        selected,
-                        batch.teacher_states,
-                        args.loss_chunk_tokens,
-                        stats,
-                        loss_scale=1.0 / group_tokens,
-                    )
+                hidden = draft_states(self.model, batch, self.module, self._draft_depth(batch, index))  # (B, T, D)
+                selected = hidden[batch.loss_mask]  # (N, D)
+                grad = distill_loss_chunks(
+                    self.model.parts.lm_head,
+                    selected,
+                    batch.teacher_states,
+                    args.loss_chunk_tokens,
+                    stats,
+                    loss_scale=1.0 / group_tokens,
+                    compute_dtype=self.compute_dtype,
+                )
                 # The LM-head chunks already gave d(loss)/d(selected): one backward pass through the adapter.
-                accelerator.backward((selected.float() * grad).sum())
+                accelerator.backward((selected * grad).sum())
         if args.max_grad_norm > 0:
             accelerator.clip_grad_norm_(self.module.parameters(), args.max_grad_norm)
         self.optimizer.step()
@@ -502,7 +506,7 @@ class _Run:
                     args.batch_tokens,
                     args.loss_chunk_tokens,
                     args.eval_thresholds,
-                    self.autocast_dtype,
+                    self.compute_dtype,
                 )
                 logger.info("validation after epoch %d: %s", epoch + 1, json.dumps(entry["validation"]))
             self.history.append(entry)
