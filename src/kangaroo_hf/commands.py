@@ -60,6 +60,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         )
         return out[0, input_ids.shape[1] :], time.perf_counter() - start
 
+    model.generate(input_ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)  # warm-up
     tokens, seconds = timed(kangaroo)
     print(tokenizer.decode(tokens, skip_special_tokens=True))
     print()

@@ -1,0 +1,68 @@
+"""Put a trained SmolLM2 adapter into the package (`kangaroo_hf/pretrained/smollm2-135m-instruct`).
+
+    python scripts/ship_adapter.py runs/exp/best --draft-vocab 8192 --threshold 0.4 --max-drafts 4
+
+Adds the reduced draft vocabulary (the most frequent tokens of the assistant turns in ../shared/data/train, at most
+`--answers-per-file` answers per file; special tokens always included), the chosen draft settings, and copies the run's
+`training_args.json` / `kangaroo_metrics.json` next to the weights so the model card shows them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+from pathlib import Path
+
+import torch
+
+from kangaroo_hf import KangarooForCausalLM, load_embedded_base
+from kangaroo_hf.default_model import SHIPPED_ADAPTER
+
+
+def frequent_tokens(tokenizer, data_glob: str, size: int, answers_per_file: int) -> list[int]:
+    counts: collections.Counter[int] = collections.Counter()
+    for path in sorted(glob.glob(data_glob)):
+        with open(path) as handle:
+            for line_number, line in enumerate(handle):
+                if line_number >= answers_per_file:
+                    break
+                for message in json.loads(line)["messages"]:
+                    if message["role"] == "assistant":
+                        counts.update(tokenizer(message["content"], add_special_tokens=False)["input_ids"])
+    special = set(tokenizer.all_special_ids)
+    ranked = [token for token, _ in counts.most_common() if token not in special]
+    return sorted(special) + ranked[: size - len(special)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="trained adapter folder (save_pretrained output of kangaroo-hf train)")
+    parser.add_argument("--draft-vocab", type=int, default=8192, help="0 keeps the full vocabulary")
+    parser.add_argument("--threshold", type=float, required=True)
+    parser.add_argument("--max-drafts", type=int, required=True)
+    parser.add_argument("--lookup", type=int, default=0)
+    parser.add_argument("--data", default="../shared/data/train/*.jsonl")
+    parser.add_argument("--answers-per-file", type=int, default=1500)
+    parser.add_argument("--metrics", default=None, help="extra JSON of measured metrics to record")
+    args = parser.parse_args()
+
+    base, tokenizer = load_embedded_base(torch.float32)
+    model = KangarooForCausalLM.from_pretrained(args.source, base_model=base)
+    if args.draft_vocab:
+        model.set_draft_vocab(frequent_tokens(tokenizer, args.data, args.draft_vocab, args.answers_per_file))
+    model.config.draft_threshold = args.threshold
+    model.config.max_draft_tokens = args.max_drafts
+    model.config.lookup_num_tokens = args.lookup
+    source = Path(args.source)
+    metrics = json.loads((source / "kangaroo_metrics.json").read_text())
+    if args.metrics:
+        metrics = {"training": metrics, "measured": json.loads(Path(args.metrics).read_text())}
+    training_args = json.loads((source / "training_args.json").read_text())
+    model.save_pretrained(SHIPPED_ADAPTER, metrics=metrics, training_args=training_args)
+    print(f"shipped {source} -> {SHIPPED_ADAPTER}")
+
+
+if __name__ == "__main__":
+    main()

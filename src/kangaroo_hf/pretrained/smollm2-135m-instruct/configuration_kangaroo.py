@@ -1,0 +1,170 @@
+# GENERATED FILE, DO NOT EDIT. `python -m kangaroo_hf.remote_code` built it from the sources of
+# kangaroo_hf 0.1.0: kangaroo_hf/version.py, kangaroo_hf/configuration.py. Edit those and regenerate.
+# ruff: noqa
+"""Kangaroo self-speculative decoding (arXiv 2404.18911), `configuration_kangaroo.py` for loading with
+`trust_remote_code=True` where the `kangaroo_hf` package is not installed."""
+
+from __future__ import annotations
+
+
+# ------------------------------------------------------------------------------
+# kangaroo_hf/version.py
+# ------------------------------------------------------------------------------
+
+__version__ = "0.1.0"
+
+
+# ------------------------------------------------------------------------------
+# kangaroo_hf/configuration.py
+# ------------------------------------------------------------------------------
+
+from typing import Any
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+
+ADAPTER_CONTEXTS = ("exit", "final")
+
+
+@strict
+class KangarooConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`KangarooForCausalLM`].
+
+    Args:
+        base_config (`PreTrainedConfig` or `dict`):
+            Config of the wrapped LLaMA-family causal LM (Llama, Mistral, Qwen2, SmolLM, ...).
+        base_model_name_or_path (`str`, *optional*):
+            Hub id or local folder the base weights are loaded from when a Kangaroo checkpoint is loaded.
+        base_model_revision (`str`, *optional*):
+            Revision (branch, tag or commit) of `base_model_name_or_path`.
+        exit_layer (`int`, *optional*, defaults to 2):
+            Number of shallow base layers shared by the draft model (paper: 2 of 32 for Vicuna-7B). The draft is
+            `layers[:exit_layer]` + adapter + the base's LM head; verification runs `layers[exit_layer:]` only.
+        draft_threshold (`float`, *optional*, defaults to 0.6):
+            Draft early exit: drafting stops once the top-1 probability of the latest draft falls below this value
+            (paper: 0.6). 0 always drafts `max_draft_tokens`; 1 stops after the first draft.
+        max_draft_tokens (`int`, *optional*, defaults to 6):
+            Upper bound on drafts per verification step (paper: 6).
+        adapter_num_layers (`int`, *optional*, defaults to 1):
+            Attention blocks in the adapter. 1 is the paper's adapter.
+        adapter_context (`str`, *optional*, defaults to `"exit"`):
+            What the adapter attends to for already verified tokens. `"exit"` (the paper): their exit-layer states.
+            `"final"`: the base's final (post-norm) states, which every verification computes anyway (as EAGLE's
+            features); tokens drafted in the current round still use their exit-layer states. Needs
+            `adapter_num_layers=1`.
+        draft_vocab_size (`int`, *optional*, defaults to 0):
+            Score drafts over only this many (frequent) tokens, stored with the adapter as `draft_vocab_ids`; 0 uses
+            the full vocabulary. Verification always uses the full LM head, so output stays lossless.
+        lookup_num_tokens (`int`, *optional*, defaults to 0):
+            When > 0, a round may propose up to this many tokens copied from the context (prompt lookup) instead of
+            the adapter's drafts: when the context's n-gram continuation starts with the adapter's top choice, or
+            the adapter is unsure. Helps copy-heavy tasks (summarization, RAG). 0 disables it.
+        lookup_max_ngram (`int`, *optional*, defaults to 3):
+            Longest n-gram (ending at the last token) searched for in the context by prompt lookup.
+        peft_adapter_name_or_path (`str`, *optional*):
+            The PEFT (e.g. LoRA) adapter the base was tuned with when the Kangaroo adapter was trained.
+        peft_adapter_revision (`str`, *optional*):
+            Revision of `peft_adapter_name_or_path`.
+        peft_adapter_fingerprint (`str`, *optional*):
+            SHA-256 of the PEFT adapter's weights, to warn when a differently tuned base is used.
+        kangaroo_hf_version (`str`, *optional*):
+            Version of `kangaroo_hf` that wrote the config.
+
+    Example:
+
+    ```python
+    >>> from transformers import LlamaConfig
+    >>> from kangaroo_hf import KangarooConfig
+    >>> config = KangarooConfig(base_config=LlamaConfig(num_hidden_layers=4), exit_layer=1)
+    >>> config.exit_layer
+    1
+    ```
+    """
+
+    model_type = "kangaroo"
+    sub_configs_defaults = {"base_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    # The wrapped model's config; the cache, masks and generation defaults all come from it.
+    base_config: dict | PreTrainedConfig | None = None
+    # Where `from_pretrained` finds the base weights; the Kangaroo checkpoint itself holds only the adapter.
+    base_model_name_or_path: str | None = None
+    base_model_revision: str | None = None
+    # Layer early exit: the draft shares the first `exit_layer` layers (and their KV cache) with the base.
+    exit_layer: int = 2
+    # Draft early exit: stop drafting when the draft's own top-1 probability drops below this.
+    draft_threshold: float = 0.6
+    # Hard cap on the draft length, bounding wasted work when the draft is confidently wrong.
+    max_draft_tokens: int = 6
+    # Paper's adapter is a single attention block; more blocks trade draft cost for draft quality.
+    adapter_num_layers: int = 1
+    # Richer context for the adapter: the verified tokens' final states come free with each verification.
+    adapter_context: str = "exit"
+    # The draft's LM head is a large part of a draft step on small models; a frequent-token subset is much cheaper.
+    draft_vocab_size: int = 0
+    # Prompt lookup inside Kangaroo rounds: copy-heavy prompts get long, cheap drafts.
+    lookup_num_tokens: int = 0
+    lookup_max_ngram: int = 3
+    # The PEFT adapter of a LoRA-tuned base, so loading rebuilds the same tuned model.
+    peft_adapter_name_or_path: str | None = None
+    peft_adapter_revision: str | None = None
+    peft_adapter_fingerprint: str | None = None
+    # Written on save so a checkpoint tells which release produced it.
+    kangaroo_hf_version: str = __version__
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        self.kangaroo_hf_version = __version__
+        self.validate_kangaroo()
+
+    def validate_kangaroo(self) -> None:
+        """Raise `ValueError` naming the bad value when a Kangaroo setting is impossible for the base."""
+        num_layers = self.base_config.num_hidden_layers
+        if not isinstance(self.exit_layer, int) or not 1 <= self.exit_layer < num_layers:
+            raise ValueError(
+                f"exit_layer must be an int in [1, {num_layers - 1}] for a base with {num_layers} layers "
+                f"(the draft needs at least one shallow layer and verification at least one deep layer), "
+                f"got {self.exit_layer!r}."
+            )
+        validate_draft_settings(self.draft_threshold, self.max_draft_tokens)
+        if not isinstance(self.adapter_num_layers, int) or self.adapter_num_layers < 1:
+            raise ValueError(f"adapter_num_layers must be an int >= 1, got {self.adapter_num_layers!r}.")
+        if self.adapter_context not in ADAPTER_CONTEXTS:
+            raise ValueError(f"adapter_context must be one of {ADAPTER_CONTEXTS}, got {self.adapter_context!r}.")
+        if self.adapter_context == "final" and self.adapter_num_layers != 1:
+            raise ValueError(f"adapter_context='final' needs adapter_num_layers=1, got {self.adapter_num_layers}.")
+        vocab_size = self.base_config.vocab_size
+        if not isinstance(self.draft_vocab_size, int) or not 0 <= self.draft_vocab_size <= vocab_size:
+            raise ValueError(
+                f"draft_vocab_size must be an int in [0, {vocab_size}] (0 = full vocabulary), "
+                f"got {self.draft_vocab_size!r}."
+            )
+        validate_lookup(self.lookup_num_tokens, self.lookup_max_ngram)
+
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> PreTrainedConfig:
+        """The base's config: caches, masks and generation are sized by the wrapped model."""
+        return self.base_config
+
+
+def validate_draft_settings(draft_threshold: float, max_draft_tokens: int) -> None:
+    """Raise `ValueError` for a draft threshold outside [0, 1] or a draft length below 1."""
+    if isinstance(draft_threshold, bool) or not isinstance(draft_threshold, (int, float)):
+        raise ValueError(f"draft_threshold must be a number in [0, 1], got {draft_threshold!r}.")
+    if not 0.0 <= float(draft_threshold) <= 1.0:
+        raise ValueError(f"draft_threshold must be in [0, 1], got {draft_threshold}.")
+    if isinstance(max_draft_tokens, bool) or not isinstance(max_draft_tokens, int) or max_draft_tokens < 1:
+        raise ValueError(f"max_draft_tokens must be an int >= 1, got {max_draft_tokens!r}.")
+
+
+def validate_lookup(num_tokens: int, max_ngram: int) -> None:
+    """Raise `ValueError` for a negative lookup length or an n-gram size below 1."""
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
+        raise ValueError(f"lookup_num_tokens must be an int >= 0 (0 disables it), got {num_tokens!r}.")
+    if isinstance(max_ngram, bool) or not isinstance(max_ngram, int) or max_ngram < 1:
+        raise ValueError(f"lookup_max_ngram must be an int >= 1, got {max_ngram!r}.")
+
+
+__all__ = ['KangarooConfig', 'validate_draft_settings', 'validate_lookup']

