@@ -252,3 +252,20 @@ def test_training_with_final_state_context(tmp_path, jsonl):
     validation = result.metrics[-1]["validation"]
     depths = validation["top1_agreement_by_depth"]
     assert len(depths) == result.model.config.max_draft_tokens and all(0.0 <= a <= 1.0 for a in depths)
+
+
+def test_loss_on_all_tokens_trains_on_every_position(tmp_path, jsonl):
+    from kangaroo_hf.distillation import make_batch
+
+    tokenizer = chat_tokenizer()
+    model = prepare_model(tiny_base("llama"), _args(tmp_path, "all"))
+    sequences = encode_conversations(tokenizer, load_conversations([jsonl])[:4], max_length=48)
+    cache = FeatureCache.build(model, sequences, tmp_path / "all-cache", layers=[2])
+    cached = cache.load_shard(0, exit_layer=2)
+    answers_only, everything = make_batch(cached, "cpu"), make_batch(cached, "cpu", all_tokens=True)
+    assert answers_only.num_loss_tokens == sum(sum(s.assistant_mask[1:]) for s in sequences)
+    assert everything.num_loss_tokens == sum(len(s.input_ids) - 1 for s in sequences)
+    assert everything.teacher_states.shape[0] == everything.num_loss_tokens
+    args = _args(tmp_path, "all", loss_on="all", num_epochs=1)
+    result = train_adapter(tiny_base("llama"), [jsonl], args, tokenizer)
+    assert 0.0 <= result.metrics[-1]["validation"]["top1_agreement"] <= 1.0

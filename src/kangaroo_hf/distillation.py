@@ -34,8 +34,17 @@ class Batch:
         return int(self.loss_mask.sum())
 
 
-def make_batch(sequences: Sequence[CachedSequence], device: torch.device | str, with_context: bool = False) -> Batch:
-    """Pad cached sequences into one float32 batch on `device` (with all last-layer states when `with_context`)."""
+def make_batch(
+    sequences: Sequence[CachedSequence],
+    device: torch.device | str,
+    with_context: bool = False,
+    all_tokens: bool = False,
+) -> Batch:
+    """Pad cached sequences into one float32 batch on `device`.
+
+    Loss positions are those predicting an assistant token, or every position but the last with `all_tokens`;
+    `with_context` adds all last-layer states (for `adapter_context="final"`).
+    """
     width = max(len(s.input_ids) for s in sequences)
     hidden_size = sequences[0].exit_states.shape[-1]
     exit_states = torch.zeros((len(sequences), width, hidden_size), dtype=torch.float32)
@@ -46,6 +55,8 @@ def make_batch(sequences: Sequence[CachedSequence], device: torch.device | str, 
     for row, sequence in enumerate(sequences):
         length = len(sequence.input_ids)
         targets = sequence.assistant_mask[1:]  # (T - 1,): does position t predict an assistant token?
+        if all_tokens:
+            targets = torch.ones_like(targets)
         exit_states[row, :length] = sequence.exit_states.float()
         attention_mask[row, :length] = 1
         loss_mask[row, : length - 1] = targets

@@ -72,6 +72,9 @@ class TrainingArguments:
     max_length: int = field(default=2048, metadata={"help": "tokens kept per conversation (long RAG prompts fit)"})
     max_examples: int | None = field(default=None, metadata={"help": "conversations kept after mixing all sources"})
     max_examples_per_source: int | None = field(default=None, metadata={"help": "cap per JSONL file, for balance"})
+    loss_on: str = field(
+        default="assistant", metadata={"help": "assistant (answer tokens only) or all (prompt and template too)"}
+    )
     validation_size: float = field(default=0.02, metadata={"help": "held-out conversations: a count, or a fraction"})
     self_distill: bool = field(
         default=False, metadata={"help": "answer the prompts with the base's own greedy outputs"}
@@ -115,6 +118,8 @@ class TrainingArguments:
     def __post_init__(self) -> None:
         if self.lr_scheduler not in ("cosine", "linear"):
             raise ValueError(f"lr_scheduler must be 'cosine' or 'linear', got {self.lr_scheduler!r}.")
+        if self.loss_on not in ("assistant", "all"):
+            raise ValueError(f"loss_on must be 'assistant' or 'all', got {self.loss_on!r}.")
         if self.mixed_precision not in ("no", "bf16"):
             raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}.")
         for name in ("num_epochs", "batch_tokens", "gradient_accumulation_steps", "max_length", "logging_steps"):
@@ -425,7 +430,9 @@ class _Run:
             plan = plan[accelerator.process_index :: accelerator.num_processes]
             group = []
             for sequences in iter_planned(self.train_cache, plan, self.model.config.exit_layer):
-                group.append(make_batch(sequences, accelerator.device, with_context=self.final_context))
+                group.append(
+                    make_batch(sequences, accelerator.device, self.final_context, all_tokens=args.loss_on == "all")
+                )
                 if len(group) < args.gradient_accumulation_steps:
                     continue
                 self._update(group, window)
