@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VOCAB, make_kangaroo
 
+from conftest import VOCAB, make_kangaroo
 from kangaroo_hf import KangarooCandidateGenerator
 
 
