@@ -90,3 +90,41 @@ def test_warning_names_both_adapters_when_the_tuning_differs(caplog):
         assert warn_if_peft_differs("org/lora", recorded, tiny_base("llama")) is True
     assert "no PEFT adapter" in caplog.text
     assert warn_if_peft_differs("org/lora", recorded, tuned) is False
+
+
+def test_training_on_a_lora_base_records_the_tuning(tmp_path):
+    """The same training API works on a PEFT base: the teacher is the tuned model, the checkpoint names the LoRA."""
+    import json
+
+    from conftest import tiny_tokenizer
+    from kangaroo_hf.training import TrainingArguments, train_adapter
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = (
+        "{% for message in messages %}{{ '9' + message['role'][0] + message['content'] + '8' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '9a' }}{% endif %}"
+    )
+    rows = [
+        {"messages": [{"role": "user", "content": "abcd"[: 1 + i % 4] * 3}, {"role": "assistant", "content": "bcde"}]}
+        for i in range(24)
+    ]
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    peft_model = tiny_lora("llama")
+    lora_folder = tmp_path / "lora"
+    peft_model.save_pretrained(lora_folder)
+    model = KangarooForCausalLM.from_base(peft_model, exit_layer=2, peft_adapter_name_or_path=str(lora_folder))
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        num_epochs=1,
+        max_length=32,
+        batch_tokens=128,
+        validation_size=4,
+        extraction_dtype="float32",
+    )
+    result = train_adapter(model, [data], args, tokenizer)
+    assert not any(p.requires_grad for name, p in peft_model.named_parameters())
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["peft_adapter_name_or_path"] == str(lora_folder)
+    assert saved["peft_adapter_fingerprint"] == peft_fingerprint(peft_model)
+    assert result.global_step > 0
