@@ -269,3 +269,41 @@ def test_loss_on_all_tokens_trains_on_every_position(tmp_path, jsonl):
     args = _args(tmp_path, "all", loss_on="all", num_epochs=1)
     result = train_adapter(tiny_base("llama"), [jsonl], args, tokenizer)
     assert 0.0 <= result.metrics[-1]["validation"]["top1_agreement"] <= 1.0
+
+
+@pytest.mark.parametrize("subset", [False, True])
+def test_hand_written_gradient_matches_autograd(subset):
+    from kangaroo_hf.distillation import DistillStats, distill_loss_chunks
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 30, bias=False)
+    draft, teacher = torch.randn(7, 8), torch.randn(7, 8)
+    ids = torch.tensor([0, 3, 4, 9, 12, 20, 29]) if subset else None
+    grad = distill_loss_chunks(
+        head, draft, teacher, 3, DistillStats(), loss_scale=0.5, vocab_ids=ids, full_teacher=False
+    )
+    weight = head.weight if ids is None else head.weight[ids]
+    leaf = draft.clone().requires_grad_()
+    target = (teacher @ weight.T).softmax(-1)
+    loss = -(target * (leaf @ weight.T).log_softmax(-1)).sum() * 0.5
+    loss.backward()
+    torch.testing.assert_close(grad, leaf.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_training_with_a_draft_vocabulary(tmp_path, jsonl):
+    args = _args(tmp_path, "vocab", draft_vocab_size=20, num_epochs=2)
+    result = train_adapter(tiny_base("llama"), [jsonl], args, chat_tokenizer())
+    ids = result.model.adapter.draft_vocab_ids
+    assert result.model.config.draft_vocab_size == 20 and ids.numel() == 20
+    answer_tokens = {
+        token
+        for c in _conversations(60)
+        for m in c["messages"]
+        if m["role"] == "assistant"
+        for token in chat_tokenizer()(m["content"] + "8", add_special_tokens=False)["input_ids"]
+    }
+    assert set(ids.tolist()) <= answer_tokens
+    assert sum(result.train_loss[-3:]) < sum(result.train_loss[:3])
+    assert 0.0 <= result.metrics[-1]["validation"]["top1_agreement"] <= 1.0
+    reloaded = KangarooForCausalLM.from_pretrained(tmp_path / "vocab", base_model=result.model.get_base_model())
+    assert reloaded.adapter.draft_vocab_ids.tolist() == ids.tolist()

@@ -138,6 +138,8 @@ def distill_loss_chunks(
     loss_scale: float | None = None,
     keep_tokens: bool = False,
     compute_dtype: torch.dtype | None = None,
+    vocab_ids: torch.LongTensor | None = None,
+    full_teacher: bool = True,
 ) -> torch.Tensor | None:
     """Soft cross-entropy `-sum_v p_base(v) log p_draft(v)` over (N, D) states, one LM-head chunk at a time.
 
@@ -145,21 +147,39 @@ def distill_loss_chunks(
     matmuls and a few passes over its (chunk, V) logits, with no autograd graph over the vocabulary. With
     `loss_scale`, returns d(loss_scale * sum of losses)/d(draft_states) (N, D), which the caller back-propagates
     through the adapter. `compute_dtype` (e.g. bfloat16) runs the LM-head matmuls in that dtype (softmax in float32).
+
+    `vocab_ids` (S,): the draft scores only these tokens (`KangarooConfig.draft_vocab_size`). With `full_teacher`
+    the base's distribution is the full one (exact metrics: a base token outside the subset is a miss); without it,
+    the base's logits are restricted to the subset too, which makes training about V / S times cheaper.
     Metrics go to `stats` (and per-token correctness / confidence when `keep_tokens`).
     """
     weight = lm_head.weight if compute_dtype is None else lm_head.weight.to(compute_dtype)  # (V, D)
     bias = getattr(lm_head, "bias", None)
+    draft_weight, draft_bias = weight, bias
+    if vocab_ids is not None:
+        draft_weight = weight[vocab_ids]  # (S, D)
+        draft_bias = bias[vocab_ids] if bias is not None else None
+    subset_teacher = vocab_ids is not None and not full_teacher
     grads = []
     for start in range(0, draft_states.shape[0], chunk_tokens):
-        teacher_logits = F.linear(teacher_states[start : start + chunk_tokens].to(weight.dtype), weight, bias).float()
+        teacher = teacher_states[start : start + chunk_tokens].to(weight.dtype)
+        if subset_teacher:
+            teacher_logits = F.linear(teacher, draft_weight, draft_bias).float()  # (n, S)
+        else:
+            teacher_logits = F.linear(teacher, weight, bias).float()  # (n, V)
         teacher_top = teacher_logits.argmax(-1)
-        teacher_p = teacher_logits.softmax(-1)  # (n, V)
+        teacher_p = teacher_logits.softmax(-1)
         del teacher_logits
-        draft_logits = F.linear(draft_states[start : start + chunk_tokens].to(weight.dtype), weight, bias).float()
-        correct = draft_logits.argmax(-1) == teacher_top
+        draft_logits = F.linear(draft_states[start : start + chunk_tokens].to(weight.dtype), draft_weight, draft_bias)
+        draft_logits = draft_logits.float()  # (n, S or V)
+        draft_top = draft_logits.argmax(-1)
+        if vocab_ids is not None and not subset_teacher:
+            draft_top = vocab_ids[draft_top]
+            teacher_p = teacher_p[:, vocab_ids]  # mass the draft can match; the rest is lost to it
+        correct = draft_top == teacher_top
         log_normalizer = draft_logits.logsumexp(-1)  # (n,)
-        loss = log_normalizer - torch.einsum("nv,nv->n", teacher_p, draft_logits)  # (n,)
-        draft_p = draft_logits.sub_(log_normalizer.unsqueeze(-1)).exp_()  # in place: (n, V) probabilities
+        loss = log_normalizer * teacher_p.sum(-1) - torch.einsum("nv,nv->n", teacher_p, draft_logits)  # (n,)
+        draft_p = draft_logits.sub_(log_normalizer.unsqueeze(-1)).exp_()  # in place: draft probabilities
         stats.tokens += loss.shape[0]
         stats.loss += float(loss.sum())
         stats.agree += float(correct.sum())
@@ -169,9 +189,15 @@ def distill_loss_chunks(
             stats.correct.append(correct.cpu())
             stats.confidence.append(draft_p.max(-1).values.cpu())
         if loss_scale is not None:
-            grad_logits = draft_p.sub_(teacher_p).mul_(loss_scale)  # (n, V)
-            grads.append((grad_logits.to(weight.dtype) @ weight).float())  # (n, D)
+            grad_logits = draft_p.mul_(teacher_p.sum(-1, keepdim=True)).sub_(teacher_p).mul_(loss_scale)
+            grads.append((grad_logits.to(weight.dtype) @ draft_weight).float())  # (n, D)
     return torch.cat(grads) if grads else None
+
+
+def draft_vocab_ids(model: nn.Module) -> torch.LongTensor | None:
+    """The draft vocabulary of `model` (`set_draft_vocab`), or None when drafts use the full vocabulary."""
+    ids = getattr(model.adapter, "draft_vocab_ids", None)
+    return ids if ids is not None and ids.numel() else None
 
 
 def simulate_tau(
@@ -296,6 +322,7 @@ def evaluate_adapter(
                 stats[depth],
                 keep_tokens=True,
                 compute_dtype=compute_dtype,
+                vocab_ids=draft_vocab_ids(model),
             )
             by_depth_correct.append(answer_runs(batch.loss_mask, torch.cat(stats[depth].correct)))
             by_depth_confidence.append(answer_runs(batch.loss_mask, torch.cat(stats[depth].confidence)))
@@ -323,6 +350,7 @@ __all__ = [
     "answer_runs",
     "distill_loss_chunks",
     "draft_states",
+    "draft_vocab_ids",
     "evaluate_adapter",
     "iter_planned",
     "make_batch",

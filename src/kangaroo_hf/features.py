@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -147,6 +148,17 @@ class FeatureCache:
     def num_target_tokens(self) -> int:
         """Positions with a loss (those predicting an assistant token)."""
         return sum(sum(shard["targets"]) for shard in self.shards)
+
+    def frequent_answer_tokens(self, count: int) -> torch.LongTensor:
+        """The `count` most frequent assistant tokens (ids, sorted), read without loading any hidden state."""
+        counts: dict[int, int] = {}
+        for shard in self.shards:
+            with safe_open(self.folder / shard["file"], framework="pt") as handle:
+                ids = handle.get_tensor("input_ids").long()[handle.get_tensor("assistant_mask").bool()]
+            for token, n in zip(*torch.unique(ids, return_counts=True), strict=True):
+                counts[int(token)] = counts.get(int(token), 0) + int(n)
+        ranked = sorted(counts, key=lambda token: (-counts[token], token))
+        return torch.tensor(sorted(ranked[:count]), dtype=torch.long)
 
     def load_shard(self, shard_index: int, exit_layer: int) -> list[CachedSequence]:
         """All sequences of one shard (the only tensors held in memory at a time)."""

@@ -41,6 +41,7 @@ from .distillation import (
     DistillStats,
     distill_loss_chunks,
     draft_states,
+    draft_vocab_ids,
     evaluate_adapter,
     iter_planned,
     make_batch,
@@ -72,6 +73,10 @@ class TrainingArguments:
     max_length: int = field(default=2048, metadata={"help": "tokens kept per conversation (long RAG prompts fit)"})
     max_examples: int | None = field(default=None, metadata={"help": "conversations kept after mixing all sources"})
     max_examples_per_source: int | None = field(default=None, metadata={"help": "cap per JSONL file, for balance"})
+    draft_vocab_size: int = field(
+        default=0,
+        metadata={"help": "draft over the N most frequent answer tokens only (saved with the adapter); 0: all"},
+    )
     loss_on: str = field(
         default="assistant", metadata={"help": "assistant (answer tokens only) or all (prompt and template too)"}
     )
@@ -351,6 +356,9 @@ def train_adapter(
             train_cache.num_tokens,
             train_cache.num_target_tokens,
         )
+    if args.draft_vocab_size:
+        # The base's own answers decide which tokens the draft may propose; training then scores only those.
+        model.set_draft_vocab(train_cache.frequent_answer_tokens(args.draft_vocab_size).to(accelerator.device))
     run = _Run(model, train_cache, validation_cache, args, accelerator)
     run.resume()
     run.train()
@@ -390,6 +398,7 @@ class _Run:
         )
         self.compute_dtype = _autocast_dtype(args.mixed_precision)
         self.final_context = uses_final_context(model)
+        self.vocab_ids = draft_vocab_ids(model)
         self.global_step, self.history, self.losses = 0, [], []
 
     def data_summary(self) -> dict[str, int]:
@@ -466,6 +475,8 @@ class _Run:
                     stats,
                     loss_scale=1.0 / group_tokens,
                     compute_dtype=self.compute_dtype,
+                    vocab_ids=self.vocab_ids,
+                    full_teacher=False,
                 )
                 # The LM-head chunks already gave d(loss)/d(selected): one backward pass through the adapter.
                 accelerator.backward((selected * grad).sum())
