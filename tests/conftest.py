@@ -65,6 +65,8 @@ def mimic_early_exit(model: KangarooForCausalLM) -> None:
             block.self_attn.o_proj.weight.zero_()
             if block.self_attn.o_proj.bias is not None:
                 block.self_attn.o_proj.bias.zero_()
+            if block.mlp is not None:
+                block.mlp.down_proj.weight.zero_()
         model.adapter.norm.weight.copy_(model.parts.norm.weight)
 
 

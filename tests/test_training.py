@@ -240,14 +240,16 @@ def test_cli_train_on_a_saved_base(tmp_path, jsonl):
     assert 0.0 <= metrics["epochs"][-1]["validation"]["top1_agreement"] <= 1.0
 
 
-def test_training_with_final_state_context(tmp_path, jsonl):
-    from kangaroo_hf import KangarooConfig
-
-    if "adapter_context" not in KangarooConfig.__dataclass_fields__:
-        pytest.skip("this KangarooConfig has no adapter_context")
-    args = _args(tmp_path, "final", adapter_context="final", num_epochs=2)
+@pytest.mark.parametrize("adapter_mlp", [False, True], ids=["attention", "full-layer"])
+def test_training_with_final_state_context(tmp_path, jsonl, adapter_mlp):
+    args = _args(tmp_path, "final", adapter_context="final", adapter_mlp=adapter_mlp, num_epochs=2)
     result = train_adapter(tiny_base("llama"), [jsonl], args, chat_tokenizer())
     assert result.model.config.adapter_context == "final"
+    assert result.model.config.adapter_mlp is adapter_mlp
+    if adapter_mlp:  # trained from the early-exit start (zero MLP output) into a non-trivial MLP
+        assert result.model.adapter.layers[0].mlp.down_proj.weight.abs().sum() > 0
+        reloaded = KangarooForCausalLM.from_pretrained(result.output_dir, base_model=result.model.get_base_model())
+        torch.testing.assert_close(reloaded.adapter_state_dict(), result.model.adapter_state_dict())
     assert sum(result.train_loss[-3:]) < sum(result.train_loss[:3])
     validation = result.metrics[-1]["validation"]
     depths = validation["top1_agreement_by_depth"]

@@ -117,7 +117,10 @@ def render_model_card(folder: str | os.PathLike, repo_id: str | None = None) -> 
         repo_hint=repo_id or folder.name,
         exit_layer=config.get("exit_layer"),
         num_layers=base_config.get("num_hidden_layers", "?"),
-        adapter_num_layers=config.get("adapter_num_layers", 1),
+        adapter_description=_adapter_description(config),
+        adapter_context={"exit": "exit-layer states (the paper)", "final": "final-layer states (as EAGLE)"}.get(
+            config.get("adapter_context", "exit"), config.get("adapter_context")
+        ),
         adapter_params=f"{params:,}",
         adapter_params_human=_human(params),
         adapter_mb=f"{size / 1e6:.2f}",
@@ -128,6 +131,13 @@ def render_model_card(folder: str | os.PathLike, repo_id: str | None = None) -> 
         training_section=training_section,
         metrics_section=metrics_section,
     )
+
+
+def _adapter_description(config: dict[str, Any]) -> str:
+    layers = config.get("adapter_num_layers", 1)
+    if config.get("adapter_mlp", False):
+        return f"{layers} full decoder layer(s) (attention + the base's MLP) and an output RMSNorm"
+    return f"{layers} attention block(s) between two RMSNorms, no MLP (the paper's adapter)"
 
 
 def write_model_card(folder: str | os.PathLike, repo_id: str | None = None) -> Path:

@@ -65,6 +65,9 @@ class TrainingArguments:
         default="exit",
         metadata={"help": "exit (paper) or final: the adapter also attends to verified tokens' final states"},
     )
+    adapter_mlp: bool = field(
+        default=False, metadata={"help": "full decoder layer: the base's MLP after the adapter's attention"}
+    )
     init_from_early_exit: bool = field(
         default=True,
         metadata={"help": "start as a plain early exit: zero attention output, output norm = the base's final norm"},
@@ -223,6 +226,8 @@ def prepare_model(model_or_base: nn.Module, args: TrainingArguments) -> nn.Modul
         torch.manual_seed(args.seed)
         # Only set when used, so a model class without the option still trains the paper's adapter.
         context = {"adapter_context": args.adapter_context} if args.adapter_context != "exit" else {}
+        if args.adapter_mlp:
+            context["adapter_mlp"] = True
         model = KangarooForCausalLM.from_base(
             model_or_base, exit_layer=args.exit_layer, adapter_num_layers=args.adapter_num_layers, **context
         )
@@ -230,6 +235,8 @@ def prepare_model(model_or_base: nn.Module, args: TrainingArguments) -> nn.Modul
             with torch.no_grad():
                 for block in model.adapter.layers:
                     block.self_attn.o_proj.weight.zero_()
+                    if block.mlp is not None:
+                        block.mlp.down_proj.weight.zero_()
                 model.adapter.norm.weight.copy_(model.parts.norm.weight)
     model.requires_grad_(False)
     model.adapter.requires_grad_(True)
