@@ -68,7 +68,9 @@ def test_final_context_training_form_matches_drafting_with_mlp(depth):
             cache, first = DynamicCache(), t - depth
             if first:
                 model.adapter_add_context(out.final_hidden_states[:, :first], positions[:, :first], cache)
-            hidden = model.adapter_forward(out.exit_hidden_states[:, first : t + 1], positions[:, first : t + 1], cache)
+            hidden = model.adapter_forward(
+                out.exit_hidden_states[:, first : t + 1], positions[:, first : t + 1], cache
+            )
             torch.testing.assert_close(trained[:, t], hidden[:, -1], rtol=1e-4, atol=1e-5)
 
 
