@@ -206,6 +206,40 @@ def test_resume_continues_from_the_checkpoint_and_matches_an_uninterrupted_run(t
         torch.testing.assert_close(resumed.model.adapter_state_dict()[name], tensor, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("adapter_context", ["exit", "final"])
+def test_online_features_train_exactly_like_a_float32_disk_cache(tmp_path, jsonl, adapter_context):
+    tokenizer = chat_tokenizer()
+    settings = dict(adapter_context=adapter_context, draft_vocab_size=20)
+    online = train_adapter(
+        tiny_base("llama"), [jsonl], _args(tmp_path, "online", online_features=True, **settings), tokenizer
+    )
+    assert not (tmp_path / "features").exists()  # nothing was cached
+    disk = train_adapter(
+        tiny_base("llama"), [jsonl], _args(tmp_path, "disk", feature_dtype="float32", **settings), tokenizer
+    )
+    assert (tmp_path / "features" / "train" / "index.json").is_file()
+    assert online.global_step == disk.global_step
+    torch.testing.assert_close(online.train_loss, disk.train_loss, rtol=1e-4, atol=1e-5)
+    assert online.metrics[-1]["validation"]["simulated_tau"] == disk.metrics[-1]["validation"]["simulated_tau"]
+    torch.testing.assert_close(
+        online.model.adapter_state_dict(), disk.model.adapter_state_dict(), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_online_features_refuse_an_uncomputed_layer(tmp_path, jsonl):
+    from kangaroo_hf.features import OnlineFeatures
+
+    model = prepare_model(tiny_base("llama"), TrainingArguments(exit_layer=2))
+    sequences = encode_conversations(chat_tokenizer(), load_conversations([jsonl]), 48)
+    features = OnlineFeatures(model, sequences, [2], shard_tokens=300)
+    assert features.num_sequences == len(sequences) and len(features.shards) > 1
+    assert features.num_tokens == sum(len(s.input_ids) for s in sequences)
+    with pytest.raises(ValueError, match=r"exit_layer=3 is not among the online feature layers \[2\]"):
+        features.load_shard(0, 3)
+    with pytest.raises(ValueError, match=r"Feature layers must lie in \[1, 3\], got \[4\]"):
+        OnlineFeatures(model, sequences, [4])
+
+
 def test_self_distill_writes_the_base_greedy_answers(tmp_path):
     tokenizer = chat_tokenizer()
     base = tiny_base("llama")

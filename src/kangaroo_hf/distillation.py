@@ -47,7 +47,10 @@ def make_batch(
     """
     width = max(len(s.input_ids) for s in sequences)
     hidden_size = sequences[0].exit_states.shape[-1]
-    exit_states = torch.zeros((len(sequences), width, hidden_size), dtype=torch.float32)
+    # Padded where the states are (host memory for a disk cache, the accelerator for `OnlineFeatures`).
+    exit_states = torch.zeros(
+        (len(sequences), width, hidden_size), dtype=torch.float32, device=sequences[0].exit_states.device
+    )
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
     loss_mask = torch.zeros((len(sequences), width), dtype=torch.bool)
     context = torch.zeros_like(exit_states) if with_context else None
@@ -60,7 +63,7 @@ def make_batch(
         exit_states[row, :length] = sequence.exit_states.float()
         attention_mask[row, :length] = 1
         loss_mask[row, : length - 1] = targets
-        teacher.append(sequence.last_states[: length - 1][targets].float())
+        teacher.append(sequence.last_states[: length - 1][targets.to(sequence.last_states.device)].float())
         if context is not None:
             context[row, :length] = sequence.last_states.float()
     padded = bool((attention_mask == 0).any())

@@ -296,4 +296,80 @@ class FeatureCache:
         return FeatureCache(folder)
 
 
-__all__ = ["CachedSequence", "FeatureCache"]
+class OnlineFeatures:
+    """A drop-in for `FeatureCache` that computes the base's states when a shard is read, never storing them.
+
+    Each epoch then runs the frozen base once more over the data, which costs less than reading a disk cache where
+    the base is cheap next to the hardware (a small base on a GPU). Shards (`shard_tokens` each) keep the cache's
+    batching and shuffling; a loaded shard's states live on the base's device until the next shard is read.
+    """
+
+    def __init__(
+        self,
+        model,
+        sequences: Sequence[EncodedConversation],
+        layers: Sequence[int],
+        shard_tokens: int = 262_144,
+        batch_tokens: int = 8192,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> None:
+        layers = sorted(set(int(layer) for layer in layers))
+        num_layers = model.parts.num_layers
+        if not layers or layers[0] < 1 or layers[-1] >= num_layers:
+            raise ValueError(f"Feature layers must lie in [1, {num_layers - 1}], got {layers}.")
+        if not sequences:
+            raise ValueError("OnlineFeatures needs at least one sequence.")
+        self.model, self.sequences, self.batch_tokens, self.autocast_dtype = (
+            model,
+            sequences,
+            batch_tokens,
+            autocast_dtype,
+        )
+        self.plan = _plan_shards(sequences, shard_tokens)
+        self.index = {
+            "layers": layers,
+            "shards": [
+                {
+                    "lengths": [len(sequences[j].input_ids) for j in members],
+                    "targets": [sum(sequences[j].assistant_mask[1:]) for j in members],
+                    "ids": [sequences[j].id for j in members],
+                }
+                for members in self.plan
+            ],
+        }
+
+    layers = FeatureCache.layers
+    shards = FeatureCache.shards
+    num_sequences = FeatureCache.num_sequences
+    num_tokens = FeatureCache.num_tokens
+    num_target_tokens = FeatureCache.num_target_tokens
+
+    def frequent_answer_tokens(self, count: int) -> torch.LongTensor:
+        """The `count` most frequent assistant tokens (ids, sorted)."""
+        ids = torch.tensor([t for s in self.sequences for t, m in zip(s.input_ids, s.assistant_mask) if m])
+        tokens, counts = torch.unique(ids, return_counts=True)
+        ranked = sorted(zip(tokens.tolist(), counts.tolist()), key=lambda item: (-item[1], item[0]))
+        return torch.tensor(sorted(token for token, _ in ranked[:count]), dtype=torch.long)
+
+    def load_shard(self, shard_index: int, exit_layer: int) -> list[CachedSequence]:
+        """The shard's sequences with freshly computed states (on the base's device, float32)."""
+        if exit_layer not in self.layers:
+            raise ValueError(f"exit_layer={exit_layer} is not among the online feature layers {self.layers}.")
+        members = [self.sequences[j] for j in self.plan[shard_index]]
+        device = self.model.parts.lm_head.weight.device
+        loaded: list[CachedSequence | None] = [None] * len(members)
+        for batch in _length_batches([len(s.input_ids) for s in members], self.batch_tokens):
+            dtype = self.autocast_dtype
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                out = _extract_batch(self.model, [members[i] for i in batch], [exit_layer])
+            for row, i in enumerate(batch):
+                loaded[i] = CachedSequence(
+                    input_ids=torch.tensor(members[i].input_ids),
+                    assistant_mask=torch.tensor(members[i].assistant_mask, dtype=torch.bool),
+                    exit_states=out[f"hidden.{exit_layer}"][row].float(),
+                    last_states=out["last"][row].float(),
+                )
+        return loaded
+
+
+__all__ = ["CachedSequence", "FeatureCache", "OnlineFeatures"]

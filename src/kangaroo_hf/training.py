@@ -7,7 +7,8 @@ head, and the adapter learns to map the base's exit-layer states to the base's o
    loss covers assistant tokens only. With `self_distill`, assistant turns are first replaced by the base's own greedy
    answers: drafts are verified against exactly those, so they are the right training text;
 2. the frozen base runs once over all sequences and its exit-layer and (post-norm) last-layer states are cached on
-   disk in half precision (`features.FeatureCache`);
+   disk in half precision (`features.FeatureCache`), or, with `online_features`, recomputed every epoch on the
+   accelerator (`features.OnlineFeatures`);
 3. the adapter runs over whole sequences (causal attention over the exit states, positions 0..T-1); the loss is the
    soft cross-entropy between the draft distribution and `softmax(lm_head(last))`, masked to assistant tokens;
 4. validation reports top-1 agreement with the base, expected acceptance `sum_v min(p, q)` and the mean accepted
@@ -48,7 +49,7 @@ from .distillation import (
     plan_epoch,
     uses_final_context,
 )
-from .features import FeatureCache
+from .features import FeatureCache, OnlineFeatures
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,10 @@ class TrainingArguments:
     distill_batch_size: int = field(default=16, metadata={"help": "prompts generated together"})
     distill_dtype: str = field(default="bfloat16", metadata={"help": "dtype of the base while it generates answers"})
     # -- feature cache --
+    online_features: bool = field(
+        default=False,
+        metadata={"help": "recompute the base's states every epoch instead of caching them on disk (fast on GPUs)"},
+    )
     feature_cache_dir: str | None = field(default=None, metadata={"help": "default: <output_dir>/features"})
     feature_layers: list[int] | None = field(default=None, metadata={"help": "exit layers to cache (default: one)"})
     feature_dtype: str = field(default="float16", metadata={"help": "storage dtype of cached states"})
@@ -254,7 +259,7 @@ def _autocast_dtype(name: str) -> torch.dtype | None:
 def _prepare_data(model, tokenizer, train_data, validation_data, args: TrainingArguments, accelerator):
     """Conversations -> (self-distilled) -> encoded -> feature caches for training and validation."""
     output_dir = Path(args.output_dir)
-    if isinstance(train_data, FeatureCache):
+    if isinstance(train_data, (FeatureCache, OnlineFeatures)):
         return train_data, validation_data
     conversations = load_conversations(train_data, args.max_examples, args.max_examples_per_source, args.seed)
     if validation_data is None and args.validation_size > 0:
@@ -289,6 +294,18 @@ def _prepare_data(model, tokenizer, train_data, validation_data, args: TrainingA
             caches.append(None)
             continue
         sequences = encode_conversations(tokenizer, split, args.max_length)
+        if args.online_features:
+            caches.append(
+                OnlineFeatures(
+                    model,
+                    sequences,
+                    args.cached_layers,
+                    shard_tokens=args.shard_tokens,
+                    batch_tokens=args.extraction_batch_tokens,
+                    autocast_dtype=_autocast_dtype(args.extraction_dtype),
+                )
+            )
+            continue
         FeatureCache.build(
             model,
             sequences,
@@ -311,10 +328,10 @@ def _prepare_data(model, tokenizer, train_data, validation_data, args: TrainingA
 
 def train_adapter(
     model_or_base: nn.Module,
-    train_data: Sequence[str | Path] | Iterable[dict[str, Any]] | FeatureCache,
+    train_data: Sequence[str | Path] | Iterable[dict[str, Any]] | FeatureCache | OnlineFeatures,
     args: TrainingArguments,
     tokenizer=None,
-    validation_data: Sequence[str | Path] | Iterable[dict[str, Any]] | FeatureCache | None = None,
+    validation_data: Sequence[str | Path] | Iterable[dict[str, Any]] | FeatureCache | OnlineFeatures | None = None,
 ) -> TrainResult:
     """Train the adapter of a Kangaroo model with its base frozen (see the module docstring for the recipe).
 
@@ -322,7 +339,7 @@ def train_adapter(
         model_or_base: a `KangarooForCausalLM` (its adapter is trained further) or a LLaMA-family base (a fresh
             adapter is attached at `args.exit_layer`).
         train_data: JSONL paths, an iterable of `{"messages": [...]}` dicts (e.g. a `datasets.Dataset`), or a
-            `FeatureCache` already built.
+            `FeatureCache` already built (or `OnlineFeatures`).
         args: the run's settings.
         tokenizer: the base's tokenizer (its chat template renders the conversations); not needed for a cache.
         validation_data: like `train_data`; default: `args.validation_size` conversations held out of `train_data`.
@@ -350,7 +367,7 @@ def train_adapter(
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    if tokenizer is None and not isinstance(train_data, FeatureCache):
+    if tokenizer is None and not isinstance(train_data, (FeatureCache, OnlineFeatures)):
         raise ValueError("train_adapter needs the base's tokenizer to render conversations (or a FeatureCache).")
     model = prepare_model(model_or_base, args).to(accelerator.device)
     train_cache, validation_cache = _prepare_data(model, tokenizer, train_data, validation_data, args, accelerator)
