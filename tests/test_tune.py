@@ -52,3 +52,24 @@ def test_calibration_prompts_spread_over_files(tmp_path):
         files.append(path)
     prompts = calibration_prompts(files, 4, tiny_tokenizer())
     assert len(prompts) == 4 and all(p.shape[0] == 1 for p in prompts)
+
+
+def test_lossless_check_accepts_only_numerical_ties(monkeypatch):
+    import pytest
+
+    from kangaroo_hf import bench
+    from kangaroo_hf.tune import _check_lossless
+
+    model = make_kangaroo("llama")
+    input_ids = torch.randint(2, VOCAB, (1, 6), generator=torch.Generator().manual_seed(3))
+    plain = model.generate(input_ids, use_kangaroo=False, do_sample=False, max_new_tokens=6)
+    assert _check_lossless(model, input_ids, plain, plain.clone(), "same") == 0
+    with torch.no_grad():  # swap the third new token for the base's second choice there
+        position = input_ids.shape[1] + 2
+        second = model.get_base_model()(plain[:, :position]).logits[0, -1].topk(2).indices[1]
+    changed = plain.clone()
+    changed[0, position] = second
+    with pytest.raises(RuntimeError, match="differs from plain decoding beyond a numerical tie"):
+        _check_lossless(model, input_ids, plain, changed, "float32")  # float32: no tolerance
+    monkeypatch.setattr(bench, "default_tie_tolerance", lambda dtype: 1e9)  # as if both logits were one step apart
+    assert _check_lossless(model, input_ids, plain, changed, "reduced precision") == 1

@@ -25,7 +25,15 @@ def load_model(model: str | None, dtype: str, device: str = "cpu"):
     from .modeling import KangarooForCausalLM
 
     kangaroo = KangarooForCausalLM.from_pretrained(model, dtype=torch_dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(kangaroo.config.base_model_name_or_path)
+    base_id = kangaroo.config.base_model_name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base_id)
+    except OSError:
+        from .default_model import EMBEDDED_BASE_ID, load_embedded_tokenizer
+
+        if base_id != EMBEDDED_BASE_ID:
+            raise
+        tokenizer = load_embedded_tokenizer()  # offline: the base itself came from the embedded GGUF too
     return kangaroo, tokenizer
 
 

@@ -66,19 +66,28 @@ def _convert_once(gguf: Path, target: Path) -> None:
     partial.rename(target)  # atomic: a half-written cache is never mistaken for a complete one
 
 
-def load_embedded_base(
-    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load SmolLM2-135M-Instruct (a `LlamaForCausalLM`, 30 layers) and its chat tokenizer from the embedded GGUF."""
+def _converted_folder() -> Path:
     gguf = embedded_gguf_path()
     folder = _conversion_cache_dir(gguf)
     if not folder.is_dir():
         folder.parent.mkdir(parents=True, exist_ok=True)
         _convert_once(gguf, folder)
+    return folder
+
+
+def load_embedded_base(
+    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load SmolLM2-135M-Instruct (a `LlamaForCausalLM`, 30 layers) and its chat tokenizer from the embedded GGUF."""
+    folder = _converted_folder()
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
     base.config._name_or_path = EMBEDDED_BASE_ID
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    return base, tokenizer
+    return base, AutoTokenizer.from_pretrained(folder)
+
+
+def load_embedded_tokenizer() -> PreTrainedTokenizerBase:
+    """The embedded SmolLM2's chat tokenizer alone (from the GGUF; no download)."""
+    return AutoTokenizer.from_pretrained(_converted_folder())
 
 
 def load_default_model(
@@ -100,4 +109,11 @@ def load_default_model(
     return model.eval(), tokenizer
 
 
-__all__ = ["EMBEDDED_BASE_ID", "SHIPPED_ADAPTER", "embedded_gguf_path", "load_default_model", "load_embedded_base"]
+__all__ = [
+    "EMBEDDED_BASE_ID",
+    "SHIPPED_ADAPTER",
+    "embedded_gguf_path",
+    "load_default_model",
+    "load_embedded_base",
+    "load_embedded_tokenizer",
+]

@@ -346,9 +346,11 @@ class OnlineFeatures:
 
     def frequent_answer_tokens(self, count: int) -> torch.LongTensor:
         """The `count` most frequent assistant tokens (ids, sorted)."""
-        ids = torch.tensor([t for s in self.sequences for t, m in zip(s.input_ids, s.assistant_mask) if m])
+        ids = torch.tensor(
+            [t for s in self.sequences for t, m in zip(s.input_ids, s.assistant_mask, strict=True) if m]
+        )
         tokens, counts = torch.unique(ids, return_counts=True)
-        ranked = sorted(zip(tokens.tolist(), counts.tolist()), key=lambda item: (-item[1], item[0]))
+        ranked = sorted(zip(tokens.tolist(), counts.tolist(), strict=True), key=lambda item: (-item[1], item[0]))
         return torch.tensor(sorted(token for token, _ in ranked[:count]), dtype=torch.long)
 
     def load_shard(self, shard_index: int, exit_layer: int) -> list[CachedSequence]:

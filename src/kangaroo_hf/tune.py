@@ -36,6 +36,7 @@ class TuneResult:
     mean_accepted_tokens: float
     kangaroo_s: float
     plain_s: float
+    numerical_ties: int = 0  # outputs that left plain decoding at a logit tie (reduced precision only)
 
 
 def calibration_prompts(paths: Sequence[str | Path], limit: int, tokenizer) -> list[torch.LongTensor]:
@@ -70,7 +71,7 @@ def tune(
     results = []
     for (name, model), threshold, max_draft, lookup in tqdm(grid, desc="tune"):
         kangaroo_s = plain_s = 0.0
-        new_tokens = verify_steps = 0
+        new_tokens = verify_steps = ties = 0
         for input_ids in prompts:
             input_ids = input_ids.to(model.device)
             common = dict(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id)
@@ -82,8 +83,7 @@ def tune(
                 input_ids, draft_threshold=threshold, max_draft_tokens=max_draft, lookup_num_tokens=lookup, **common
             )
             kangaroo_s += time.perf_counter() - start
-            if out.tolist() != plain.tolist():
-                raise RuntimeError(f"{name}: Kangaroo output differs from plain decoding (threshold {threshold}).")
+            ties += _check_lossless(model, input_ids, plain, out, f"{name} (threshold {threshold})")
             new_tokens += model.last_generate_stats.new_tokens
             verify_steps += model.last_generate_stats.verify_steps
         result = TuneResult(
@@ -95,10 +95,29 @@ def tune(
             mean_accepted_tokens=new_tokens / max(verify_steps, 1),
             kangaroo_s=kangaroo_s,
             plain_s=plain_s,
+            numerical_ties=ties,
         )
         logger.info("%s", result)
         results.append(result)
     return sorted(results, key=lambda r: r.speedup, reverse=True)
+
+
+def _check_lossless(model, input_ids, plain: torch.LongTensor, out: torch.LongTensor, what: str) -> int:
+    """0 if `out` equals plain decoding; 1 if it leaves it at a numerical tie (the benchmark's rule); else raise."""
+    from .bench import _GapProbe, default_tie_tolerance, first_divergence
+
+    position = first_divergence(plain[0].tolist(), out[0].tolist())
+    if position is None:
+        return 0
+    start = input_ids.shape[1]
+    if start <= position < min(plain.shape[1], out.shape[1]):
+        gap, _ = _GapProbe(model.get_base_model()).gaps(
+            plain[:, :position], int(plain[0, position]), int(out[0, position])
+        )
+        if gap <= default_tie_tolerance(model.dtype):
+            logger.info("%s: a numerical tie at token %d (logit gap %.4f)", what, position - start, gap)
+            return 1
+    raise RuntimeError(f"{what}: Kangaroo output differs from plain decoding beyond a numerical tie.")
 
 
 def _floats(text: str) -> list[float]:
