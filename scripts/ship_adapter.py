@@ -1,10 +1,12 @@
 """Put a trained SmolLM2 adapter into the package (`kangaroo_hf/pretrained/smollm2-135m-instruct`).
 
-    python scripts/ship_adapter.py runs/exp/best --draft-vocab 8192 --threshold 0.4 --max-drafts 4
+    python scripts/ship_adapter.py runs/search/e2_final_mlp --threshold 0.5 --max-drafts 4 --lookup 10
 
-Adds the reduced draft vocabulary (the most frequent tokens of the assistant turns in ../shared/data/train, at most
-`--answers-per-file` answers per file; special tokens always included), the chosen draft settings, and copies the run's
-`training_args.json` / `kangaroo_metrics.json` next to the weights so the model card shows them.
+Keeps the draft vocabulary the adapter was trained with (or, with `--draft-vocab N`, the N most frequent tokens of the
+assistant turns in ../shared/data/train, at most `--answers-per-file` answers per file; special tokens always
+included), sets the chosen draft settings, stores the weights in `--weights-dtype` (float16 keeps a full-layer adapter
+under 8 MB; drafts are verified, so this never changes outputs), and copies the run's `training_args.json` /
+`kangaroo_metrics.json` next to the weights so the model card shows them.
 """
 
 from __future__ import annotations
@@ -39,7 +41,10 @@ def frequent_tokens(tokenizer, data_glob: str, size: int, answers_per_file: int)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="trained adapter folder (save_pretrained output of kangaroo-hf train)")
-    parser.add_argument("--draft-vocab", type=int, default=8192, help="0 keeps the full vocabulary")
+    parser.add_argument(
+        "--draft-vocab", type=int, default=None, help="recompute the draft vocabulary (0: full); default: keep it"
+    )
+    parser.add_argument("--weights-dtype", choices=["float16", "bfloat16", "float32"], default="float16")
     parser.add_argument("--threshold", type=float, required=True)
     parser.add_argument("--max-drafts", type=int, required=True)
     parser.add_argument("--lookup", type=int, default=0)
@@ -50,8 +55,13 @@ def main() -> None:
 
     base, tokenizer = load_embedded_base(torch.float32)
     model = KangarooForCausalLM.from_pretrained(args.source, base_model=base)
-    if args.draft_vocab:
-        model.set_draft_vocab(frequent_tokens(tokenizer, args.data, args.draft_vocab, args.answers_per_file))
+    if args.draft_vocab is not None:
+        vocab = (
+            frequent_tokens(tokenizer, args.data, args.draft_vocab, args.answers_per_file)
+            if args.draft_vocab
+            else None
+        )
+        model.set_draft_vocab(vocab)
     model.config.draft_threshold = args.threshold
     model.config.max_draft_tokens = args.max_drafts
     model.config.lookup_num_tokens = args.lookup
@@ -60,6 +70,7 @@ def main() -> None:
     if args.metrics:
         metrics = {"training": metrics, "measured": json.loads(Path(args.metrics).read_text())}
     training_args = json.loads((source / "training_args.json").read_text())
+    model.adapter.to(getattr(torch, args.weights_dtype))
     model.save_pretrained(SHIPPED_ADAPTER, metrics=metrics, training_args=training_args)
     print(f"shipped {source} -> {SHIPPED_ADAPTER}")
 
