@@ -127,6 +127,16 @@ def render_model_card(folder: str | os.PathLike, repo_id: str | None = None) -> 
         adapter_dtype=dtype,
         draft_threshold=config.get("draft_threshold"),
         max_draft_tokens=config.get("max_draft_tokens"),
+        draft_vocabulary=(
+            f"the {size:,} most frequent answer tokens (verification keeps the full head)"
+            if (size := config.get("draft_vocab_size", 0))
+            else "full"
+        ),
+        prompt_lookup=(
+            f"up to {lookup} context tokens copied per round (n-grams up to {config.get('lookup_max_ngram', 3)})"
+            if (lookup := config.get("lookup_num_tokens", 0))
+            else "off"
+        ),
         kangaroo_hf_version=config.get("kangaroo_hf_version", "unknown"),
         training_section=training_section,
         metrics_section=metrics_section,

@@ -55,6 +55,9 @@ class KangarooConfig(PreTrainedConfig):
             `"final"`: the base's final (post-norm) states, which every verification computes anyway (as EAGLE's
             features); tokens drafted in the current round still use their exit-layer states. Needs
             `adapter_num_layers=1`.
+        adapter_mlp (`bool`, *optional*, defaults to `False`):
+            Give each adapter block the base's MLP after its attention, making it a full decoder layer (as EAGLE's
+            draft layer). `False` is the paper's attention-only adapter.
         draft_vocab_size (`int`, *optional*, defaults to 0):
             Score drafts over only this many (frequent) tokens, stored with the adapter as `draft_vocab_ids`; 0 uses
             the full vocabulary. Verification always uses the full LM head, so output stays lossless.
@@ -102,6 +105,8 @@ class KangarooConfig(PreTrainedConfig):
     adapter_num_layers: int = 1
     # Richer context for the adapter: the verified tokens' final states come free with each verification.
     adapter_context: str = "exit"
+    # A full decoder layer (attention + MLP) mixes the context non-linearly; the paper's block has no MLP.
+    adapter_mlp: bool = False
     # The draft's LM head is a large part of a draft step on small models; a frequent-token subset is much cheaper.
     draft_vocab_size: int = 0
     # Prompt lookup inside Kangaroo rounds: copy-heavy prompts get long, cheap drafts.
@@ -132,6 +137,8 @@ class KangarooConfig(PreTrainedConfig):
         validate_draft_settings(self.draft_threshold, self.max_draft_tokens)
         if not isinstance(self.adapter_num_layers, int) or self.adapter_num_layers < 1:
             raise ValueError(f"adapter_num_layers must be an int >= 1, got {self.adapter_num_layers!r}.")
+        if not isinstance(self.adapter_mlp, bool):
+            raise ValueError(f"adapter_mlp must be a bool, got {self.adapter_mlp!r}.")
         if self.adapter_context not in ADAPTER_CONTEXTS:
             raise ValueError(f"adapter_context must be one of {ADAPTER_CONTEXTS}, got {self.adapter_context!r}.")
         if self.adapter_context == "final" and self.adapter_num_layers != 1:

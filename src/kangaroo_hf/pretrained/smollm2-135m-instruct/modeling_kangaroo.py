@@ -548,13 +548,21 @@ class KangarooCausalLMOutput(CausalLMOutputWithPast):
 
 
 class KangarooAdapterBlock(nn.Module):
-    """`h + Attn(RMSNorm(h))`, with the attention class of the base (so GQA, biases and RoPE match it)."""
+    """`h + Attn(RMSNorm(h))`, with the attention class of the base (so GQA, biases and RoPE match it).
 
-    def __init__(self, parts: DecoderParts, layer_idx: int) -> None:
+    With `mlp=True` it is a full decoder layer: `h + MLP(RMSNorm(h))` follows, with the base's MLP class.
+    """
+
+    def __init__(self, parts: DecoderParts, layer_idx: int, mlp: bool = False) -> None:
         super().__init__()
         config = parts.config
         self.input_layernorm = type(parts.norm)(config.hidden_size, eps=config.rms_norm_eps)
         self.self_attn = type(parts.layers[0].self_attn)(config, layer_idx=layer_idx)
+        if mlp:
+            self.post_attention_layernorm = type(parts.norm)(config.hidden_size, eps=config.rms_norm_eps)
+            self.mlp = type(parts.layers[0].mlp)(config)
+        else:
+            self.post_attention_layernorm = self.mlp = None
 
     def forward(
         self,
@@ -569,17 +577,28 @@ class KangarooAdapterBlock(nn.Module):
             attention_mask=attention_mask,
             cache=cache,
         )
-        return hidden_states + attn_output
+        return self.feed_forward(hidden_states + attn_output)
+
+    def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The MLP half of a full-layer block (identity for the paper's attention-only block)."""
+        if self.mlp is None:
+            return hidden_states
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
 class KangarooAdapter(nn.Module):
     """The paper's adapter (section 3.1): attention block(s) between two RMSNorms, no MLP, its own KV cache."""
 
     def __init__(
-        self, parts: DecoderParts, num_layers: int = 1, draft_vocab_size: int = 0, context: str = "exit"
+        self,
+        parts: DecoderParts,
+        num_layers: int = 1,
+        draft_vocab_size: int = 0,
+        context: str = "exit",
+        mlp: bool = False,
     ) -> None:
         super().__init__()
-        self.layers = nn.ModuleList([KangarooAdapterBlock(parts, layer_idx) for layer_idx in range(num_layers)])
+        self.layers = nn.ModuleList([KangarooAdapterBlock(parts, index, mlp) for index in range(num_layers)])
         self.norm = type(parts.norm)(parts.config.hidden_size, eps=parts.config.rms_norm_eps)
         # adapter_context="final": verified tokens enter the attention as the base's final states, normed here.
         self.context_norm = (
@@ -672,6 +691,7 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
             num_layers=config.adapter_num_layers,
             draft_vocab_size=config.draft_vocab_size,
             context=config.adapter_context,
+            mlp=config.adapter_mlp,
         )
         # Initialise the adapter before the base is attached: the base's weights must never be re-initialised.
         self.post_init()
@@ -835,7 +855,8 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         unexpected = sorted(set(state_dict) - set(expected))
         if missing or unexpected:
             raise ValueError(
-                f"Adapter weights do not match this model (adapter_num_layers={self.config.adapter_num_layers}): "
+                "Adapter weights do not match this model (adapter_num_layers="
+                f"{self.config.adapter_num_layers}, adapter_mlp={self.config.adapter_mlp}): "
                 f"missing {missing or 'none'}, unexpected {unexpected or 'none'}."
             )
         mismatched = [
@@ -939,7 +960,7 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         attn_output, _ = block.self_attn(
             hidden_states=hidden, position_embeddings=position_embeddings, attention_mask=mask, cache=None
         )
-        return self.adapter.norm(exit_states + attn_output[:, length:])
+        return self.adapter.norm(block.feed_forward(exit_states + attn_output[:, length:]))
 
     def lm_head_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The base's LM head (shared by draft and verification)."""
