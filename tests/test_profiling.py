@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from conftest import VOCAB, make_kangaroo
@@ -21,3 +23,20 @@ def test_profile_accounts_for_every_piece_and_unpatches():
     assert "forward" not in vars(model) and "shallow_forward" not in vars(model)
     expected = model.get_base_model().generate(input_ids, do_sample=False, max_new_tokens=20)
     assert model.generate(input_ids, do_sample=False, max_new_tokens=20).tolist() == expected.tolist()
+
+
+def test_final_context_writes_count_as_adapter_time(monkeypatch):
+    model = make_kangaroo("qwen2", adapter_context="final", adapter_mlp=True, draft_threshold=0.0, max_draft_tokens=2)
+    calls = []
+    original = type(model).adapter_add_context
+
+    def spy(self, *args, **kwargs):  # a slow context write: its time must land in the adapter's share
+        calls.append(1)
+        time.sleep(0.02)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "adapter_add_context", spy)
+    input_ids = torch.randint(2, VOCAB, (1, 6), generator=torch.Generator().manual_seed(1))
+    profile = profile_generation(model, input_ids, do_sample=False, max_new_tokens=12)
+    assert calls and profile.seconds["adapter"] >= 0.02 * len(calls)
+    assert "adapter_add_context" not in vars(model)

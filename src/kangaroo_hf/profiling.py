@@ -102,6 +102,8 @@ def _instrumented(model: KangarooForCausalLM, watch: _Stopwatch) -> Iterator[Non
     patches = {
         "shallow_forward": watch.wrap("shallow", model.shallow_forward),
         "adapter_forward": watch.wrap("adapter", model.adapter_forward),
+        # adapter_context="final": writing the verified tokens' final states into the adapter cache is adapter work.
+        "adapter_add_context": watch.wrap("adapter", model.adapter_add_context),
         "forward": forward,
     }
     original_scores = KangarooCandidateGenerator._draft_scores
