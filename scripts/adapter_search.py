@@ -116,6 +116,8 @@ def _describe(sequences: list[EncodedConversation]) -> dict[str, int]:
 
 
 class Run:
+    """One `run`: load, distil (or reuse answers), encode, then train and evaluate each variant within the budget."""
+
     def __init__(self, args: argparse.Namespace) -> None:
         self.args, self.started = args, time.time()
         self.out = Path(args.out)
@@ -149,10 +151,17 @@ class Run:
     def distill(self) -> None:
         """The base's greedy answers (bfloat16, batched) to as many training prompts as the time allows."""
         start, data = time.time(), Path(self.args.data)
-        validation = _read_gz(data / "validation.jsonl.gz")[: self.args.validation_conversations]
+        held_out = _read_gz(data / "validation.jsonl.gz")
+        validation = held_out[: self.args.validation_conversations]
         conversations = validation + _read_gz(data / "train.jsonl.gz")  # validation first: always distilled
-        self.dataset = {c["id"]: c for c in conversations}
+        self.dataset = {c["id"]: c for c in held_out + conversations}
         self.validation_ids = {c["id"] for c in validation}
+        self.held_out_ids = {c["id"] for c in held_out}  # never trained on, even when not validated on
+        if self.args.answers:  # reuse earlier answers (e.g. docs/adapter_search/self_distilled_answers.jsonl.gz)
+            self.answers = _read_gz(Path(self.args.answers))
+            self.results["distillation"] = {"conversations": len(self.answers), "reused": self.args.answers}
+            self.stage("distill", time.time() - start)
+            return
         answers_path = self.work / "answers.jsonl"
         answers_path.unlink(missing_ok=True)
         # A bfloat16 copy generates (fast on GPUs); the float32 base stays untouched for the features.
@@ -188,7 +197,7 @@ class Run:
     def encode(self) -> None:
         start = time.time()
         max_length = COMMON["max_length"]
-        train = [c for c in self.answers if c["id"] not in self.validation_ids]
+        train = [c for c in self.answers if c["id"] not in self.held_out_ids]
         validation = [c for c in self.answers if c["id"] in self.validation_ids]
         self.sequences = {
             "train": encode_conversations(self.tokenizer, train, max_length),
@@ -308,6 +317,9 @@ def main() -> None:
     run.add_argument("--out", required=True)
     run.add_argument("--work", default="runs/search-work", help="scratch folder (answers, checkpoints)")
     run.add_argument("--budget-s", type=float, default=480)
+    run.add_argument(
+        "--answers", default=None, help="self-distilled answers (.jsonl.gz) to reuse instead of distilling"
+    )
     run.add_argument("--distill-s", type=float, default=150, help="time for self-distillation")
     run.add_argument("--conversations", type=int, default=10**9, help="at most this many conversations distilled")
     run.add_argument("--validation-conversations", type=int, default=VALIDATION_SIZE)

@@ -108,6 +108,22 @@ def test_sampling_with_copied_drafts_and_a_reduced_draft_vocabulary(model_and_pr
     assert p_value > 1e-3
 
 
+def test_sampling_with_the_shipped_adapter_layout():
+    """A full-layer adapter over the final-state context (as shipped) keeps the base's distribution."""
+    base = tiny_base("llama", seed=3, vocab_size=VOCAB, num_hidden_layers=2, hidden_size=32, initializer_range=0.3)
+    model = KangarooForCausalLM.from_base(
+        base,
+        exit_layer=1,
+        draft_threshold=0.0,
+        max_draft_tokens=NEW_TOKENS,
+        adapter_context="final",
+        adapter_mlp=True,
+    ).eval()
+    p_value, accepted = _min_p_value_at_drafted_positions(model, torch.tensor([[1, 4, 7, 2]]))
+    assert accepted > SAMPLES // 10
+    assert p_value > 1e-3
+
+
 def _accept_every_draft(candidate_input_ids, candidate_logits, candidate_length, new_logits, **kwargs):
     """A wrong acceptance rule: keep every draft, then sample the bonus from the base."""
     bonus = torch.multinomial(new_logits[:, candidate_length].softmax(-1), 1)
