@@ -46,6 +46,10 @@ class KangarooConfig(PreTrainedConfig):
         draft_threshold (`float`, *optional*, defaults to 0.6):
             Draft early exit: drafting stops once the top-1 probability of the latest draft falls below this value
             (paper: 0.6). 0 always drafts `max_draft_tokens`; 1 stops after the first draft.
+        first_draft_threshold (`float`, *optional*, defaults to 0.0):
+            A round's first draft is proposed only if its top-1 probability reaches this value; otherwise the round
+            verifies the last accepted token alone (a plain decoding step). 0 always proposes it (the paper). Pays
+            where verifying two tokens costs much more than one (e.g. float32 on CPUs).
         max_draft_tokens (`int`, *optional*, defaults to 6):
             Upper bound on drafts per verification step (paper: 6).
         adapter_num_layers (`int`, *optional*, defaults to 1):
@@ -99,6 +103,8 @@ class KangarooConfig(PreTrainedConfig):
     exit_layer: int = 2
     # Draft early exit: stop drafting when the draft's own top-1 probability drops below this.
     draft_threshold: float = 0.6
+    # An unsure first draft costs a two-token verification for little expected gain: skip the round's drafting.
+    first_draft_threshold: float = 0.0
     # Hard cap on the draft length, bounding wasted work when the draft is confidently wrong.
     max_draft_tokens: int = 6
     # Paper's adapter is a single attention block; more blocks trade draft cost for draft quality.
@@ -134,7 +140,7 @@ class KangarooConfig(PreTrainedConfig):
                 f"(the draft needs at least one shallow layer and verification at least one deep layer), "
                 f"got {self.exit_layer!r}."
             )
-        validate_draft_settings(self.draft_threshold, self.max_draft_tokens)
+        validate_draft_settings(self.draft_threshold, self.max_draft_tokens, self.first_draft_threshold)
         if not isinstance(self.adapter_num_layers, int) or self.adapter_num_layers < 1:
             raise ValueError(f"adapter_num_layers must be an int >= 1, got {self.adapter_num_layers!r}.")
         if not isinstance(self.adapter_mlp, bool):
@@ -156,12 +162,13 @@ class KangarooConfig(PreTrainedConfig):
         return self.base_config
 
 
-def validate_draft_settings(draft_threshold: float, max_draft_tokens: int) -> None:
-    """Raise `ValueError` for a draft threshold outside [0, 1] or a draft length below 1."""
-    if isinstance(draft_threshold, bool) or not isinstance(draft_threshold, (int, float)):
-        raise ValueError(f"draft_threshold must be a number in [0, 1], got {draft_threshold!r}.")
-    if not 0.0 <= float(draft_threshold) <= 1.0:
-        raise ValueError(f"draft_threshold must be in [0, 1], got {draft_threshold}.")
+def validate_draft_settings(draft_threshold: float, max_draft_tokens: int, first_draft_threshold: float = 0.0) -> None:
+    """Raise `ValueError` for a (first-)draft threshold outside [0, 1] or a draft length below 1."""
+    for name, value in (("draft_threshold", draft_threshold), ("first_draft_threshold", first_draft_threshold)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number in [0, 1], got {value!r}.")
+        if not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value}.")
     if isinstance(max_draft_tokens, bool) or not isinstance(max_draft_tokens, int) or max_draft_tokens < 1:
         raise ValueError(f"max_draft_tokens must be an int >= 1, got {max_draft_tokens!r}.")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import VOCAB, make_kangaroo
-from kangaroo_hf import KangarooCandidateGenerator
+from kangaroo_hf import KangarooCandidateGenerator, KangarooConfig
 
 
 def _prompt(length: int, seed: int) -> torch.LongTensor:
@@ -87,3 +87,33 @@ def test_prompt_lookup_per_call_override_and_edge_cases():
     one_token = torch.tensor([[5]])
     expected = base.generate(one_token, do_sample=False, max_new_tokens=12)
     assert model.generate(one_token, do_sample=False, max_new_tokens=12).tolist() == expected.tolist()
+
+
+def test_first_draft_threshold_skips_unsure_rounds_losslessly(arch):
+    model = make_kangaroo(arch, draft_threshold=0.0, max_draft_tokens=3)
+    base = model.get_base_model()
+    input_ids = torch.randint(2, VOCAB, (1, 7), generator=torch.Generator().manual_seed(4))
+    expected = base.generate(input_ids, do_sample=False, max_new_tokens=24)
+    drafted = {}
+    for threshold in (0.0, 0.3, 1.0):
+        out = model.generate(input_ids, do_sample=False, max_new_tokens=24, first_draft_threshold=threshold)
+        assert out.tolist() == expected.tolist()
+        stats = model.last_generate_stats
+        assert stats.new_tokens == stats.verify_steps + stats.accepted_drafts
+        drafted[threshold] = stats.drafted_tokens
+    assert drafted[1.0] == 0  # no first draft reaches probability 1: every round is a plain step
+    assert drafted[0.0] > 0
+    assert drafted[0.0] >= drafted[0.3]
+
+
+def test_first_draft_threshold_in_config_and_sampling():
+    model = make_kangaroo("qwen2", first_draft_threshold=0.2, draft_threshold=0.0, max_draft_tokens=2)
+    assert model.config.first_draft_threshold == 0.2
+    input_ids = torch.randint(2, VOCAB, (1, 5), generator=torch.Generator().manual_seed(8))
+    torch.manual_seed(0)
+    out = model.generate(input_ids, do_sample=True, max_new_tokens=10)
+    assert out.shape[1] == input_ids.shape[1] + 10
+    with pytest.raises(ValueError, match="first_draft_threshold must be in \\[0, 1\\], got 1.5"):
+        KangarooConfig(base_config=model.config.base_config, first_draft_threshold=1.5)
+    with pytest.raises(ValueError, match="first_draft_threshold must be in \\[0, 1\\], got -0.1"):
+        model.generate(input_ids, first_draft_threshold=-0.1, max_new_tokens=2)

@@ -30,9 +30,10 @@ class DraftSettings:
     max_draft_tokens: int
     lookup_num_tokens: int = 0
     lookup_max_ngram: int = 3
+    first_draft_threshold: float = 0.0
 
     def __post_init__(self) -> None:
-        validate_draft_settings(self.draft_threshold, self.max_draft_tokens)
+        validate_draft_settings(self.draft_threshold, self.max_draft_tokens, self.first_draft_threshold)
         validate_lookup(self.lookup_num_tokens, self.lookup_max_ngram)
 
     @property
@@ -219,6 +220,8 @@ class KangarooCandidateGenerator(CandidateGenerator):
             ):
                 # The context's continuation agrees with the adapter, or the adapter is unsure: copy it instead.
                 return self._copy_drafts(lookup[:budget], input_ids, exit_states[0], position, cache, attention_mask)
+            if step == 0 and confidence < self.settings.first_draft_threshold:
+                break  # an unsure first draft is not worth a two-token verification: a plain step this round
             token = self._choose(scores, vocab_ids)
             extended = torch.cat([candidate_ids, token], dim=-1)
             # A draft that would end generation (EOS, stop string, max length) is left for the base to emit as its

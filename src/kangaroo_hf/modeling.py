@@ -586,6 +586,7 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         draft_threshold: float | None = None,
         max_draft_tokens: int | None = None,
         lookup_num_tokens: int | None = None,
+        first_draft_threshold: float | None = None,
         use_kangaroo: bool = True,
         **kwargs: Any,
     ) -> Any:
@@ -595,6 +596,7 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
             draft_threshold: per-call override of `config.draft_threshold`.
             max_draft_tokens: per-call override of `config.max_draft_tokens`.
             lookup_num_tokens: per-call override of `config.lookup_num_tokens` (0 disables copying from context).
+            first_draft_threshold: per-call override of `config.first_draft_threshold`.
             use_kangaroo: `False` decodes with the base alone (no drafting).
             **kwargs: every usual `generate()` argument (max_new_tokens, do_sample, streamer, stop_strings, ...).
 
@@ -608,6 +610,9 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
                 max_draft_tokens=config.max_draft_tokens if max_draft_tokens is None else max_draft_tokens,
                 lookup_num_tokens=config.lookup_num_tokens if lookup_num_tokens is None else lookup_num_tokens,
                 lookup_max_ngram=config.lookup_max_ngram,
+                first_draft_threshold=(
+                    config.first_draft_threshold if first_draft_threshold is None else first_draft_threshold
+                ),
             )
         self.last_generate_stats = None
         with self._scoped("_draft_settings", settings):

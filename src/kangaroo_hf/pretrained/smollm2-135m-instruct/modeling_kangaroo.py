@@ -161,9 +161,10 @@ class DraftSettings:
     max_draft_tokens: int
     lookup_num_tokens: int = 0
     lookup_max_ngram: int = 3
+    first_draft_threshold: float = 0.0
 
     def __post_init__(self) -> None:
-        validate_draft_settings(self.draft_threshold, self.max_draft_tokens)
+        validate_draft_settings(self.draft_threshold, self.max_draft_tokens, self.first_draft_threshold)
         validate_lookup(self.lookup_num_tokens, self.lookup_max_ngram)
 
     @property
@@ -350,6 +351,8 @@ class KangarooCandidateGenerator(CandidateGenerator):
             ):
                 # The context's continuation agrees with the adapter, or the adapter is unsure: copy it instead.
                 return self._copy_drafts(lookup[:budget], input_ids, exit_states[0], position, cache, attention_mask)
+            if step == 0 and confidence < self.settings.first_draft_threshold:
+                break  # an unsure first draft is not worth a two-token verification: a plain step this round
             token = self._choose(scores, vocab_ids)
             extended = torch.cat([candidate_ids, token], dim=-1)
             # A draft that would end generation (EOS, stop string, max length) is left for the base to emit as its
@@ -1086,6 +1089,7 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         draft_threshold: float | None = None,
         max_draft_tokens: int | None = None,
         lookup_num_tokens: int | None = None,
+        first_draft_threshold: float | None = None,
         use_kangaroo: bool = True,
         **kwargs: Any,
     ) -> Any:
@@ -1095,6 +1099,7 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
             draft_threshold: per-call override of `config.draft_threshold`.
             max_draft_tokens: per-call override of `config.max_draft_tokens`.
             lookup_num_tokens: per-call override of `config.lookup_num_tokens` (0 disables copying from context).
+            first_draft_threshold: per-call override of `config.first_draft_threshold`.
             use_kangaroo: `False` decodes with the base alone (no drafting).
             **kwargs: every usual `generate()` argument (max_new_tokens, do_sample, streamer, stop_strings, ...).
 
@@ -1108,6 +1113,9 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
                 max_draft_tokens=config.max_draft_tokens if max_draft_tokens is None else max_draft_tokens,
                 lookup_num_tokens=config.lookup_num_tokens if lookup_num_tokens is None else lookup_num_tokens,
                 lookup_max_ngram=config.lookup_max_ngram,
+                first_draft_threshold=(
+                    config.first_draft_threshold if first_draft_threshold is None else first_draft_threshold
+                ),
             )
         self.last_generate_stats = None
         with self._scoped("_draft_settings", settings):
