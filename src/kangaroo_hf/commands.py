@@ -64,6 +64,8 @@ def _run_generate(args: argparse.Namespace) -> int:
             use_kangaroo=use_kangaroo,
             draft_threshold=args.draft_threshold,
             max_draft_tokens=args.max_draft_tokens,
+            first_draft_threshold=args.first_draft_threshold,
+            lookup_num_tokens=args.lookup_num_tokens,
             **common,
         )
         return out[0, input_ids.shape[1] :], time.perf_counter() - start
@@ -105,6 +107,15 @@ def add_generate(subparsers) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--draft-threshold", type=float, default=None, help="override the model's draft threshold")
     parser.add_argument("--max-draft-tokens", type=int, default=None, help="override the model's draft length cap")
+    parser.add_argument(
+        "--first-draft-threshold",
+        type=float,
+        default=None,
+        help="override the model's first-draft threshold (0.3 is faster in float32 on CPUs)",
+    )
+    parser.add_argument(
+        "--lookup-num-tokens", type=int, default=None, help="override the model's prompt-lookup length (0: off)"
+    )
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
