@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,6 +90,49 @@ def _length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     return batches
 
 
+def _checked_layers(model, layers: Sequence[int], what: str) -> list[int]:
+    """`layers` sorted and deduplicated; `ValueError` unless each is a valid exit layer of `model`'s base."""
+    layers = sorted(set(int(layer) for layer in layers))
+    num_layers = model.parts.num_layers
+    if not layers or layers[0] < 1 or layers[-1] >= num_layers:
+        raise ValueError(f"{what} layers must lie in [1, {num_layers - 1}], got {layers}.")
+    return layers
+
+
+def _shard_entry(sequences: Sequence[EncodedConversation], members: list[int]) -> dict[str, list]:
+    """What the index records of one shard: per-sequence lengths, loss-token counts and ids."""
+    return {
+        "lengths": [len(sequences[j].input_ids) for j in members],
+        "targets": [sum(sequences[j].assistant_mask[1:]) for j in members],
+        "ids": [sequences[j].id for j in members],
+    }
+
+
+def _most_frequent(id_groups: Iterable[torch.Tensor], count: int) -> torch.LongTensor:
+    """The `count` most frequent ids over all groups (ties broken by id), returned sorted."""
+    counts: dict[int, int] = {}
+    for ids in id_groups:
+        for token, n in zip(*torch.unique(ids, return_counts=True), strict=True):
+            counts[int(token)] = counts.get(int(token), 0) + int(n)
+    ranked = sorted(counts, key=lambda token: (-counts[token], token))
+    return torch.tensor(sorted(ranked[:count]), dtype=torch.long)
+
+
+def _extract_in_batches(
+    model,
+    members: Sequence[EncodedConversation],
+    layers: list[int],
+    batch_tokens: int,
+    autocast_dtype: torch.dtype | None,
+) -> Iterator[tuple[list[int], dict[str, list[torch.Tensor]]]]:
+    """(indices into `members`, their states as `_extract_batch` returns them), one length-sorted batch at a time."""
+    device_type = model.parts.lm_head.weight.device.type
+    for batch in _length_batches([len(s.input_ids) for s in members], batch_tokens):
+        with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            out = _extract_batch(model, [members[i] for i in batch], layers)
+        yield batch, out  # outside the autocast region: the caller's code runs in its own precision
+
+
 @torch.no_grad()
 def _extract_batch(model, sequences: list[EncodedConversation], layers: list[int]) -> dict[str, list[torch.Tensor]]:
     """Hidden states after each of `layers` and the post-norm final states, for right-padded `sequences`."""
@@ -151,14 +194,12 @@ class FeatureCache:
 
     def frequent_answer_tokens(self, count: int) -> torch.LongTensor:
         """The `count` most frequent assistant tokens (ids, sorted), read without loading any hidden state."""
-        counts: dict[int, int] = {}
-        for shard in self.shards:
+
+        def answer_ids(shard: dict[str, Any]) -> torch.Tensor:
             with safe_open(self.folder / shard["file"], framework="pt") as handle:
-                ids = handle.get_tensor("input_ids").long()[handle.get_tensor("assistant_mask").bool()]
-            for token, n in zip(*torch.unique(ids, return_counts=True), strict=True):
-                counts[int(token)] = counts.get(int(token), 0) + int(n)
-        ranked = sorted(counts, key=lambda token: (-counts[token], token))
-        return torch.tensor(sorted(ranked[:count]), dtype=torch.long)
+                return handle.get_tensor("input_ids").long()[handle.get_tensor("assistant_mask").bool()]
+
+        return _most_frequent((answer_ids(shard) for shard in self.shards), count)
 
     def load_shard(self, shard_index: int, exit_layer: int) -> list[CachedSequence]:
         """All sequences of one shard (the only tensors held in memory at a time)."""
@@ -205,10 +246,7 @@ class FeatureCache:
         """
         if storage_dtype not in STORAGE_DTYPES:
             raise ValueError(f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got {storage_dtype!r}.")
-        layers = sorted(set(int(layer) for layer in layers))
-        num_layers = model.parts.num_layers
-        if not layers or layers[0] < 1 or layers[-1] >= num_layers:
-            raise ValueError(f"Cached layers must lie in [1, {num_layers - 1}], got {layers}.")
+        layers = _checked_layers(model, layers, "Cached")
         folder = Path(folder)
         fingerprint = _fingerprint(model, sequences, layers, storage_dtype)
         if (folder / "index.json").is_file():
@@ -224,7 +262,6 @@ class FeatureCache:
         plan = _plan_shards(sequences, shard_tokens)
         mine = [i for i in range(len(plan)) if i % num_processes == process_index]
         dtype = STORAGE_DTYPES[storage_dtype]
-        device_type = model.parts.lm_head.weight.device.type
         total = sum(len(sequences[j].input_ids) for i in mine for j in plan[i])
         with tqdm(total=total, desc="extract features", unit="tok", unit_scale=True, mininterval=10) as progress:
             for shard_index in mine:
@@ -235,9 +272,7 @@ class FeatureCache:
                     continue
                 collected: dict[str, list] = {}
                 slots = [None] * len(members)
-                for batch in _length_batches([len(s.input_ids) for s in members], batch_tokens):
-                    with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                        out = _extract_batch(model, [members[i] for i in batch], layers)
+                for batch, out in _extract_in_batches(model, members, layers, batch_tokens, autocast_dtype):
                     for row, i in enumerate(batch):
                         slots[i] = {name: values[row].to("cpu", dtype) for name, values in out.items()}
                     progress.update(sum(len(members[i].input_ids) for i in batch))
@@ -259,12 +294,7 @@ class FeatureCache:
             shards = []
             for shard_index, members in enumerate(plan):
                 shards.append(
-                    {
-                        "file": f"shard-{shard_index:05d}-{fingerprint}.safetensors",
-                        "lengths": [len(sequences[j].input_ids) for j in members],
-                        "targets": [sum(sequences[j].assistant_mask[1:]) for j in members],
-                        "ids": [sequences[j].id for j in members],
-                    }
+                    {"file": f"shard-{shard_index:05d}-{fingerprint}.safetensors", **_shard_entry(sequences, members)}
                 )
             index = {
                 "format": FORMAT,
@@ -313,30 +343,13 @@ class OnlineFeatures:
         batch_tokens: int = 8192,
         autocast_dtype: torch.dtype | None = None,
     ) -> None:
-        layers = sorted(set(int(layer) for layer in layers))
-        num_layers = model.parts.num_layers
-        if not layers or layers[0] < 1 or layers[-1] >= num_layers:
-            raise ValueError(f"Feature layers must lie in [1, {num_layers - 1}], got {layers}.")
+        layers = _checked_layers(model, layers, "Feature")
         if not sequences:
             raise ValueError("OnlineFeatures needs at least one sequence.")
-        self.model, self.sequences, self.batch_tokens, self.autocast_dtype = (
-            model,
-            sequences,
-            batch_tokens,
-            autocast_dtype,
-        )
+        self.model, self.sequences = model, sequences
+        self.batch_tokens, self.autocast_dtype = batch_tokens, autocast_dtype
         self.plan = _plan_shards(sequences, shard_tokens)
-        self.index = {
-            "layers": layers,
-            "shards": [
-                {
-                    "lengths": [len(sequences[j].input_ids) for j in members],
-                    "targets": [sum(sequences[j].assistant_mask[1:]) for j in members],
-                    "ids": [sequences[j].id for j in members],
-                }
-                for members in self.plan
-            ],
-        }
+        self.index = {"layers": layers, "shards": [_shard_entry(sequences, members) for members in self.plan]}
 
     layers = FeatureCache.layers
     shards = FeatureCache.shards
@@ -346,24 +359,19 @@ class OnlineFeatures:
 
     def frequent_answer_tokens(self, count: int) -> torch.LongTensor:
         """The `count` most frequent assistant tokens (ids, sorted)."""
-        ids = torch.tensor(
-            [t for s in self.sequences for t, m in zip(s.input_ids, s.assistant_mask, strict=True) if m]
+        answer_ids = (
+            torch.tensor(s.input_ids)[torch.tensor(s.assistant_mask, dtype=torch.bool)] for s in self.sequences
         )
-        tokens, counts = torch.unique(ids, return_counts=True)
-        ranked = sorted(zip(tokens.tolist(), counts.tolist(), strict=True), key=lambda item: (-item[1], item[0]))
-        return torch.tensor(sorted(token for token, _ in ranked[:count]), dtype=torch.long)
+        return _most_frequent(answer_ids, count)
 
     def load_shard(self, shard_index: int, exit_layer: int) -> list[CachedSequence]:
         """The shard's sequences with freshly computed states (on the base's device, float32)."""
         if exit_layer not in self.layers:
             raise ValueError(f"exit_layer={exit_layer} is not among the online feature layers {self.layers}.")
         members = [self.sequences[j] for j in self.plan[shard_index]]
-        device = self.model.parts.lm_head.weight.device
         loaded: list[CachedSequence | None] = [None] * len(members)
-        for batch in _length_batches([len(s.input_ids) for s in members], self.batch_tokens):
-            dtype = self.autocast_dtype
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                out = _extract_batch(self.model, [members[i] for i in batch], [exit_layer])
+        batches = _extract_in_batches(self.model, members, [exit_layer], self.batch_tokens, self.autocast_dtype)
+        for batch, out in batches:
             for row, i in enumerate(batch):
                 loaded[i] = CachedSequence(
                     input_ids=torch.tensor(members[i].input_ids),

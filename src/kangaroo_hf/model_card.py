@@ -128,8 +128,8 @@ def render_model_card(folder: str | os.PathLike, repo_id: str | None = None) -> 
         draft_threshold=config.get("draft_threshold"),
         max_draft_tokens=config.get("max_draft_tokens"),
         draft_vocabulary=(
-            f"the {size:,} most frequent answer tokens (verification keeps the full head)"
-            if (size := config.get("draft_vocab_size", 0))
+            f"the {vocab_size:,} most frequent answer tokens (verification keeps the full head)"
+            if (vocab_size := config.get("draft_vocab_size", 0))
             else "full"
         ),
         prompt_lookup=(
