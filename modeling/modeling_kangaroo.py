@@ -798,6 +798,7 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         save_base: bool = False,
         metrics: dict[str, Any] | None = None,
         training_args: dict[str, Any] | None = None,
+        weights_dtype: str | None = None,
         **kwargs: Any,
     ) -> list[str]:
         """Write an adapter-only checkpoint: `config.json`, `kangaroo_adapter.safetensors`, `generation_config.json`,
@@ -808,12 +809,21 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
             save_base: also write the base into `save_directory/base/`; loading then prefers it over the recorded name.
             metrics: measured results (speed-up, accepted tokens, ...) kept in `kangaroo_metrics.json` for the card.
             training_args: how the adapter was trained (data, steps, ...) kept in `training_args.json` for the card.
+            weights_dtype: storage type of the adapter weights: None keeps the model's, or "float32", "float16",
+                "bfloat16", or "int8" (each weight matrix as int8 with a float32 scale per row: a quarter of float32;
+                drafts change slightly, outputs never, since every draft is verified). Loading restores floats.
             kwargs: `is_main_process`, `push_to_hub` (+ `repo_id`, `commit_message`, `private`, `token`), and
                 `max_shard_size` for the base; `safe_serialization=False` is refused.
         """
 
         return save_kangaroo(
-            self, save_directory, save_base=save_base, metrics=metrics, training_args=training_args, **kwargs
+            self,
+            save_directory,
+            save_base=save_base,
+            metrics=metrics,
+            training_args=training_args,
+            weights_dtype=weights_dtype,
+            **kwargs,
         )
 
     def push_to_hub(
@@ -1223,8 +1233,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from huggingface_hub import HfApi, snapshot_download, try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -1243,6 +1253,12 @@ AUTO_MAP = {
     "AutoConfig": "configuration_kangaroo.KangarooConfig",
     "AutoModelForCausalLM": "modeling_kangaroo.KangarooForCausalLM",
 }
+# Storage types for the adapter weights (`save_pretrained(weights_dtype=...)`). "int8" keeps each weight matrix as
+# int8 with one float32 scale per row (`<name>.int8_scale`), marked in the file's metadata; loading restores floats.
+WEIGHTS_DTYPES = ("float32", "float16", "bfloat16", "int8")
+WEIGHTS_FORMAT_KEY = "kangaroo_weights"
+INT8_ROWWISE = "int8-rowwise"
+INT8_SCALE_SUFFIX = ".int8_scale"
 # Weight formats that unpickle (and may run code) on load: refused, never read.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # Base config fields the adapter's shapes and the exit layer depend on: recorded at save, compared at load.
@@ -1296,8 +1312,11 @@ def resolve_checkpoint(
     return Path(snapshot) / subfolder
 
 
-def load_adapter_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read `kangaroo_adapter.safetensors` from `folder`; pickle files are refused, a damaged file is named."""
+def read_adapter_file(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of `kangaroo_adapter.safetensors` in `folder` as stored, and the file's metadata.
+
+    Pickle files are refused and a missing or damaged file is named; `load_adapter_weights` decodes the tensors.
+    """
     folder = Path(folder)
     path = folder / ADAPTER_WEIGHTS_NAME
     if not path.is_file():
@@ -1311,11 +1330,81 @@ def load_adapter_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
         present = sorted(p.name for p in folder.glob("*")) if folder.is_dir() else []
         raise FileNotFoundError(f"No adapter weights {ADAPTER_WEIGHTS_NAME} in {folder} (it holds {present}).")
     try:
-        return load_file(path)
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: handle.get_tensor(name) for name in handle.keys()}, dict(handle.metadata() or {})
     except SafetensorError as error:
         raise ValueError(
             f"{path} is not a readable safetensors file ({path.stat().st_size} bytes; truncated or corrupt?): {error}"
         ) from error
+
+
+def encode_adapter_weights(
+    weights: dict[str, torch.Tensor], weights_dtype: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata to store for `weights` in `weights_dtype` (None: as they are; see `WEIGHTS_DTYPES`).
+
+    Integer tensors (token-id buffers) are stored as they are. With "int8", every floating weight matrix becomes int8
+    with one float32 scale per row (`max |row| / 127`); vectors (norm weights) keep their dtype.
+    """
+    metadata = {"format": "pt", "kangaroo_hf_version": __version__}
+    if weights_dtype is None:
+        return dict(weights), metadata
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise ValueError(f"weights_dtype must be one of {WEIGHTS_DTYPES} or None, got {weights_dtype!r}.")
+    if weights_dtype != "int8":
+        dtype = getattr(torch, weights_dtype)
+        return {name: t.to(dtype) if t.is_floating_point() else t for name, t in weights.items()}, metadata
+    encoded: dict[str, torch.Tensor] = {}
+    for name, tensor in weights.items():
+        if not (tensor.is_floating_point() and tensor.dim() == 2):
+            encoded[name] = tensor
+            continue
+        rows = tensor.float()
+        scale = rows.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+        encoded[name] = torch.round(rows / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        encoded[name + INT8_SCALE_SUFFIX] = scale.contiguous()
+    return encoded, {**metadata, WEIGHTS_FORMAT_KEY: INT8_ROWWISE}
+
+
+def decode_adapter_weights(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str = "the adapter file"
+) -> dict[str, torch.Tensor]:
+    """Inverse of `encode_adapter_weights`: int8 matrices (per the metadata) back to float32, the rest as stored."""
+    weights_format = metadata.get(WEIGHTS_FORMAT_KEY)
+    if weights_format is None:
+        return tensors
+    if weights_format != INT8_ROWWISE:
+        raise ValueError(
+            f"{source} stores its weights as {weights_format!r}, which this version of kangaroo_hf ({__version__}) "
+            f"cannot read (it reads {INT8_ROWWISE!r}); upgrade kangaroo_hf."
+        )
+    decoded = {name: t for name, t in tensors.items() if not name.endswith(INT8_SCALE_SUFFIX)}
+    for name, tensor in list(decoded.items()):
+        if tensor.dtype != torch.int8:
+            continue
+        scale = tensors.get(name + INT8_SCALE_SUFFIX)
+        if scale is None or tensor.dim() != 2 or scale.shape != (tensor.shape[0],):
+            found = None if scale is None else tuple(scale.shape)
+            raise ValueError(
+                f"{source} is damaged: the int8 weight {name!r} {tuple(tensor.shape)} needs a row scale "
+                f"{name + INT8_SCALE_SUFFIX!r} of shape ({tensor.shape[0]},), found {found}."
+            )
+        decoded[name] = tensor.float() * scale.float()[:, None]
+    int8_names = {name for name, tensor in tensors.items() if tensor.dtype == torch.int8}
+    orphans = sorted(
+        name
+        for name in tensors
+        if name.endswith(INT8_SCALE_SUFFIX) and name.removesuffix(INT8_SCALE_SUFFIX) not in int8_names
+    )
+    if orphans:
+        raise ValueError(f"{source} is damaged: the scales {orphans} belong to no int8 weight.")
+    return decoded
+
+
+def load_adapter_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read and decode `kangaroo_adapter.safetensors` from `folder`; pickles are refused, a damaged file is named."""
+    tensors, metadata = read_adapter_file(folder)
+    return decode_adapter_weights(tensors, metadata, str(Path(folder) / ADAPTER_WEIGHTS_NAME))
 
 
 def check_base_matches(config: KangarooConfig, base: nn.Module, base_source: str | None = None) -> None:
@@ -1465,6 +1554,7 @@ def save_kangaroo(
     save_base: bool = False,
     metrics: dict[str, Any] | None = None,
     training_args: dict[str, Any] | None = None,
+    weights_dtype: str | None = None,
     is_main_process: bool = True,
     push_to_hub: bool = False,
     safe_serialization: bool = True,
@@ -1474,6 +1564,8 @@ def save_kangaroo(
     """Implementation of `KangarooForCausalLM.save_pretrained`; returns the names of the files written."""
     if not safe_serialization:
         raise ValueError("Kangaroo checkpoints are safetensors only; safe_serialization=False is not supported.")
+    if weights_dtype is not None and weights_dtype not in WEIGHTS_DTYPES:
+        raise ValueError(f"weights_dtype must be one of {WEIGHTS_DTYPES} or None, got {weights_dtype!r}.")
     push_kwargs = {
         name: kwargs.pop(name) for name in ("repo_id", "commit_message", "private", "token") if name in kwargs
     }
@@ -1491,7 +1583,8 @@ def save_kangaroo(
         logger.warning("The base has no name or path: loading this checkpoint will need `base_model=`.")
     config.save_pretrained(folder)
     weights = {name: tensor.detach().contiguous().cpu() for name, tensor in model.adapter_state_dict().items()}
-    save_file(weights, folder / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt", "kangaroo_hf_version": __version__})
+    tensors, metadata = encode_adapter_weights(weights, weights_dtype)
+    save_file(tensors, folder / ADAPTER_WEIGHTS_NAME, metadata=metadata)
     model.generation_config.save_pretrained(folder)
     if save_base:
         if unwrap_causal_lm(model.base) is not model.base:
@@ -1624,4 +1717,4 @@ def add_push(subparsers: Any) -> None:
     parser.set_defaults(handler=_run_push)
 
 
-__all__ = ['ADAPTER_WEIGHTS_NAME', 'AUTO_MAP', 'BASE_SUBFOLDER', 'DecoderParts', 'DraftSettings', 'KangarooAdapter', 'KangarooCandidateGenerator', 'KangarooCausalLMOutput', 'KangarooForCausalLM', 'KangarooPreTrainedModel', 'KangarooStats', 'METRICS_NAME', 'TRAINING_ARGS_NAME', 'add_push', 'check_base_matches', 'is_peft_model', 'layer_types', 'load_adapter_weights', 'load_kangaroo', 'load_peft_base', 'peft_fingerprint', 'push_folder', 'push_kangaroo', 'resolve_checkpoint', 'save_kangaroo', 'slice_masks', 'unwrap_causal_lm', 'upload_file_list', 'warn_if_peft_differs']
+__all__ = ['ADAPTER_WEIGHTS_NAME', 'AUTO_MAP', 'BASE_SUBFOLDER', 'DecoderParts', 'DraftSettings', 'KangarooAdapter', 'KangarooCandidateGenerator', 'KangarooCausalLMOutput', 'KangarooForCausalLM', 'KangarooPreTrainedModel', 'KangarooStats', 'METRICS_NAME', 'TRAINING_ARGS_NAME', 'add_push', 'check_base_matches', 'decode_adapter_weights', 'encode_adapter_weights', 'is_peft_model', 'layer_types', 'load_adapter_weights', 'load_kangaroo', 'load_peft_base', 'peft_fingerprint', 'push_folder', 'push_kangaroo', 'read_adapter_file', 'resolve_checkpoint', 'save_kangaroo', 'slice_masks', 'unwrap_causal_lm', 'upload_file_list', 'warn_if_peft_differs']

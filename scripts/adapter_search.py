@@ -66,9 +66,10 @@ VARIANTS = {
     "e2_exit_attn_dataset": dict(exit_layer=2, dataset_answers=True),  # the paper's adapter, dataset answers
     "e1_final_mlp": dict(exit_layer=1, adapter_context="final", adapter_mlp=True),
     "e2_exit_mlp": dict(exit_layer=2, adapter_mlp=True),
+    "e2_exit_mlp2": dict(exit_layer=2, adapter_mlp=True, adapter_num_layers=2),  # two full decoder layers
 }
 # Variants whose weights come back (the others report metrics only), to keep the returned files few and small.
-SHIPPABLE = ("e2_final_mlp", "e2_final_attn", "e2_exit_attn", "e1_final_mlp")
+SHIPPABLE = ("e2_final_mlp", "e2_final_attn", "e2_exit_attn", "e1_final_mlp", "e2_exit_mlp2")
 COMMON = dict(
     max_length=2048,
     draft_vocab_size=8192,
@@ -88,10 +89,18 @@ COMMON = dict(
 
 def prepare(args: argparse.Namespace) -> None:
     train_dir = Path(args.data_dir) / "train"
-    conversations = []
-    for name, count in MIX.items():
-        conversations += load_conversations([train_dir / f"{name}.jsonl"], max_examples_per_source=count, seed=1)
-    train, validation = split_validation(conversations, VALIDATION_SIZE, seed=0)
+    if args.keep_validation:
+        # Every conversation of every source for training, minus an earlier run's validation split (kept as is,
+        # so metrics stay comparable and answers distilled for it are never trained on).
+        validation = _read_gz(Path(args.keep_validation) / "validation.jsonl.gz")
+        held_out = {c["id"] for c in validation}
+        every = load_conversations(sorted(train_dir.glob("*.jsonl")), seed=1)
+        train = [c for c in every if c["id"] not in held_out]
+    else:
+        conversations = []
+        for name, count in MIX.items():
+            conversations += load_conversations([train_dir / f"{name}.jsonl"], max_examples_per_source=count, seed=1)
+        train, validation = split_validation(conversations, VALIDATION_SIZE, seed=0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, split in (("train", train), ("validation", validation)):
@@ -164,6 +173,9 @@ class Run:
             return
         answers_path = self.work / "answers.jsonl"
         answers_path.unlink(missing_ok=True)
+        if self.args.resume_answers:  # earlier answers are kept; only conversations without one are distilled
+            with open(answers_path, "w", encoding="utf-8") as handle:
+                handle.writelines(json.dumps(c, ensure_ascii=False) + "\n" for c in _read_gz(self.args.resume_answers))
         # A bfloat16 copy generates (fast on GPUs); the float32 base stays untouched for the features.
         generator = copy.deepcopy(self.base).to(torch.bfloat16) if self.device == "cuda" else self.base
         settings = SelfDistillArguments(
@@ -188,8 +200,10 @@ class Run:
         del generator
         with open(answers_path, encoding="utf-8") as handle:
             self.answers = [json.loads(line) for line in handle]
-        with gzip.open(self.out / "answers.jsonl.gz", "wt", encoding="utf-8") as handle:
+        partial = self.out / "answers.jsonl.gz.partial"  # renamed when complete: other runs may wait for it
+        with gzip.open(partial, "wt", encoding="utf-8") as handle:
             handle.writelines(json.dumps(c, ensure_ascii=False) + "\n" for c in self.answers)
+        partial.rename(self.out / "answers.jsonl.gz")
         truncated = sum(any(m.get("truncated") for m in c["messages"]) for c in self.answers)
         self.results["distillation"] = {"conversations": len(self.answers), "truncated": truncated}
         self.stage("distill", time.time() - start)
@@ -312,6 +326,9 @@ def main() -> None:
     prep.add_argument("--data-dir", default="../shared/data")
     prep.add_argument("--reference", default=None, help="JSONL of the base's float32 Spec-Bench answers (eval only)")
     prep.add_argument("--out", required=True)
+    prep.add_argument(
+        "--keep-validation", default=None, help="earlier `prepare` folder whose validation split to keep"
+    )
     run = commands.add_parser("run", help="distil, train the variants, evaluate")
     run.add_argument("--data", required=True, help="folder written by `prepare`")
     run.add_argument("--out", required=True)
@@ -319,6 +336,9 @@ def main() -> None:
     run.add_argument("--budget-s", type=float, default=480)
     run.add_argument(
         "--answers", default=None, help="self-distilled answers (.jsonl.gz) to reuse instead of distilling"
+    )
+    run.add_argument(
+        "--resume-answers", default=None, help="self-distilled answers (.jsonl.gz) to keep; the rest is distilled"
     )
     run.add_argument("--distill-s", type=float, default=150, help="time for self-distillation")
     run.add_argument("--conversations", type=int, default=10**9, help="at most this many conversations distilled")

@@ -12,6 +12,7 @@ import pytest
 import torch
 from huggingface_hub.repocard import metadata_load
 from huggingface_hub.utils import filter_repo_objects
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -118,6 +119,63 @@ def test_round_trip_reproduces_generation_token_for_token(tmp_path, arch):
         _assert_same_adapter(candidate, model)
     assert _outputs(loaded) == expected
     assert _outputs(auto_loaded, sample=False) == {k: v for k, v in expected.items() if k != "sampled"}
+
+
+@pytest.mark.parametrize("weights_dtype", ["float16", "int8"])
+def test_smaller_weight_storage_round_trips_and_stays_lossless(tmp_path, weights_dtype):
+    model = _kangaroo_over_saved_base(tmp_path, adapter_mlp=True, draft_threshold=0.2, max_draft_tokens=4)
+    model.save_pretrained(tmp_path / "full")
+    model.save_pretrained(tmp_path / "small", weights_dtype=weights_dtype)
+    full_bytes = (tmp_path / "full" / ADAPTER_WEIGHTS_NAME).stat().st_size
+    small_bytes = (tmp_path / "small" / ADAPTER_WEIGHTS_NAME).stat().st_size
+    assert small_bytes < full_bytes * (0.55 if weights_dtype == "float16" else 0.4)
+    loaded = KangarooForCausalLM.from_pretrained(tmp_path / "small", base_model=model.get_base_model())
+    expected = model.adapter_state_dict()
+    actual = loaded.adapter_state_dict()
+    assert sorted(actual) == sorted(expected)  # the row scales are not adapter weights
+    for name, tensor in expected.items():
+        if not tensor.is_floating_point():
+            assert torch.equal(actual[name], tensor)
+        elif weights_dtype == "int8" and tensor.dim() == 2:  # within half a step of its row's int8 grid
+            step = tensor.abs().amax(dim=1, keepdim=True) / 127
+            assert ((actual[name] - tensor).abs() <= step / 2 + 1e-7).all()
+            assert not torch.equal(actual[name], tensor)
+        else:  # int8 keeps vectors (norm weights) as they are
+            stored = tensor if weights_dtype == "int8" else tensor.half().float()
+            torch.testing.assert_close(actual[name], stored, rtol=0, atol=0)
+    prompt = _prompt(seed=5)
+    plain = model.generate(prompt, do_sample=False, max_new_tokens=16, use_kangaroo=False)
+    assert torch.equal(loaded.generate(prompt, do_sample=False, max_new_tokens=16), plain)
+    card = (tmp_path / "small" / "README.md").read_text()
+    assert ("int8 with row scales/float32" if weights_dtype == "int8" else "MB, float16)") in card
+
+
+def test_unknown_weights_dtype_is_refused_before_writing(tmp_path):
+    with pytest.raises(ValueError, match=r"weights_dtype must be one of .*'int4'"):
+        make_kangaroo().save_pretrained(tmp_path / "kangaroo", weights_dtype="int4")
+    assert not (tmp_path / "kangaroo").exists()
+
+
+@pytest.mark.parametrize("damage", ["missing scale", "orphan scale", "unknown format"])
+def test_damaged_int8_checkpoint_is_named(tmp_path, damage):
+    model = make_kangaroo("llama")
+    model.save_pretrained(tmp_path / "kangaroo", weights_dtype="int8")
+    path = tmp_path / "kangaroo" / ADAPTER_WEIGHTS_NAME
+    with safe_open(str(path), framework="pt") as handle:
+        weights, metadata = {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata()
+    name = "adapter.layers.0.self_attn.q_proj.weight"
+    if damage == "missing scale":
+        del weights[name + ".int8_scale"]
+        match = rf"damaged: the int8 weight '{name}' \(64, 64\) needs a row scale"
+    elif damage == "orphan scale":
+        weights["adapter.extra.weight.int8_scale"] = torch.ones(3)
+        match = r"damaged: the scales \['adapter.extra.weight.int8_scale'\] belong to no int8 weight"
+    else:
+        metadata["kangaroo_weights"] = "int2-blockwise"
+        match = r"stores its weights as 'int2-blockwise', which this version .* cannot read"
+    save_file(weights, path, metadata=metadata)
+    with pytest.raises(ValueError, match=match):
+        KangarooForCausalLM.from_pretrained(tmp_path / "kangaroo", base_model=model.get_base_model())
 
 
 def test_base_model_is_reused_without_copy(tmp_path):

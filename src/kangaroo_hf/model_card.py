@@ -16,7 +16,19 @@ import string
 from pathlib import Path
 from typing import Any
 
-from .hub import ADAPTER_WEIGHTS_NAME, CONFIG_NAME, METRICS_NAME, TRAINING_ARGS_NAME, load_adapter_weights
+import torch
+
+from .hub import (
+    ADAPTER_WEIGHTS_NAME,
+    CONFIG_NAME,
+    INT8_ROWWISE,
+    INT8_SCALE_SUFFIX,
+    METRICS_NAME,
+    TRAINING_ARGS_NAME,
+    WEIGHTS_FORMAT_KEY,
+    decode_adapter_weights,
+    read_adapter_file,
+)
 
 TEMPLATE_DIR = Path(__file__).parent / "hub_cards"
 TEMPLATE_NAME = "kangaroo_card.md"
@@ -78,12 +90,21 @@ def _human(count: int) -> str:
 def adapter_size(folder: str | os.PathLike) -> tuple[int, int, str]:
     """Parameter count, file size in bytes and dtype(s) of the adapter weights in a checkpoint folder.
 
-    Integer tensors (token-id buffers) are not parameters: they count towards the size only.
+    Integer tensors (token-id buffers) are not parameters: they count towards the size only, except the int8 weight
+    matrices of an int8 checkpoint (their row scales are not counted).
     """
     path = Path(folder) / ADAPTER_WEIGHTS_NAME
-    tensors = load_adapter_weights(folder)  # names a missing, pickled or damaged file
-    weights = [tensor for tensor in tensors.values() if tensor.is_floating_point()]
-    dtypes = sorted({str(tensor.dtype).removeprefix("torch.") for tensor in weights})
+    tensors, metadata = read_adapter_file(folder)  # names a missing, pickled or damaged file
+    decode_adapter_weights(tensors, metadata, str(path))  # names an undecodable one
+    quantized = metadata.get(WEIGHTS_FORMAT_KEY) == INT8_ROWWISE
+    weights = [
+        tensor
+        for name, tensor in tensors.items()
+        if (tensor.is_floating_point() and not name.endswith(INT8_SCALE_SUFFIX))
+        or (quantized and tensor.dtype == torch.int8)
+    ]
+    dtypes = sorted({str(tensor.dtype).removeprefix("torch.") for tensor in weights}, key=lambda d: d != "int8")
+    dtypes = ["int8 with row scales" if dtype == "int8" else dtype for dtype in dtypes]
     return sum(tensor.numel() for tensor in weights), path.stat().st_size, "/".join(dtypes)
 
 

@@ -293,6 +293,7 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         save_base: bool = False,
         metrics: dict[str, Any] | None = None,
         training_args: dict[str, Any] | None = None,
+        weights_dtype: str | None = None,
         **kwargs: Any,
     ) -> list[str]:
         """Write an adapter-only checkpoint: `config.json`, `kangaroo_adapter.safetensors`, `generation_config.json`,
@@ -303,13 +304,22 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
             save_base: also write the base into `save_directory/base/`; loading then prefers it over the recorded name.
             metrics: measured results (speed-up, accepted tokens, ...) kept in `kangaroo_metrics.json` for the card.
             training_args: how the adapter was trained (data, steps, ...) kept in `training_args.json` for the card.
+            weights_dtype: storage type of the adapter weights: None keeps the model's, or "float32", "float16",
+                "bfloat16", or "int8" (each weight matrix as int8 with a float32 scale per row: a quarter of float32;
+                drafts change slightly, outputs never, since every draft is verified). Loading restores floats.
             kwargs: `is_main_process`, `push_to_hub` (+ `repo_id`, `commit_message`, `private`, `token`), and
                 `max_shard_size` for the base; `safe_serialization=False` is refused.
         """
         from .hub import save_kangaroo
 
         return save_kangaroo(
-            self, save_directory, save_base=save_base, metrics=metrics, training_args=training_args, **kwargs
+            self,
+            save_directory,
+            save_base=save_base,
+            metrics=metrics,
+            training_args=training_args,
+            weights_dtype=weights_dtype,
+            **kwargs,
         )
 
     def push_to_hub(
