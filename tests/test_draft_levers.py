@@ -1,12 +1,16 @@
-"""Speed levers stay lossless: a reduced draft vocabulary and drafts copied from the context (prompt lookup)."""
+"""Speed levers stay lossless: a reduced draft vocabulary, drafts copied from the context (prompt lookup), skipped
+unsure rounds, and the few-row verification kernel."""
 
 from __future__ import annotations
+
+from unittest import mock
 
 import pytest
 import torch
 
 from conftest import VOCAB, make_kangaroo
-from kangaroo_hf import KangarooCandidateGenerator, KangarooConfig
+from kangaroo_hf import KangarooCandidateGenerator, KangarooConfig, backbone, modeling
+from kangaroo_hf.backbone import few_row_linear
 
 
 def _prompt(length: int, seed: int) -> torch.LongTensor:
@@ -117,3 +121,64 @@ def test_first_draft_threshold_in_config_and_sampling():
         KangarooConfig(base_config=model.config.base_config, first_draft_threshold=1.5)
     with pytest.raises(ValueError, match="first_draft_threshold must be in \\[0, 1\\], got -0.1"):
         model.generate(input_ids, first_draft_threshold=-0.1, max_new_tokens=2)
+
+
+# -- few-row verification kernel (cpu_few_row_matmul) --------------------------------------------------------------
+
+
+class _MarkedLinear(torch.nn.Linear):
+    """A Linear subclass (as quantized or LoRA layers are): few_row_linear must leave it alone."""
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+def test_few_row_linear_matches_f_linear_and_restores_the_modules(rows):
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.Linear(24, 8, bias=False), _MarkedLinear(8, 8))
+    hooked = torch.nn.Linear(8, 8)
+    hooked.forward = lambda x: torch.zeros(x.shape[:-1] + (8,))  # as accelerate's hooks replace forward
+    x = torch.randn(1, rows, 16)
+    expected = block(x)
+    used = []
+    original = backbone._few_row_linear_forward
+    with mock.patch.object(
+        backbone, "_few_row_linear_forward", lambda self, inp: used.append(self) or original(self, inp)
+    ):
+        with few_row_linear([block, hooked]):
+            assert "forward" in block[0].__dict__ and "forward" not in block[2].__dict__
+            actual = block(x)
+            assert torch.equal(hooked(x[..., :8]), torch.zeros(1, rows, 8))
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    assert len(used) == 2  # the two plain Linears, not the subclass
+    assert "forward" not in block[0].__dict__ and "forward" not in block[1].__dict__  # restored
+    with pytest.raises(RuntimeError, match="boom"), few_row_linear([block]):
+        raise RuntimeError("boom")
+    assert "forward" not in block[0].__dict__
+
+
+def test_cpu_few_row_matmul_serves_short_float32_verifications_losslessly(arch, monkeypatch):
+    entered = []
+    original = modeling.few_row_linear
+
+    def spy(modules):
+        entered.append(len(modules))
+        return original(modules)
+
+    monkeypatch.setattr(modeling, "few_row_linear", spy)
+    model = make_kangaroo(arch, draft_threshold=0.0, max_draft_tokens=3)
+    prompt = _prompt(7, seed=4)
+    expected = model.generate(prompt, do_sample=False, max_new_tokens=20, use_kangaroo=False)
+    assert torch.equal(model.generate(prompt, do_sample=False, max_new_tokens=20), expected)
+    assert entered and set(entered) == {model.parts.num_layers - model.config.exit_layer + 1}
+    entered.clear()
+    model.config.cpu_few_row_matmul = False
+    assert torch.equal(model.generate(prompt, do_sample=False, max_new_tokens=20), expected)
+    assert entered == []
+    model.config.cpu_few_row_matmul = True
+    model.to(torch.bfloat16)  # float32 only: other dtypes keep F.linear
+    model.generate(prompt, do_sample=False, max_new_tokens=8)
+    assert entered == []
+
+
+def test_cpu_few_row_matmul_must_be_a_bool():
+    with pytest.raises(ValueError, match="cpu_few_row_matmul must be a bool, got 'yes'"):
+        make_kangaroo("llama", cpu_few_row_matmul="yes")

@@ -108,16 +108,18 @@ def test_sampling_with_copied_drafts_and_a_reduced_draft_vocabulary(model_and_pr
     assert p_value > 1e-3
 
 
-def test_sampling_with_the_shipped_adapter_layout():
-    """A full-layer adapter over the final-state context (as shipped) keeps the base's distribution."""
+@pytest.mark.parametrize("adapter_context, adapter_num_layers", [("exit", 2), ("final", 1)])
+def test_sampling_with_full_decoder_layer_adapters(adapter_context, adapter_num_layers):
+    """Full-layer adapters (the shipped one: two layers over exit states) keep the base's distribution."""
     base = tiny_base("llama", seed=3, vocab_size=VOCAB, num_hidden_layers=2, hidden_size=32, initializer_range=0.3)
     model = KangarooForCausalLM.from_base(
         base,
         exit_layer=1,
         draft_threshold=0.0,
         max_draft_tokens=NEW_TOKENS,
-        adapter_context="final",
+        adapter_context=adapter_context,
         adapter_mlp=True,
+        adapter_num_layers=adapter_num_layers,
     ).eval()
     p_value, accepted = _min_p_value_at_drafted_positions(model, torch.tensor([[1, 4, 7, 2]]))
     assert accepted > SAMPLES // 10

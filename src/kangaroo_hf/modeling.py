@@ -27,7 +27,7 @@ from transformers import (
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .backbone import DecoderParts
+from .backbone import FEW_ROWS, DecoderParts, few_row_linear
 from .configuration import KangarooConfig
 from .generation import DraftSettings, KangarooCandidateGenerator, KangarooStats
 from .peft_support import peft_fingerprint
@@ -217,7 +217,8 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
             exit_layer: number of shallow layers shared by the draft.
             draft_threshold: drafting stops after a draft whose top-1 probability is below this.
             max_draft_tokens: at most this many drafts per verification step.
-            adapter_num_layers: attention blocks in the adapter (1 = the paper's adapter).
+            adapter_num_layers: blocks in the adapter (attention blocks, or full decoder layers with
+                `adapter_mlp=True`; 1 = the paper's adapter).
             base_model_name_or_path: where `from_pretrained` will find the base; defaults to the base's own name.
             peft_adapter_name_or_path: for a `PeftModel` base, the folder or repo id of its PEFT adapter, recorded so
                 that `from_pretrained` can rebuild the same tuned base.
@@ -511,6 +512,16 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         )
         return self.parts.norm(hidden_states)
 
+    def _few_row_verification(self, exit_hidden_states: torch.Tensor) -> bool:
+        """Whether a verification forward over these states should use `few_row_linear` (`cpu_few_row_matmul`)."""
+        return (
+            self.config.cpu_few_row_matmul
+            and exit_hidden_states.device.type == "cpu"
+            and exit_hidden_states.dtype == torch.float32
+            and not torch.is_grad_enabled()
+            and 2 <= exit_hidden_states.shape[0] * exit_hidden_states.shape[1] <= FEW_ROWS
+        )
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -568,12 +579,16 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
             exit_hidden_states = self.parts.run_layers(
                 hidden_states, 0, exit_layer, position_ids, attention_mask, cache
             )
-        final_hidden_states = self.deep_forward(exit_hidden_states, position_ids, cache, attention_mask)
-        if isinstance(logits_to_keep, int):
-            hidden_states = final_hidden_states[:, -logits_to_keep:, :]  # (B, kept, D); 0 keeps all
-        else:
-            hidden_states = final_hidden_states[:, logits_to_keep, :]
-        logits = self.lm_head_logits(hidden_states)
+        kernels = contextlib.nullcontext()
+        if self._few_row_verification(exit_hidden_states):
+            kernels = few_row_linear([*self.parts.layers[exit_layer:], self.parts.lm_head])
+        with kernels:
+            final_hidden_states = self.deep_forward(exit_hidden_states, position_ids, cache, attention_mask)
+            if isinstance(logits_to_keep, int):
+                hidden_states = final_hidden_states[:, -logits_to_keep:, :]  # (B, kept, D); 0 keeps all
+            else:
+                hidden_states = final_hidden_states[:, logits_to_keep, :]
+            logits = self.lm_head_logits(hidden_states)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.base_config.vocab_size)

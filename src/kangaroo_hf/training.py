@@ -61,7 +61,9 @@ class TrainingArguments:
     output_dir: str = field(default="runs/kangaroo-adapter", metadata={"help": "adapter, checkpoints and metrics"})
     # -- the draft model (used when a plain base is given) --
     exit_layer: int = field(default=2, metadata={"help": "shallow base layers shared by the draft"})
-    adapter_num_layers: int = field(default=1, metadata={"help": "attention blocks in the adapter (paper: 1)"})
+    adapter_num_layers: int = field(
+        default=1, metadata={"help": "adapter blocks (full layers with adapter_mlp; paper: 1)"}
+    )
     adapter_context: str = field(
         default="exit",
         metadata={"help": "exit (paper) or final: the adapter also attends to verified tokens' final states"},
