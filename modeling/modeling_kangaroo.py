@@ -196,21 +196,27 @@ from transformers.generation.candidate_generator import CandidateGenerator
 @dataclass(frozen=True)
 class DraftSettings:
     """How one round drafts: stop at confidence below `draft_threshold` or after `max_draft_tokens`; optionally
-    propose up to `lookup_num_tokens` tokens copied from the context (0 = never)."""
+    propose up to `lookup_num_tokens` tokens copied from the context (0 = never), growing up to `lookup_max_tokens`
+    while copies are accepted in full."""
 
     draft_threshold: float
     max_draft_tokens: int
     lookup_num_tokens: int = 0
     lookup_max_ngram: int = 3
     first_draft_threshold: float = 0.0
+    lookup_max_tokens: int = 0
 
     def __post_init__(self) -> None:
         validate_draft_settings(self.draft_threshold, self.max_draft_tokens, self.first_draft_threshold)
-        validate_lookup(self.lookup_num_tokens, self.lookup_max_ngram)
+        validate_lookup(self.lookup_num_tokens, self.lookup_max_ngram, self.lookup_max_tokens)
+
+    @property
+    def longest_lookup(self) -> int:
+        return max(self.lookup_num_tokens, self.lookup_max_tokens) if self.lookup_num_tokens else 0
 
     @property
     def longest_draft(self) -> int:
-        return max(self.max_draft_tokens, self.lookup_num_tokens)
+        return max(self.max_draft_tokens, self.longest_lookup)
 
 
 @dataclass
@@ -310,6 +316,8 @@ class KangarooCandidateGenerator(CandidateGenerator):
         self.model_kwargs_overrides: dict[str, Any] = {"output_exit_hidden_states": True}
         self._first_verified_position = 0  # position of the first token of the last full forward
         self._drafted_this_round = 0
+        self._lookup_length = settings.lookup_num_tokens  # grows while copied drafts are accepted in full
+        self._copied_this_round = False
 
     def get_candidates(
         self,
@@ -331,6 +339,7 @@ class KangarooCandidateGenerator(CandidateGenerator):
 
         self._sync_adapter(model_outputs, cache, model_kwargs)
         self._first_verified_position = cache.get_seq_length(exit_layer)
+        self._copied_this_round = False
         candidate_ids, draft_scores, exit_states = self._draft(input_ids, cache, model_kwargs)
         self._drafted_this_round = candidate_ids.shape[1] - input_ids.shape[1]
         self.model_kwargs_overrides = {"exit_hidden_states": exit_states}
@@ -339,8 +348,17 @@ class KangarooCandidateGenerator(CandidateGenerator):
         return candidate_ids, candidate_logits
 
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int) -> None:
-        """Record how many of this round's drafts the base accepted (after the loop's EOS / length trimming)."""
+        """Record how many of this round's drafts the base accepted (after the loop's EOS / length trimming).
+
+        After a lookup round the lookup length doubles (up to `lookup_max_tokens`) if every copy was accepted, and
+        falls back to `lookup_num_tokens` otherwise.
+        """
         self.stats.record_step(self._drafted_this_round, int(num_matches))
+        if self._copied_this_round:
+            if int(num_matches) == self._drafted_this_round == self._lookup_length:
+                self._lookup_length = min(2 * self._lookup_length, self.settings.longest_lookup)
+            elif int(num_matches) < self._drafted_this_round:
+                self._lookup_length = self.settings.lookup_num_tokens
 
     def _sync_adapter(self, model_outputs: Any, cache: Cache, model_kwargs: dict[str, Any]) -> None:
         """Make the adapter cache hold exactly the verified tokens: crop what is stale, feed what is missing.
@@ -431,6 +449,7 @@ class KangarooCandidateGenerator(CandidateGenerator):
         if count == 0:
             return input_ids, [], first_exit_state
         self.stats.lookup_rounds += 1
+        self._copied_this_round = True
         positions = position + torch.arange(1, count + 1, device=position.device)
         exit_states = self.model.shallow_forward(drafts, positions, cache, _extend_mask(attention_mask, count))
         # A copied draft is a deterministic proposal: q is one-hot on it, so speculative sampling accepts it with
@@ -448,7 +467,7 @@ class KangarooCandidateGenerator(CandidateGenerator):
             matches = (windows == sequence[-size:]).all(dim=1).nonzero().view(-1)
             if matches.numel():
                 start = int(matches[-1]) + size
-                return sequence[start : start + self.settings.lookup_num_tokens]
+                return sequence[start : start + self._lookup_length]
         return None
 
     def _draft_scores(
@@ -1174,11 +1193,18 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         settings = None
         if use_kangaroo:
             config = self.config
+            lookup_num_tokens = config.lookup_num_tokens if lookup_num_tokens is None else lookup_num_tokens
             settings = DraftSettings(
                 draft_threshold=config.draft_threshold if draft_threshold is None else draft_threshold,
                 max_draft_tokens=config.max_draft_tokens if max_draft_tokens is None else max_draft_tokens,
-                lookup_num_tokens=config.lookup_num_tokens if lookup_num_tokens is None else lookup_num_tokens,
+                lookup_num_tokens=lookup_num_tokens,
                 lookup_max_ngram=config.lookup_max_ngram,
+                # A per-call lookup length above the configured growth cap simply stays fixed.
+                lookup_max_tokens=(
+                    config.lookup_max_tokens
+                    if isinstance(lookup_num_tokens, int) and config.lookup_max_tokens >= lookup_num_tokens
+                    else 0
+                ),
                 first_draft_threshold=(
                     config.first_draft_threshold if first_draft_threshold is None else first_draft_threshold
                 ),

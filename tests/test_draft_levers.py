@@ -7,10 +7,12 @@ from unittest import mock
 
 import pytest
 import torch
+from transformers import GenerationConfig, StoppingCriteriaList
 
 from conftest import VOCAB, make_kangaroo
 from kangaroo_hf import KangarooCandidateGenerator, KangarooConfig, backbone, modeling
 from kangaroo_hf.backbone import few_row_linear
+from kangaroo_hf.generation import DraftSettings
 
 
 def _prompt(length: int, seed: int) -> torch.LongTensor:
@@ -91,6 +93,55 @@ def test_prompt_lookup_per_call_override_and_edge_cases():
     one_token = torch.tensor([[5]])
     expected = base.generate(one_token, do_sample=False, max_new_tokens=12)
     assert model.generate(one_token, do_sample=False, max_new_tokens=12).tolist() == expected.tolist()
+
+
+def test_lookup_length_grows_while_copies_land_and_resets_on_a_rejection():
+    model = make_kangaroo("llama", lookup_num_tokens=2, lookup_max_tokens=7)
+    settings = DraftSettings(0.5, 3, lookup_num_tokens=2, lookup_max_tokens=7)
+    generator = KangarooCandidateGenerator(
+        model, settings, GenerationConfig(max_length=64), None, StoppingCriteriaList()
+    )
+    lengths = []
+    for drafted, accepted, copied in [
+        (2, 2, True),
+        (4, 4, True),
+        (3, 3, False),
+        (7, 7, True),
+        (7, 7, True),
+        (7, 3, True),
+    ]:
+        generator._drafted_this_round, generator._copied_this_round = drafted, copied
+        generator.update_candidate_strategy(None, None, accepted)
+        lengths.append(generator._lookup_length)
+    # doubled after full copies (capped at 7), untouched by adapter rounds, back to 2 after a partial copy
+    assert lengths == [4, 7, 7, 7, 7, 2]
+    with pytest.raises(
+        ValueError, match=r"lookup_max_tokens must be 0 \(fixed length\) or an int >= lookup_num_tokens \(4\)"
+    ):
+        make_kangaroo("llama", lookup_num_tokens=4, lookup_max_tokens=3)
+
+
+def test_growing_lookup_is_lossless_and_copies_longer_runs(arch, monkeypatch):
+    copied = []
+    original = KangarooCandidateGenerator._copy_drafts
+
+    def spy(self, tokens, *args):
+        copied.append(tokens.numel())
+        return original(self, tokens, *args)
+
+    monkeypatch.setattr(KangarooCandidateGenerator, "_copy_drafts", spy)
+    model = make_kangaroo(arch, agreement="random", draft_threshold=0.5, max_draft_tokens=2, lookup_num_tokens=2)
+    model.config.lookup_max_tokens = 8
+    base = model.get_base_model()
+    for seed in range(4):
+        input_ids = _repetitive_prompt(seed)
+        expected = base.generate(input_ids, do_sample=False, max_new_tokens=40)
+        assert model.generate(input_ids, do_sample=False, max_new_tokens=40).tolist() == expected.tolist()
+        # a per-call length above the growth cap stays fixed
+        assert model.generate(input_ids, do_sample=False, max_new_tokens=40, lookup_num_tokens=9).tolist() == (
+            expected.tolist()
+        )
+    assert copied and max(copied) > 2
 
 
 def test_first_draft_threshold_skips_unsure_rounds_losslessly(arch):

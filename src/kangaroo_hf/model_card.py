@@ -108,6 +108,15 @@ def adapter_size(folder: str | os.PathLike) -> tuple[int, int, str]:
     return sum(tensor.numel() for tensor in weights), path.stat().st_size, "/".join(dtypes)
 
 
+def _describe_lookup(config: dict[str, Any]) -> str:
+    lookup = config.get("lookup_num_tokens", 0)
+    if not lookup:
+        return "off"
+    growth = config.get("lookup_max_tokens", 0)
+    grows = f", growing to {growth} while copies are accepted" if growth > lookup else ""
+    return f"up to {lookup} context tokens copied per round{grows} (n-grams up to {config.get('lookup_max_ngram', 3)})"
+
+
 def render_model_card(folder: str | os.PathLike, repo_id: str | None = None) -> str:
     """The `README.md` text for the Kangaroo checkpoint in `folder` (`repo_id` is used in the usage snippet)."""
     folder = Path(folder)
@@ -153,11 +162,7 @@ def render_model_card(folder: str | os.PathLike, repo_id: str | None = None) -> 
             if (vocab_size := config.get("draft_vocab_size", 0))
             else "full"
         ),
-        prompt_lookup=(
-            f"up to {lookup} context tokens copied per round (n-grams up to {config.get('lookup_max_ngram', 3)})"
-            if (lookup := config.get("lookup_num_tokens", 0))
-            else "off"
-        ),
+        prompt_lookup=_describe_lookup(config),
         kangaroo_hf_version=config.get("kangaroo_hf_version", "unknown"),
         training_section=training_section,
         metrics_section=metrics_section,

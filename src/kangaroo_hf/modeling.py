@@ -630,11 +630,18 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         settings = None
         if use_kangaroo:
             config = self.config
+            lookup_num_tokens = config.lookup_num_tokens if lookup_num_tokens is None else lookup_num_tokens
             settings = DraftSettings(
                 draft_threshold=config.draft_threshold if draft_threshold is None else draft_threshold,
                 max_draft_tokens=config.max_draft_tokens if max_draft_tokens is None else max_draft_tokens,
-                lookup_num_tokens=config.lookup_num_tokens if lookup_num_tokens is None else lookup_num_tokens,
+                lookup_num_tokens=lookup_num_tokens,
                 lookup_max_ngram=config.lookup_max_ngram,
+                # A per-call lookup length above the configured growth cap simply stays fixed.
+                lookup_max_tokens=(
+                    config.lookup_max_tokens
+                    if isinstance(lookup_num_tokens, int) and config.lookup_max_tokens >= lookup_num_tokens
+                    else 0
+                ),
                 first_draft_threshold=(
                     config.first_draft_threshold if first_draft_threshold is None else first_draft_threshold
                 ),

@@ -53,7 +53,8 @@ class KangarooConfig(PreTrainedConfig):
         max_draft_tokens (`int`, *optional*, defaults to 6):
             Upper bound on drafts per verification step (paper: 6).
         adapter_num_layers (`int`, *optional*, defaults to 1):
-            Attention blocks in the adapter. 1 is the paper's adapter.
+            Blocks in the adapter (attention blocks, or full decoder layers with `adapter_mlp=True`). 1 is the
+            paper's adapter.
         adapter_context (`str`, *optional*, defaults to `"exit"`):
             What the adapter attends to for already verified tokens. `"exit"` (the paper): their exit-layer states.
             `"final"`: the base's final (post-norm) states, which every verification computes anyway (as EAGLE's
@@ -71,6 +72,16 @@ class KangarooConfig(PreTrainedConfig):
             the adapter is unsure. Helps copy-heavy tasks (summarization, RAG). 0 disables it.
         lookup_max_ngram (`int`, *optional*, defaults to 3):
             Longest n-gram (ending at the last token) searched for in the context by prompt lookup.
+        lookup_max_tokens (`int`, *optional*, defaults to 0):
+            Let the lookup length grow while copies land: after a round whose `L` copied tokens were all accepted, the
+            next lookup proposes up to `2 * L` (at most `lookup_max_tokens`); any rejection brings it back to
+            `lookup_num_tokens`. Long verbatim runs then cost few verifications while short proposals keep each
+            verification cheap. 0 (or `lookup_num_tokens`) keeps the length fixed.
+        cpu_few_row_matmul (`bool`, *optional*, defaults to `True`):
+            On CPU in float32, verification forwards of 2-4 tokens compute the base's linear layers as
+            `weight @ input.T` instead of `F.linear`: PyTorch's CPU BLAS computes that about as fast as one token,
+            where `F.linear` costs 1.7-2x (measured on the embedded SmolLM2). Last-bit rounding may differ, as between
+            any two kernels. `False` keeps `F.linear`.
         peft_adapter_name_or_path (`str`, *optional*):
             The PEFT (e.g. LoRA) adapter the base was tuned with when the Kangaroo adapter was trained.
         peft_adapter_revision (`str`, *optional*):
@@ -118,6 +129,9 @@ class KangarooConfig(PreTrainedConfig):
     # Prompt lookup inside Kangaroo rounds: copy-heavy prompts get long, cheap drafts.
     lookup_num_tokens: int = 0
     lookup_max_ngram: int = 3
+    lookup_max_tokens: int = 0
+    # CPU float32 BLAS is slow for a few rows through F.linear; weight @ input.T is not (see `few_row_linear`).
+    cpu_few_row_matmul: bool = True
     # The PEFT adapter of a LoRA-tuned base, so loading rebuilds the same tuned model.
     peft_adapter_name_or_path: str | None = None
     peft_adapter_revision: str | None = None
@@ -143,6 +157,8 @@ class KangarooConfig(PreTrainedConfig):
         validate_draft_settings(self.draft_threshold, self.max_draft_tokens, self.first_draft_threshold)
         if not isinstance(self.adapter_num_layers, int) or self.adapter_num_layers < 1:
             raise ValueError(f"adapter_num_layers must be an int >= 1, got {self.adapter_num_layers!r}.")
+        if not isinstance(self.cpu_few_row_matmul, bool):
+            raise ValueError(f"cpu_few_row_matmul must be a bool, got {self.cpu_few_row_matmul!r}.")
         if not isinstance(self.adapter_mlp, bool):
             raise ValueError(f"adapter_mlp must be a bool, got {self.adapter_mlp!r}.")
         if self.adapter_context not in ADAPTER_CONTEXTS:
@@ -155,7 +171,7 @@ class KangarooConfig(PreTrainedConfig):
                 f"draft_vocab_size must be an int in [0, {vocab_size}] (0 = full vocabulary), "
                 f"got {self.draft_vocab_size!r}."
             )
-        validate_lookup(self.lookup_num_tokens, self.lookup_max_ngram)
+        validate_lookup(self.lookup_num_tokens, self.lookup_max_ngram, self.lookup_max_tokens)
 
     def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> PreTrainedConfig:
         """The base's config: caches, masks and generation are sized by the wrapped model."""
@@ -173,12 +189,21 @@ def validate_draft_settings(draft_threshold: float, max_draft_tokens: int, first
         raise ValueError(f"max_draft_tokens must be an int >= 1, got {max_draft_tokens!r}.")
 
 
-def validate_lookup(num_tokens: int, max_ngram: int) -> None:
-    """Raise `ValueError` for a negative lookup length or an n-gram size below 1."""
+def validate_lookup(num_tokens: int, max_ngram: int, max_tokens: int = 0) -> None:
+    """Raise `ValueError` for a negative lookup length, an n-gram size below 1, or a growth cap below the length."""
     if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
         raise ValueError(f"lookup_num_tokens must be an int >= 0 (0 disables it), got {num_tokens!r}.")
     if isinstance(max_ngram, bool) or not isinstance(max_ngram, int) or max_ngram < 1:
         raise ValueError(f"lookup_max_ngram must be an int >= 1, got {max_ngram!r}.")
+    if (
+        isinstance(max_tokens, bool)
+        or not isinstance(max_tokens, int)
+        or not (max_tokens == 0 or max_tokens >= num_tokens)
+    ):
+        raise ValueError(
+            f"lookup_max_tokens must be 0 (fixed length) or an int >= lookup_num_tokens ({num_tokens}), "
+            f"got {max_tokens!r}."
+        )
 
 
 __all__ = ['KangarooConfig', 'validate_draft_settings', 'validate_lookup']

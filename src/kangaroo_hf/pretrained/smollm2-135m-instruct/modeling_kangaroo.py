@@ -13,9 +13,13 @@ from .configuration_kangaroo import KangarooConfig, __version__, validate_draft_
 # kangaroo_hf/backbone.py
 # ------------------------------------------------------------------------------
 
+import types
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import Cache, PreTrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -23,6 +27,10 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
 _REQUIRED_PARTS = ("model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb", "lm_head")
+# Most rows `few_row_linear` computes as `weight @ input.T`. With PyTorch's MKL on a 2-thread AMD EPYC, a float32
+# `F.linear` over 2-4 rows costs 1.7-2x one row while `weight @ input.T` costs about one row; from 5 rows on the
+# two are alike (measured over SmolLM2-135M's layers).
+FEW_ROWS = 4
 
 
 def unwrap_causal_lm(base: nn.Module) -> PreTrainedModel:
@@ -112,6 +120,39 @@ class DecoderParts:
         return hidden_states
 
 
+def _few_row_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
+    rows = input.numel() // input.shape[-1]
+    if not 2 <= rows <= FEW_ROWS:
+        return F.linear(input, self.weight, self.bias)
+    output = torch.mm(self.weight, input.reshape(rows, input.shape[-1]).T).T
+    if self.bias is not None:
+        output = output + self.bias
+    return output.reshape(*input.shape[:-1], self.weight.shape[0])
+
+
+@contextmanager
+def few_row_linear(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Within the block, the plain `nn.Linear`s in `modules` compute 2 to `FEW_ROWS` rows as `weight @ input.T`.
+
+    The same products as `F.linear` through another BLAS routine, which is much faster for so few rows in float32 on
+    CPUs; results can differ in the last bits, as between any two kernels. Subclasses (quantized or LoRA layers) and
+    modules whose `forward` is already replaced on the instance (accelerate hooks) are left as they are.
+    """
+    linears = [
+        module
+        for root in modules
+        for module in root.modules()
+        if type(module) is nn.Linear and "forward" not in module.__dict__
+    ]
+    for module in linears:
+        module.forward = types.MethodType(_few_row_linear_forward, module)
+    try:
+        yield
+    finally:
+        for module in linears:
+            del module.forward
+
+
 def slice_masks(
     config: PreTrainedConfig,
     hidden_states: torch.Tensor,
@@ -155,21 +196,27 @@ from transformers.generation.candidate_generator import CandidateGenerator
 @dataclass(frozen=True)
 class DraftSettings:
     """How one round drafts: stop at confidence below `draft_threshold` or after `max_draft_tokens`; optionally
-    propose up to `lookup_num_tokens` tokens copied from the context (0 = never)."""
+    propose up to `lookup_num_tokens` tokens copied from the context (0 = never), growing up to `lookup_max_tokens`
+    while copies are accepted in full."""
 
     draft_threshold: float
     max_draft_tokens: int
     lookup_num_tokens: int = 0
     lookup_max_ngram: int = 3
     first_draft_threshold: float = 0.0
+    lookup_max_tokens: int = 0
 
     def __post_init__(self) -> None:
         validate_draft_settings(self.draft_threshold, self.max_draft_tokens, self.first_draft_threshold)
-        validate_lookup(self.lookup_num_tokens, self.lookup_max_ngram)
+        validate_lookup(self.lookup_num_tokens, self.lookup_max_ngram, self.lookup_max_tokens)
+
+    @property
+    def longest_lookup(self) -> int:
+        return max(self.lookup_num_tokens, self.lookup_max_tokens) if self.lookup_num_tokens else 0
 
     @property
     def longest_draft(self) -> int:
-        return max(self.max_draft_tokens, self.lookup_num_tokens)
+        return max(self.max_draft_tokens, self.longest_lookup)
 
 
 @dataclass
@@ -269,6 +316,8 @@ class KangarooCandidateGenerator(CandidateGenerator):
         self.model_kwargs_overrides: dict[str, Any] = {"output_exit_hidden_states": True}
         self._first_verified_position = 0  # position of the first token of the last full forward
         self._drafted_this_round = 0
+        self._lookup_length = settings.lookup_num_tokens  # grows while copied drafts are accepted in full
+        self._copied_this_round = False
 
     def get_candidates(
         self,
@@ -290,6 +339,7 @@ class KangarooCandidateGenerator(CandidateGenerator):
 
         self._sync_adapter(model_outputs, cache, model_kwargs)
         self._first_verified_position = cache.get_seq_length(exit_layer)
+        self._copied_this_round = False
         candidate_ids, draft_scores, exit_states = self._draft(input_ids, cache, model_kwargs)
         self._drafted_this_round = candidate_ids.shape[1] - input_ids.shape[1]
         self.model_kwargs_overrides = {"exit_hidden_states": exit_states}
@@ -298,8 +348,17 @@ class KangarooCandidateGenerator(CandidateGenerator):
         return candidate_ids, candidate_logits
 
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int) -> None:
-        """Record how many of this round's drafts the base accepted (after the loop's EOS / length trimming)."""
+        """Record how many of this round's drafts the base accepted (after the loop's EOS / length trimming).
+
+        After a lookup round the lookup length doubles (up to `lookup_max_tokens`) if every copy was accepted, and
+        falls back to `lookup_num_tokens` otherwise.
+        """
         self.stats.record_step(self._drafted_this_round, int(num_matches))
+        if self._copied_this_round:
+            if int(num_matches) == self._drafted_this_round == self._lookup_length:
+                self._lookup_length = min(2 * self._lookup_length, self.settings.longest_lookup)
+            elif int(num_matches) < self._drafted_this_round:
+                self._lookup_length = self.settings.lookup_num_tokens
 
     def _sync_adapter(self, model_outputs: Any, cache: Cache, model_kwargs: dict[str, Any]) -> None:
         """Make the adapter cache hold exactly the verified tokens: crop what is stale, feed what is missing.
@@ -390,6 +449,7 @@ class KangarooCandidateGenerator(CandidateGenerator):
         if count == 0:
             return input_ids, [], first_exit_state
         self.stats.lookup_rounds += 1
+        self._copied_this_round = True
         positions = position + torch.arange(1, count + 1, device=position.device)
         exit_states = self.model.shallow_forward(drafts, positions, cache, _extend_mask(attention_mask, count))
         # A copied draft is a deterministic proposal: q is one-hot on it, so speculative sampling accepts it with
@@ -407,7 +467,7 @@ class KangarooCandidateGenerator(CandidateGenerator):
             matches = (windows == sequence[-size:]).all(dim=1).nonzero().view(-1)
             if matches.numel():
                 start = int(matches[-1]) + size
-                return sequence[start : start + self.settings.lookup_num_tokens]
+                return sequence[start : start + self._lookup_length]
         return None
 
     def _draft_scores(
@@ -723,7 +783,8 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
             exit_layer: number of shallow layers shared by the draft.
             draft_threshold: drafting stops after a draft whose top-1 probability is below this.
             max_draft_tokens: at most this many drafts per verification step.
-            adapter_num_layers: attention blocks in the adapter (1 = the paper's adapter).
+            adapter_num_layers: blocks in the adapter (attention blocks, or full decoder layers with
+                `adapter_mlp=True`; 1 = the paper's adapter).
             base_model_name_or_path: where `from_pretrained` will find the base; defaults to the base's own name.
             peft_adapter_name_or_path: for a `PeftModel` base, the folder or repo id of its PEFT adapter, recorded so
                 that `from_pretrained` can rebuild the same tuned base.
@@ -798,6 +859,7 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         save_base: bool = False,
         metrics: dict[str, Any] | None = None,
         training_args: dict[str, Any] | None = None,
+        weights_dtype: str | None = None,
         **kwargs: Any,
     ) -> list[str]:
         """Write an adapter-only checkpoint: `config.json`, `kangaroo_adapter.safetensors`, `generation_config.json`,
@@ -808,12 +870,21 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
             save_base: also write the base into `save_directory/base/`; loading then prefers it over the recorded name.
             metrics: measured results (speed-up, accepted tokens, ...) kept in `kangaroo_metrics.json` for the card.
             training_args: how the adapter was trained (data, steps, ...) kept in `training_args.json` for the card.
+            weights_dtype: storage type of the adapter weights: None keeps the model's, or "float32", "float16",
+                "bfloat16", or "int8" (each weight matrix as int8 with a float32 scale per row: a quarter of float32;
+                drafts change slightly, outputs never, since every draft is verified). Loading restores floats.
             kwargs: `is_main_process`, `push_to_hub` (+ `repo_id`, `commit_message`, `private`, `token`), and
                 `max_shard_size` for the base; `safe_serialization=False` is refused.
         """
 
         return save_kangaroo(
-            self, save_directory, save_base=save_base, metrics=metrics, training_args=training_args, **kwargs
+            self,
+            save_directory,
+            save_base=save_base,
+            metrics=metrics,
+            training_args=training_args,
+            weights_dtype=weights_dtype,
+            **kwargs,
         )
 
     def push_to_hub(
@@ -1004,6 +1075,16 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         )
         return self.parts.norm(hidden_states)
 
+    def _few_row_verification(self, exit_hidden_states: torch.Tensor) -> bool:
+        """Whether a verification forward over these states should use `few_row_linear` (`cpu_few_row_matmul`)."""
+        return (
+            self.config.cpu_few_row_matmul
+            and exit_hidden_states.device.type == "cpu"
+            and exit_hidden_states.dtype == torch.float32
+            and not torch.is_grad_enabled()
+            and 2 <= exit_hidden_states.shape[0] * exit_hidden_states.shape[1] <= FEW_ROWS
+        )
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1061,12 +1142,16 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
             exit_hidden_states = self.parts.run_layers(
                 hidden_states, 0, exit_layer, position_ids, attention_mask, cache
             )
-        final_hidden_states = self.deep_forward(exit_hidden_states, position_ids, cache, attention_mask)
-        if isinstance(logits_to_keep, int):
-            hidden_states = final_hidden_states[:, -logits_to_keep:, :]  # (B, kept, D); 0 keeps all
-        else:
-            hidden_states = final_hidden_states[:, logits_to_keep, :]
-        logits = self.lm_head_logits(hidden_states)
+        kernels = contextlib.nullcontext()
+        if self._few_row_verification(exit_hidden_states):
+            kernels = few_row_linear([*self.parts.layers[exit_layer:], self.parts.lm_head])
+        with kernels:
+            final_hidden_states = self.deep_forward(exit_hidden_states, position_ids, cache, attention_mask)
+            if isinstance(logits_to_keep, int):
+                hidden_states = final_hidden_states[:, -logits_to_keep:, :]  # (B, kept, D); 0 keeps all
+            else:
+                hidden_states = final_hidden_states[:, logits_to_keep, :]
+            logits = self.lm_head_logits(hidden_states)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.base_config.vocab_size)
@@ -1108,11 +1193,18 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         settings = None
         if use_kangaroo:
             config = self.config
+            lookup_num_tokens = config.lookup_num_tokens if lookup_num_tokens is None else lookup_num_tokens
             settings = DraftSettings(
                 draft_threshold=config.draft_threshold if draft_threshold is None else draft_threshold,
                 max_draft_tokens=config.max_draft_tokens if max_draft_tokens is None else max_draft_tokens,
-                lookup_num_tokens=config.lookup_num_tokens if lookup_num_tokens is None else lookup_num_tokens,
+                lookup_num_tokens=lookup_num_tokens,
                 lookup_max_ngram=config.lookup_max_ngram,
+                # A per-call lookup length above the configured growth cap simply stays fixed.
+                lookup_max_tokens=(
+                    config.lookup_max_tokens
+                    if isinstance(lookup_num_tokens, int) and config.lookup_max_tokens >= lookup_num_tokens
+                    else 0
+                ),
                 first_draft_threshold=(
                     config.first_draft_threshold if first_draft_threshold is None else first_draft_threshold
                 ),
@@ -1223,8 +1315,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from huggingface_hub import HfApi, snapshot_download, try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -1243,6 +1335,12 @@ AUTO_MAP = {
     "AutoConfig": "configuration_kangaroo.KangarooConfig",
     "AutoModelForCausalLM": "modeling_kangaroo.KangarooForCausalLM",
 }
+# Storage types for the adapter weights (`save_pretrained(weights_dtype=...)`). "int8" keeps each weight matrix as
+# int8 with one float32 scale per row (`<name>.int8_scale`), marked in the file's metadata; loading restores floats.
+WEIGHTS_DTYPES = ("float32", "float16", "bfloat16", "int8")
+WEIGHTS_FORMAT_KEY = "kangaroo_weights"
+INT8_ROWWISE = "int8-rowwise"
+INT8_SCALE_SUFFIX = ".int8_scale"
 # Weight formats that unpickle (and may run code) on load: refused, never read.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # Base config fields the adapter's shapes and the exit layer depend on: recorded at save, compared at load.
@@ -1296,8 +1394,11 @@ def resolve_checkpoint(
     return Path(snapshot) / subfolder
 
 
-def load_adapter_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read `kangaroo_adapter.safetensors` from `folder`; pickle files are refused, a damaged file is named."""
+def read_adapter_file(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of `kangaroo_adapter.safetensors` in `folder` as stored, and the file's metadata.
+
+    Pickle files are refused and a missing or damaged file is named; `load_adapter_weights` decodes the tensors.
+    """
     folder = Path(folder)
     path = folder / ADAPTER_WEIGHTS_NAME
     if not path.is_file():
@@ -1311,11 +1412,81 @@ def load_adapter_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
         present = sorted(p.name for p in folder.glob("*")) if folder.is_dir() else []
         raise FileNotFoundError(f"No adapter weights {ADAPTER_WEIGHTS_NAME} in {folder} (it holds {present}).")
     try:
-        return load_file(path)
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: handle.get_tensor(name) for name in handle.keys()}, dict(handle.metadata() or {})
     except SafetensorError as error:
         raise ValueError(
             f"{path} is not a readable safetensors file ({path.stat().st_size} bytes; truncated or corrupt?): {error}"
         ) from error
+
+
+def encode_adapter_weights(
+    weights: dict[str, torch.Tensor], weights_dtype: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata to store for `weights` in `weights_dtype` (None: as they are; see `WEIGHTS_DTYPES`).
+
+    Integer tensors (token-id buffers) are stored as they are. With "int8", every floating weight matrix becomes int8
+    with one float32 scale per row (`max |row| / 127`); vectors (norm weights) keep their dtype.
+    """
+    metadata = {"format": "pt", "kangaroo_hf_version": __version__}
+    if weights_dtype is None:
+        return dict(weights), metadata
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise ValueError(f"weights_dtype must be one of {WEIGHTS_DTYPES} or None, got {weights_dtype!r}.")
+    if weights_dtype != "int8":
+        dtype = getattr(torch, weights_dtype)
+        return {name: t.to(dtype) if t.is_floating_point() else t for name, t in weights.items()}, metadata
+    encoded: dict[str, torch.Tensor] = {}
+    for name, tensor in weights.items():
+        if not (tensor.is_floating_point() and tensor.dim() == 2):
+            encoded[name] = tensor
+            continue
+        rows = tensor.float()
+        scale = rows.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+        encoded[name] = torch.round(rows / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        encoded[name + INT8_SCALE_SUFFIX] = scale.contiguous()
+    return encoded, {**metadata, WEIGHTS_FORMAT_KEY: INT8_ROWWISE}
+
+
+def decode_adapter_weights(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str = "the adapter file"
+) -> dict[str, torch.Tensor]:
+    """Inverse of `encode_adapter_weights`: int8 matrices (per the metadata) back to float32, the rest as stored."""
+    weights_format = metadata.get(WEIGHTS_FORMAT_KEY)
+    if weights_format is None:
+        return tensors
+    if weights_format != INT8_ROWWISE:
+        raise ValueError(
+            f"{source} stores its weights as {weights_format!r}, which this version of kangaroo_hf ({__version__}) "
+            f"cannot read (it reads {INT8_ROWWISE!r}); upgrade kangaroo_hf."
+        )
+    decoded = {name: t for name, t in tensors.items() if not name.endswith(INT8_SCALE_SUFFIX)}
+    for name, tensor in list(decoded.items()):
+        if tensor.dtype != torch.int8:
+            continue
+        scale = tensors.get(name + INT8_SCALE_SUFFIX)
+        if scale is None or tensor.dim() != 2 or scale.shape != (tensor.shape[0],):
+            found = None if scale is None else tuple(scale.shape)
+            raise ValueError(
+                f"{source} is damaged: the int8 weight {name!r} {tuple(tensor.shape)} needs a row scale "
+                f"{name + INT8_SCALE_SUFFIX!r} of shape ({tensor.shape[0]},), found {found}."
+            )
+        decoded[name] = tensor.float() * scale.float()[:, None]
+    int8_names = {name for name, tensor in tensors.items() if tensor.dtype == torch.int8}
+    orphans = sorted(
+        name
+        for name in tensors
+        if name.endswith(INT8_SCALE_SUFFIX) and name.removesuffix(INT8_SCALE_SUFFIX) not in int8_names
+    )
+    if orphans:
+        raise ValueError(f"{source} is damaged: the scales {orphans} belong to no int8 weight.")
+    return decoded
+
+
+def load_adapter_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read and decode `kangaroo_adapter.safetensors` from `folder`; pickles are refused, a damaged file is named."""
+    tensors, metadata = read_adapter_file(folder)
+    return decode_adapter_weights(tensors, metadata, str(Path(folder) / ADAPTER_WEIGHTS_NAME))
 
 
 def check_base_matches(config: KangarooConfig, base: nn.Module, base_source: str | None = None) -> None:
@@ -1465,6 +1636,7 @@ def save_kangaroo(
     save_base: bool = False,
     metrics: dict[str, Any] | None = None,
     training_args: dict[str, Any] | None = None,
+    weights_dtype: str | None = None,
     is_main_process: bool = True,
     push_to_hub: bool = False,
     safe_serialization: bool = True,
@@ -1474,6 +1646,8 @@ def save_kangaroo(
     """Implementation of `KangarooForCausalLM.save_pretrained`; returns the names of the files written."""
     if not safe_serialization:
         raise ValueError("Kangaroo checkpoints are safetensors only; safe_serialization=False is not supported.")
+    if weights_dtype is not None and weights_dtype not in WEIGHTS_DTYPES:
+        raise ValueError(f"weights_dtype must be one of {WEIGHTS_DTYPES} or None, got {weights_dtype!r}.")
     push_kwargs = {
         name: kwargs.pop(name) for name in ("repo_id", "commit_message", "private", "token") if name in kwargs
     }
@@ -1491,7 +1665,8 @@ def save_kangaroo(
         logger.warning("The base has no name or path: loading this checkpoint will need `base_model=`.")
     config.save_pretrained(folder)
     weights = {name: tensor.detach().contiguous().cpu() for name, tensor in model.adapter_state_dict().items()}
-    save_file(weights, folder / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt", "kangaroo_hf_version": __version__})
+    tensors, metadata = encode_adapter_weights(weights, weights_dtype)
+    save_file(tensors, folder / ADAPTER_WEIGHTS_NAME, metadata=metadata)
     model.generation_config.save_pretrained(folder)
     if save_base:
         if unwrap_causal_lm(model.base) is not model.base:
@@ -1624,4 +1799,4 @@ def add_push(subparsers: Any) -> None:
     parser.set_defaults(handler=_run_push)
 
 
-__all__ = ['ADAPTER_WEIGHTS_NAME', 'AUTO_MAP', 'BASE_SUBFOLDER', 'DecoderParts', 'DraftSettings', 'KangarooAdapter', 'KangarooCandidateGenerator', 'KangarooCausalLMOutput', 'KangarooForCausalLM', 'KangarooPreTrainedModel', 'KangarooStats', 'METRICS_NAME', 'TRAINING_ARGS_NAME', 'add_push', 'check_base_matches', 'is_peft_model', 'layer_types', 'load_adapter_weights', 'load_kangaroo', 'load_peft_base', 'peft_fingerprint', 'push_folder', 'push_kangaroo', 'resolve_checkpoint', 'save_kangaroo', 'slice_masks', 'unwrap_causal_lm', 'upload_file_list', 'warn_if_peft_differs']
+__all__ = ['ADAPTER_WEIGHTS_NAME', 'AUTO_MAP', 'BASE_SUBFOLDER', 'DecoderParts', 'DraftSettings', 'FEW_ROWS', 'KangarooAdapter', 'KangarooCandidateGenerator', 'KangarooCausalLMOutput', 'KangarooForCausalLM', 'KangarooPreTrainedModel', 'KangarooStats', 'METRICS_NAME', 'TRAINING_ARGS_NAME', 'add_push', 'check_base_matches', 'decode_adapter_weights', 'encode_adapter_weights', 'few_row_linear', 'is_peft_model', 'layer_types', 'load_adapter_weights', 'load_kangaroo', 'load_peft_base', 'peft_fingerprint', 'push_folder', 'push_kangaroo', 'read_adapter_file', 'resolve_checkpoint', 'save_kangaroo', 'slice_masks', 'unwrap_causal_lm', 'upload_file_list', 'warn_if_peft_differs']
