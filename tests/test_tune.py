@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
+import pytest
 import torch
 
 from conftest import VOCAB, make_kangaroo, tiny_tokenizer
@@ -52,6 +54,22 @@ def test_calibration_prompts_spread_over_files(tmp_path):
         files.append(path)
     prompts = calibration_prompts(files, 4, tiny_tokenizer())
     assert len(prompts) == 4 and all(p.shape[0] == 1 for p in prompts)
+
+
+def test_calibration_prompts_mix_the_sources_of_a_file(tmp_path, monkeypatch):
+    from kangaroo_hf import commands
+
+    rows = [{"id": f"flan-{i}", "messages": [{"role": "user", "content": f"flan {i}"}]} for i in range(6)]
+    rows += [{"source": "t0/xsum", "messages": [{"role": "user", "content": f"t0 {i}"}]} for i in range(2)]
+    rows += [{"source": "gsm8k", "messages": [{"role": "user", "content": "gsm 0"}]}]
+    path = tmp_path / "validation.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+    monkeypatch.setattr(commands, "chat_input_ids", lambda tokenizer, text: text)
+    assert calibration_prompts([path], 5, None) == ["flan 0", "t0 0", "gsm 0", "flan 1", "t0 1"]
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"id": "x-1", "messages": [{"role": "assistant", "content": "a"}]}))
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1 has no user message"):
+        calibration_prompts([tmp_path / "bad.jsonl"], 1, None)
 
 
 def test_lossless_check_accepts_only_numerical_ties(monkeypatch):

@@ -9,6 +9,7 @@ reported beside it. Calibration prompts must be training-style prompts, never th
 from __future__ import annotations
 
 import argparse
+import gzip
 import itertools
 import json
 import logging
@@ -40,19 +41,30 @@ class TuneResult:
 
 
 def calibration_prompts(paths: Sequence[str | Path], limit: int, tokenizer) -> list[torch.LongTensor]:
-    """First user turns of JSONL conversations (`messages`), rendered with the chat template, spread over the files."""
+    """First user turns of JSONL conversations (`messages`; `.jsonl.gz` too), rendered with the chat template.
+
+    The prompts are spread over the files and, within a file, over its sources (the `source` field up to its first
+    `/`, else the `id` up to its last `-`), taken in turn in file order, so a validation split whose first lines all
+    come from one dataset still yields a mixed calibration set.
+    """
     from .commands import chat_input_ids
 
     per_file = max(1, -(-limit // len(paths)))
     prompts = []
     for path in paths:
-        with open(path) as handle:
-            for line_number, line in zip(range(per_file), handle, strict=False):
-                messages = json.loads(line).get("messages") or []
-                user = next((m["content"] for m in messages if m.get("role") == "user"), None)
-                if user is None:
-                    raise ValueError(f"{path}:{line_number + 1} has no user message.")
-                prompts.append(chat_input_ids(tokenizer, user))
+        by_source: dict[str, list[tuple[int, dict]]] = {}
+        with (gzip.open if str(path).endswith(".gz") else open)(path, "rt", encoding="utf-8") as handle:
+            for line_number, line in enumerate(handle):
+                row = json.loads(line)
+                source = str(row.get("source") or "").split("/")[0] or str(row.get("id", "")).rsplit("-", 1)[0]
+                by_source.setdefault(source, []).append((line_number, row))
+        in_turn = [pair for group in itertools.zip_longest(*by_source.values()) for pair in group if pair]
+        for line_number, row in in_turn[:per_file]:
+            messages = row.get("messages") or []
+            user = next((m["content"] for m in messages if m.get("role") == "user"), None)
+            if user is None:
+                raise ValueError(f"{path}:{line_number + 1} has no user message.")
+            prompts.append(chat_input_ids(tokenizer, user))
     return prompts[:limit]
 
 
@@ -172,7 +184,9 @@ def add_tune(subparsers: Any) -> None:
 
     parser = subparsers.add_parser("tune", help="choose draft settings by measured speed on calibration prompts")
     parser.add_argument("--model", action="append", help="Kangaroo folder/repo (repeat for several exit layers)")
-    parser.add_argument("--data", nargs="+", required=True, help="training-style JSONL (never benchmark prompts)")
+    parser.add_argument(
+        "--data", nargs="+", required=True, help="training-style JSONL or .jsonl.gz (never benchmark prompts)"
+    )
     parser.add_argument("--num-prompts", type=int, default=12)
     parser.add_argument("--thresholds", default="0.2,0.4,0.6")
     parser.add_argument("--max-drafts", default="3,6")
