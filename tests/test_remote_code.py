@@ -14,7 +14,7 @@ import torch
 from transformers.dynamic_module_utils import check_imports, get_relative_imports
 
 from conftest import VOCAB, make_kangaroo
-from kangaroo_hf import remote_code
+from kangaroo_hf import KangarooForCausalLM, remote_code
 from kangaroo_hf.hub import REMOTE_CODE_FILES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -129,11 +129,14 @@ print(json.dumps({
 """
 
 
-def test_trust_remote_code_loads_without_the_package(tmp_path):
+@pytest.mark.parametrize("weights_dtype", [None, "int8"])
+def test_trust_remote_code_loads_without_the_package(tmp_path, weights_dtype):
     model = make_kangaroo("qwen2", draft_threshold=0.2, max_draft_tokens=4)
     model.get_base_model().save_pretrained(tmp_path / "base")
     model.config.base_model_name_or_path = str(tmp_path / "base")
-    model.save_pretrained(tmp_path / "kangaroo")
+    model.save_pretrained(tmp_path / "kangaroo", weights_dtype=weights_dtype)
+    if weights_dtype == "int8":  # the remote code must decode the int8 file exactly as the package does
+        model = KangarooForCausalLM.from_pretrained(tmp_path / "kangaroo", base_model=model.get_base_model())
     prompt = torch.randint(2, VOCAB, (6,), generator=torch.Generator().manual_seed(0)).tolist()
     expected = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12)[0].tolist()
     expected_stats = model.last_generate_stats.to_dict()
