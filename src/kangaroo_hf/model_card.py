@@ -16,16 +16,11 @@ import string
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .hub import (
     ADAPTER_WEIGHTS_NAME,
     CONFIG_NAME,
-    INT8_ROWWISE,
-    INT8_SCALE_SUFFIX,
     METRICS_NAME,
     TRAINING_ARGS_NAME,
-    WEIGHTS_FORMAT_KEY,
     decode_adapter_weights,
     read_adapter_file,
 )
@@ -90,22 +85,16 @@ def _human(count: int) -> str:
 def adapter_size(folder: str | os.PathLike) -> tuple[int, int, str]:
     """Parameter count, file size in bytes and dtype(s) of the adapter weights in a checkpoint folder.
 
-    Integer tensors (token-id buffers) are not parameters: they count towards the size only, except the int8 weight
-    matrices of an int8 checkpoint (their row scales are not counted).
+    Parameters are the floating tensors once decoded (an int8 checkpoint's matrices count, their row scales do not);
+    integer buffers (token ids) count towards the size only. The dtypes are those stored.
     """
     path = Path(folder) / ADAPTER_WEIGHTS_NAME
-    tensors, metadata = read_adapter_file(folder)  # names a missing, pickled or damaged file
-    decode_adapter_weights(tensors, metadata, str(path))  # names an undecodable one
-    quantized = metadata.get(WEIGHTS_FORMAT_KEY) == INT8_ROWWISE
-    weights = [
-        tensor
-        for name, tensor in tensors.items()
-        if (tensor.is_floating_point() and not name.endswith(INT8_SCALE_SUFFIX))
-        or (quantized and tensor.dtype == torch.int8)
-    ]
-    dtypes = sorted({str(tensor.dtype).removeprefix("torch.") for tensor in weights}, key=lambda d: d != "int8")
-    dtypes = ["int8 with row scales" if dtype == "int8" else dtype for dtype in dtypes]
-    return sum(tensor.numel() for tensor in weights), path.stat().st_size, "/".join(dtypes)
+    stored, metadata = read_adapter_file(folder)  # names a missing, pickled or damaged file
+    decoded = decode_adapter_weights(stored, metadata, str(path))  # names an undecodable one; drops the row scales
+    parameters = [name for name, tensor in decoded.items() if tensor.is_floating_point()]
+    dtypes = {str(stored[name].dtype).removeprefix("torch.") for name in parameters}
+    dtypes = ["int8 with row scales" if d == "int8" else d for d in sorted(dtypes, key=lambda d: (d != "int8", d))]
+    return sum(decoded[name].numel() for name in parameters), path.stat().st_size, "/".join(dtypes)
 
 
 def _describe_lookup(config: dict[str, Any]) -> str:
