@@ -1420,6 +1420,11 @@ def read_adapter_file(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor
         ) from error
 
 
+def _check_weights_dtype(weights_dtype: str | None) -> None:
+    if weights_dtype is not None and weights_dtype not in WEIGHTS_DTYPES:
+        raise ValueError(f"weights_dtype must be one of {WEIGHTS_DTYPES} or None, got {weights_dtype!r}.")
+
+
 def encode_adapter_weights(
     weights: dict[str, torch.Tensor], weights_dtype: str | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -1429,10 +1434,9 @@ def encode_adapter_weights(
     with one float32 scale per row (`max |row| / 127`); vectors (norm weights) keep their dtype.
     """
     metadata = {"format": "pt", "kangaroo_hf_version": __version__}
+    _check_weights_dtype(weights_dtype)
     if weights_dtype is None:
         return dict(weights), metadata
-    if weights_dtype not in WEIGHTS_DTYPES:
-        raise ValueError(f"weights_dtype must be one of {WEIGHTS_DTYPES} or None, got {weights_dtype!r}.")
     if weights_dtype != "int8":
         dtype = getattr(torch, weights_dtype)
         return {name: t.to(dtype) if t.is_floating_point() else t for name, t in weights.items()}, metadata
@@ -1646,8 +1650,7 @@ def save_kangaroo(
     """Implementation of `KangarooForCausalLM.save_pretrained`; returns the names of the files written."""
     if not safe_serialization:
         raise ValueError("Kangaroo checkpoints are safetensors only; safe_serialization=False is not supported.")
-    if weights_dtype is not None and weights_dtype not in WEIGHTS_DTYPES:
-        raise ValueError(f"weights_dtype must be one of {WEIGHTS_DTYPES} or None, got {weights_dtype!r}.")
+    _check_weights_dtype(weights_dtype)  # before anything is written
     push_kwargs = {
         name: kwargs.pop(name) for name in ("repo_id", "commit_message", "private", "token") if name in kwargs
     }
