@@ -27,9 +27,10 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
 _REQUIRED_PARTS = ("model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb", "lm_head")
-# Most rows `few_row_linear` computes as `weight @ input.T`. With PyTorch's MKL on a 2-thread AMD EPYC, a float32
-# `F.linear` over 2-4 rows costs 1.7-2x one row while `weight @ input.T` costs about one row; from 5 rows on the
-# two are alike (measured over SmolLM2-135M's layers).
+# Most rows `few_row_linear` computes as `weight @ input.T`. With PyTorch's CPU BLAS on a 2-thread AMD EPYC, float32
+# products over 1-4 rows are slow through `F.linear` (one row goes through a matrix-vector routine that streams the
+# weight at a third of the speed of a 2-column matrix product; 2-4 rows cost 1.7-2x one row), while `weight @ input.T`
+# over 2-4 columns costs about what one row should; from 5 rows on the two are alike (measured on SmolLM2-135M).
 FEW_ROWS = 4
 
 
@@ -120,23 +121,37 @@ class DecoderParts:
         return hidden_states
 
 
+def few_row_matmul(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(input, weight, bias)`, computed as `weight @ input.T` when `input` has 1 to `FEW_ROWS` rows.
+
+    One row is computed as two (the row twice), so the product is a matrix product rather than a matrix-vector one.
+    Results can differ from `F.linear` in the last bits, as between any two kernels.
+    """
+    rows = input.numel() // input.shape[-1] if input.shape[-1] else 0
+    if not 1 <= rows <= FEW_ROWS:
+        return F.linear(input, weight, bias)
+    flat = input.reshape(rows, input.shape[-1])
+    if rows == 1:
+        flat = torch.cat([flat, flat])
+    output = torch.mm(weight, flat.T)[:, :rows].T
+    if bias is not None:
+        output = output + bias
+    return output.reshape(*input.shape[:-1], weight.shape[0])
+
+
 def _few_row_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
-    rows = input.numel() // input.shape[-1]
-    if not 2 <= rows <= FEW_ROWS:
-        return F.linear(input, self.weight, self.bias)
-    output = torch.mm(self.weight, input.reshape(rows, input.shape[-1]).T).T
-    if self.bias is not None:
-        output = output + self.bias
-    return output.reshape(*input.shape[:-1], self.weight.shape[0])
+    return few_row_matmul(input, self.weight, self.bias)
 
 
 @contextmanager
 def few_row_linear(modules: Iterable[nn.Module]) -> Iterator[None]:
-    """Within the block, the plain `nn.Linear`s in `modules` compute 2 to `FEW_ROWS` rows as `weight @ input.T`.
+    """Within the block, the plain `nn.Linear`s in `modules` compute 1 to `FEW_ROWS` rows with `few_row_matmul`.
 
     The same products as `F.linear` through another BLAS routine, which is much faster for so few rows in float32 on
     CPUs; results can differ in the last bits, as between any two kernels. Subclasses (quantized or LoRA layers) and
-    modules whose `forward` is already replaced on the instance (accelerate hooks) are left as they are.
+    modules whose `forward` is already replaced on the instance (accelerate hooks) are left as they are. The
+    replacement is on the module instances: another thread running the same modules meanwhile uses it too (same
+    math).
     """
     linears = [
         module
@@ -302,6 +317,7 @@ class KangarooCandidateGenerator(CandidateGenerator):
         generation_config: GenerationConfig,
         logits_processor: LogitsProcessorList | None,
         stopping_criteria: StoppingCriteriaList,
+        use_few_row_matmul: bool = False,
     ) -> None:
         self.model = model
         self.settings = settings
@@ -312,6 +328,7 @@ class KangarooCandidateGenerator(CandidateGenerator):
         self.adapter_cache = DynamicCache()
         self.stats = KangarooStats(max_draft_tokens=settings.longest_draft)
         self.draft_head = model.draft_head()
+        self._head_product = few_row_matmul if use_few_row_matmul else torch.nn.functional.linear
         # Kwargs merged into the loop's next forward: the prefill must return exit states, a verification reuses them.
         self.model_kwargs_overrides: dict[str, Any] = {"output_exit_hidden_states": True}
         self._first_verified_position = 0  # position of the first token of the last full forward
@@ -479,7 +496,7 @@ class KangarooCandidateGenerator(CandidateGenerator):
         the scores are scattered back to the full vocabulary whenever logits processors or sampling need it.
         """
         weight, bias, vocab_ids = self.draft_head
-        scores = torch.nn.functional.linear(hidden, weight, bias).float()
+        scores = self._head_product(hidden, weight, bias).float()
         if vocab_ids is not None and (self.do_sample or len(self.logits_processor)):
             full = torch.full((1, self.model.parts.lm_head.out_features), float("-inf"), device=scores.device)
             scores, vocab_ids = full.index_copy_(1, vocab_ids, scores), None
@@ -1075,14 +1092,14 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         )
         return self.parts.norm(hidden_states)
 
-    def _few_row_verification(self, exit_hidden_states: torch.Tensor) -> bool:
-        """Whether a verification forward over these states should use `few_row_linear` (`cpu_few_row_matmul`)."""
+    def _uses_few_row_matmul(self) -> bool:
+        """Whether Kangaroo decoding computes short products with `few_row_matmul` (`cpu_few_row_matmul`)."""
+        weight = self.parts.lm_head.weight
         return (
             self.config.cpu_few_row_matmul
-            and exit_hidden_states.device.type == "cpu"
-            and exit_hidden_states.dtype == torch.float32
+            and weight.device.type == "cpu"
+            and weight.dtype == torch.float32
             and not torch.is_grad_enabled()
-            and 2 <= exit_hidden_states.shape[0] * exit_hidden_states.shape[1] <= FEW_ROWS
         )
 
     def forward(
@@ -1142,16 +1159,12 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
             exit_hidden_states = self.parts.run_layers(
                 hidden_states, 0, exit_layer, position_ids, attention_mask, cache
             )
-        kernels = contextlib.nullcontext()
-        if self._few_row_verification(exit_hidden_states):
-            kernels = few_row_linear([*self.parts.layers[exit_layer:], self.parts.lm_head])
-        with kernels:
-            final_hidden_states = self.deep_forward(exit_hidden_states, position_ids, cache, attention_mask)
-            if isinstance(logits_to_keep, int):
-                hidden_states = final_hidden_states[:, -logits_to_keep:, :]  # (B, kept, D); 0 keeps all
-            else:
-                hidden_states = final_hidden_states[:, logits_to_keep, :]
-            logits = self.lm_head_logits(hidden_states)
+        final_hidden_states = self.deep_forward(exit_hidden_states, position_ids, cache, attention_mask)
+        if isinstance(logits_to_keep, int):
+            hidden_states = final_hidden_states[:, -logits_to_keep:, :]  # (B, kept, D); 0 keeps all
+        else:
+            hidden_states = final_hidden_states[:, logits_to_keep, :]
+        logits = self.lm_head_logits(hidden_states)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.base_config.vocab_size)
@@ -1244,8 +1257,13 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
                 "Kangaroo decoding needs use_cache=True and a fresh DynamicCache (it writes the shallow layers' KV "
                 f"during drafting and crops after verification), got {type(cache).__name__}."
             )
-        generator = KangarooCandidateGenerator(self, settings, generation_config, logits_processor, stopping_criteria)
-        with self._scoped("_candidate_generator", generator):
+        few_rows = self._uses_few_row_matmul()
+        generator = KangarooCandidateGenerator(
+            self, settings, generation_config, logits_processor, stopping_criteria, use_few_row_matmul=few_rows
+        )
+        # Every forward of the loop but the prefill covers 1 to FEW_ROWS tokens: drafting steps, verifications.
+        kernels = few_row_linear([self.parts.layers, self.parts.lm_head, self.adapter]) if few_rows else None
+        with self._scoped("_candidate_generator", generator), kernels or contextlib.nullcontext():
             output = self._assisted_decoding(input_ids, logits_processor, stopping_criteria, generation_config, **kw)
         self.last_generate_stats = generator.stats
         return output
@@ -1802,4 +1820,4 @@ def add_push(subparsers: Any) -> None:
     parser.set_defaults(handler=_run_push)
 
 
-__all__ = ['ADAPTER_WEIGHTS_NAME', 'AUTO_MAP', 'BASE_SUBFOLDER', 'DecoderParts', 'DraftSettings', 'FEW_ROWS', 'KangarooAdapter', 'KangarooCandidateGenerator', 'KangarooCausalLMOutput', 'KangarooForCausalLM', 'KangarooPreTrainedModel', 'KangarooStats', 'METRICS_NAME', 'TRAINING_ARGS_NAME', 'add_push', 'check_base_matches', 'decode_adapter_weights', 'encode_adapter_weights', 'few_row_linear', 'is_peft_model', 'layer_types', 'load_adapter_weights', 'load_kangaroo', 'load_peft_base', 'peft_fingerprint', 'push_folder', 'push_kangaroo', 'read_adapter_file', 'resolve_checkpoint', 'save_kangaroo', 'slice_masks', 'unwrap_causal_lm', 'upload_file_list', 'warn_if_peft_differs']
+__all__ = ['ADAPTER_WEIGHTS_NAME', 'AUTO_MAP', 'BASE_SUBFOLDER', 'DecoderParts', 'DraftSettings', 'FEW_ROWS', 'KangarooAdapter', 'KangarooCandidateGenerator', 'KangarooCausalLMOutput', 'KangarooForCausalLM', 'KangarooPreTrainedModel', 'KangarooStats', 'METRICS_NAME', 'TRAINING_ARGS_NAME', 'add_push', 'check_base_matches', 'decode_adapter_weights', 'encode_adapter_weights', 'few_row_linear', 'few_row_matmul', 'is_peft_model', 'layer_types', 'load_adapter_weights', 'load_kangaroo', 'load_peft_base', 'peft_fingerprint', 'push_folder', 'push_kangaroo', 'read_adapter_file', 'resolve_checkpoint', 'save_kangaroo', 'slice_masks', 'unwrap_causal_lm', 'upload_file_list', 'warn_if_peft_differs']

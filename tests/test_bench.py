@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import make_kangaroo, tiny_tokenizer
-from kangaroo_hf import bench, bench_methods, commands
+from kangaroo_hf import backbone, bench, bench_methods, commands
 from kangaroo_hf.bench import (
     BenchSettings,
     LosslessnessError,
@@ -311,3 +311,25 @@ def test_bench_is_a_cli_subcommand():
 
     args = build_parser().parse_args(["bench", "--methods", "vanilla,kangaroo", "--dtype", "bfloat16"])
     assert args.handler is bench._run_bench and args.max_new_tokens == 128 and args.dtype == "bfloat16"
+
+
+def test_vanilla_few_row_is_plain_decoding_through_the_float32_kernel(model, questions, monkeypatch):
+    rows_seen: list[int] = []
+    original = backbone.few_row_matmul
+
+    def spy(input, weight, bias=None):
+        rows_seen.append(input.numel() // input.shape[-1])
+        return original(input, weight, bias)
+
+    monkeypatch.setattr(backbone, "few_row_matmul", spy)
+    input_ids = commands.chat_input_ids(tiny_tokenizer(), questions[0].turns[0])
+    kwargs = {"max_new_tokens": 10, "do_sample": False}
+    reference, _ = bench_methods.run_vanilla(model, input_ids, kwargs)
+    assert rows_seen == []
+    tokens, counts = bench_methods.run_vanilla_few_row(model, input_ids, kwargs)
+    assert tokens == reference and counts is None and 1 in rows_seen
+    assert not any("forward" in module.__dict__ for module in model.modules())
+    rows_seen.clear()
+    model.config.cpu_few_row_matmul = False  # the switch governs the comparison as it governs Kangaroo
+    assert bench_methods.run_vanilla_few_row(model, input_ids, kwargs)[0] == reference and rows_seen == []
+    assert "vanilla_few_row" in bench_methods.METHODS and "vanilla_few_row" not in bench.BenchSettings().methods

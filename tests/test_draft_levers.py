@@ -1,5 +1,5 @@
 """Speed levers stay lossless: a reduced draft vocabulary, drafts copied from the context (prompt lookup), skipped
-unsure rounds, and the few-row verification kernel."""
+unsure rounds, and the few-row matrix-product kernel."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from transformers import GenerationConfig, StoppingCriteriaList
 
 from conftest import VOCAB, make_kangaroo
-from kangaroo_hf import KangarooCandidateGenerator, KangarooConfig, backbone, modeling
+from kangaroo_hf import KangarooCandidateGenerator, KangarooConfig, backbone
 from kangaroo_hf.backbone import few_row_linear
 from kangaroo_hf.generation import DraftSettings
 
@@ -174,7 +174,7 @@ def test_first_draft_threshold_in_config_and_sampling():
         model.generate(input_ids, first_draft_threshold=-0.1, max_new_tokens=2)
 
 
-# -- few-row verification kernel (cpu_few_row_matmul) --------------------------------------------------------------
+# -- few-row matrix-product kernel (cpu_few_row_matmul) -------------------------------------------------------------
 
 
 class _MarkedLinear(torch.nn.Linear):
@@ -206,28 +206,42 @@ def test_few_row_linear_matches_f_linear_and_restores_the_modules(rows):
     assert "forward" not in block[0].__dict__
 
 
-def test_cpu_few_row_matmul_serves_short_float32_verifications_losslessly(arch, monkeypatch):
-    entered = []
-    original = modeling.few_row_linear
+@pytest.mark.parametrize("shape", [(1, 1, 16), (2, 16), (1, 3, 16), (4, 16), (5, 16), (0, 16)])
+def test_few_row_matmul_equals_f_linear(shape):
+    torch.manual_seed(0)
+    weight, bias, x = torch.randn(24, 16), torch.randn(24), torch.randn(*shape)
+    for b in (bias, None):
+        actual = backbone.few_row_matmul(x, weight, b)
+        assert actual.shape == shape[:-1] + (24,)
+        torch.testing.assert_close(actual, torch.nn.functional.linear(x, weight, b), rtol=1e-5, atol=1e-5)
 
-    def spy(modules):
-        entered.append(len(modules))
-        return original(modules)
 
-    monkeypatch.setattr(modeling, "few_row_linear", spy)
+def test_cpu_few_row_matmul_serves_the_float32_decoding_loop_losslessly(arch, monkeypatch):
+    rows_seen: list[int] = []
+    original = backbone.few_row_matmul
+
+    def spy(input, weight, bias=None):
+        rows_seen.append(input.numel() // input.shape[-1])
+        return original(input, weight, bias)
+
+    monkeypatch.setattr(backbone, "few_row_matmul", spy)
     model = make_kangaroo(arch, draft_threshold=0.0, max_draft_tokens=3)
     prompt = _prompt(7, seed=4)
     expected = model.generate(prompt, do_sample=False, max_new_tokens=20, use_kangaroo=False)
+    assert rows_seen == []  # plain decoding keeps F.linear
     assert torch.equal(model.generate(prompt, do_sample=False, max_new_tokens=20), expected)
-    assert entered and set(entered) == {model.parts.num_layers - model.config.exit_layer + 1}
-    entered.clear()
+    # The prefill's 7 rows fall through to F.linear inside; drafting steps (1 row: shallow layers, adapter, draft
+    # head) and verifications (1 + drafts rows) take the matrix product.
+    assert {1, 4, 7} <= set(rows_seen) and max(rows_seen) == 7
+    assert not any("forward" in module.__dict__ for module in model.modules())  # every Linear restored
+    rows_seen.clear()
     model.config.cpu_few_row_matmul = False
     assert torch.equal(model.generate(prompt, do_sample=False, max_new_tokens=20), expected)
-    assert entered == []
+    assert rows_seen == []
     model.config.cpu_few_row_matmul = True
     model.to(torch.bfloat16)  # float32 only: other dtypes keep F.linear
     model.generate(prompt, do_sample=False, max_new_tokens=8)
-    assert entered == []
+    assert rows_seen == []
 
 
 def test_cpu_few_row_matmul_must_be_a_bool():

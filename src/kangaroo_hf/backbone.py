@@ -21,9 +21,10 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
 _REQUIRED_PARTS = ("model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb", "lm_head")
-# Most rows `few_row_linear` computes as `weight @ input.T`. With PyTorch's MKL on a 2-thread AMD EPYC, a float32
-# `F.linear` over 2-4 rows costs 1.7-2x one row while `weight @ input.T` costs about one row; from 5 rows on the
-# two are alike (measured over SmolLM2-135M's layers).
+# Most rows `few_row_linear` computes as `weight @ input.T`. With PyTorch's CPU BLAS on a 2-thread AMD EPYC, float32
+# products over 1-4 rows are slow through `F.linear` (one row goes through a matrix-vector routine that streams the
+# weight at a third of the speed of a 2-column matrix product; 2-4 rows cost 1.7-2x one row), while `weight @ input.T`
+# over 2-4 columns costs about what one row should; from 5 rows on the two are alike (measured on SmolLM2-135M).
 FEW_ROWS = 4
 
 
@@ -114,23 +115,37 @@ class DecoderParts:
         return hidden_states
 
 
+def few_row_matmul(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(input, weight, bias)`, computed as `weight @ input.T` when `input` has 1 to `FEW_ROWS` rows.
+
+    One row is computed as two (the row twice), so the product is a matrix product rather than a matrix-vector one.
+    Results can differ from `F.linear` in the last bits, as between any two kernels.
+    """
+    rows = input.numel() // input.shape[-1] if input.shape[-1] else 0
+    if not 1 <= rows <= FEW_ROWS:
+        return F.linear(input, weight, bias)
+    flat = input.reshape(rows, input.shape[-1])
+    if rows == 1:
+        flat = torch.cat([flat, flat])
+    output = torch.mm(weight, flat.T)[:, :rows].T
+    if bias is not None:
+        output = output + bias
+    return output.reshape(*input.shape[:-1], weight.shape[0])
+
+
 def _few_row_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
-    rows = input.numel() // input.shape[-1]
-    if not 2 <= rows <= FEW_ROWS:
-        return F.linear(input, self.weight, self.bias)
-    output = torch.mm(self.weight, input.reshape(rows, input.shape[-1]).T).T
-    if self.bias is not None:
-        output = output + self.bias
-    return output.reshape(*input.shape[:-1], self.weight.shape[0])
+    return few_row_matmul(input, self.weight, self.bias)
 
 
 @contextmanager
 def few_row_linear(modules: Iterable[nn.Module]) -> Iterator[None]:
-    """Within the block, the plain `nn.Linear`s in `modules` compute 2 to `FEW_ROWS` rows as `weight @ input.T`.
+    """Within the block, the plain `nn.Linear`s in `modules` compute 1 to `FEW_ROWS` rows with `few_row_matmul`.
 
     The same products as `F.linear` through another BLAS routine, which is much faster for so few rows in float32 on
     CPUs; results can differ in the last bits, as between any two kernels. Subclasses (quantized or LoRA layers) and
-    modules whose `forward` is already replaced on the instance (accelerate hooks) are left as they are.
+    modules whose `forward` is already replaced on the instance (accelerate hooks) are left as they are. The
+    replacement is on the module instances: another thread running the same modules meanwhile uses it too (same
+    math).
     """
     linears = [
         module
@@ -175,4 +190,12 @@ def slice_masks(
     return masks
 
 
-__all__ = ["FEW_ROWS", "DecoderParts", "few_row_linear", "layer_types", "slice_masks", "unwrap_causal_lm"]
+__all__ = [
+    "FEW_ROWS",
+    "DecoderParts",
+    "few_row_linear",
+    "few_row_matmul",
+    "layer_types",
+    "slice_masks",
+    "unwrap_causal_lm",
+]

@@ -12,6 +12,8 @@ Methods (the `METHODS` registry in `bench_methods.py`; add a runner there to add
 - `early_exit`: transformers' `assistant_early_exit` on the base, exiting at Kangaroo's `exit_layer`, with Kangaroo's
   `draft_threshold` and `max_draft_tokens` as confidence threshold and draft cap: Kangaroo without the adapter.
 - `kangaroo`: `model.generate(..., use_kangaroo=True)`.
+- `vanilla_few_row` (not run by default): the base's plain `generate()` with the float32 CPU kernel Kangaroo decoding
+  uses (`cpu_few_row_matmul`), to separate the kernel's share of Kangaroo's speed-up from speculation's.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 
 from .bench_methods import (
     DEFAULT_METHOD_OPTIONS,
+    DEFAULT_METHODS,
     METHODS,
     REFERENCE_METHOD,
     MethodRunner,
@@ -97,7 +100,7 @@ class Divergence:
 class BenchSettings:
     """What to run and how. `tie_tolerance=None` picks `default_tie_tolerance(model dtype)`."""
 
-    methods: tuple[str, ...] = tuple(METHODS)
+    methods: tuple[str, ...] = DEFAULT_METHODS
     max_new_tokens: int = 128
     do_sample: bool = False
     temperature: float = 1.0
@@ -434,7 +437,7 @@ def add_bench(subparsers: Any) -> None:
     parser.add_argument("--categories", default=None, help="comma list of categories to keep (default: all)")
     parser.add_argument("--limit-per-category", type=int, default=None, help="first N questions of each category")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {', '.join(METHODS)}")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list from {', '.join(METHODS)}")
     parser.add_argument("--do-sample", action="store_true", help="sample (outputs are then not compared)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from .backbone import few_row_linear
+
 REFERENCE_METHOD = "vanilla"
 # Prompt lookup decoding: 10 proposed tokens (as in Spec-Bench's PLD runs), transformers' default n-gram size of 2.
 DEFAULT_METHOD_OPTIONS: dict[str, dict[str, Any]] = {
@@ -150,6 +152,17 @@ def run_vanilla(model: Any, input_ids: torch.LongTensor, gen_kwargs: dict[str, A
     return _new_tokens(model.get_base_model().generate(input_ids, **gen_kwargs), input_ids), None
 
 
+def run_vanilla_few_row(model: Any, input_ids: torch.LongTensor, gen_kwargs: dict[str, Any]) -> tuple[list[int], None]:
+    """The base's plain `generate()` with the kernel Kangaroo decoding uses in float32 on CPU (`few_row_matmul` on
+    every plain Linear; `cpu_few_row_matmul`): how much of Kangaroo's speed-up plain decoding gets from the kernel
+    alone. Elsewhere (other dtypes or devices, or the switch off) it is plain `generate()`, as Kangaroo's is."""
+    base = model.get_base_model()
+    weight = model.get_output_embeddings().weight
+    uses_kernel = model.config.cpu_few_row_matmul and weight.device.type == "cpu" and weight.dtype == torch.float32
+    with few_row_linear([base]) if uses_kernel else contextlib.nullcontext():
+        return _new_tokens(base.generate(input_ids, **gen_kwargs), input_ids), None
+
+
 def run_pld(
     model: Any, input_ids: torch.LongTensor, gen_kwargs: dict[str, Any]
 ) -> tuple[list[int], SpeculationCounts]:
@@ -197,10 +210,14 @@ METHODS: dict[str, MethodRunner] = {
     "pld": run_pld,
     "early_exit": run_early_exit,
     "kangaroo": run_kangaroo,
+    "vanilla_few_row": run_vanilla_few_row,
 }
+# What `kangaroo-hf bench` runs unless told otherwise: the reference and the speculative methods.
+DEFAULT_METHODS: tuple[str, ...] = ("vanilla", "pld", "early_exit", "kangaroo")
 
 
 __all__ = [
+    "DEFAULT_METHODS",
     "DEFAULT_METHOD_OPTIONS",
     "METHODS",
     "REFERENCE_METHOD",
@@ -210,4 +227,5 @@ __all__ = [
     "run_kangaroo",
     "run_pld",
     "run_vanilla",
+    "run_vanilla_few_row",
 ]

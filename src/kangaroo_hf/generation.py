@@ -15,6 +15,7 @@ import torch
 from transformers import Cache, DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.candidate_generator import CandidateGenerator
 
+from .backbone import few_row_matmul
 from .configuration import validate_draft_settings, validate_lookup
 
 if TYPE_CHECKING:
@@ -130,6 +131,7 @@ class KangarooCandidateGenerator(CandidateGenerator):
         generation_config: GenerationConfig,
         logits_processor: LogitsProcessorList | None,
         stopping_criteria: StoppingCriteriaList,
+        use_few_row_matmul: bool = False,
     ) -> None:
         self.model = model
         self.settings = settings
@@ -140,6 +142,7 @@ class KangarooCandidateGenerator(CandidateGenerator):
         self.adapter_cache = DynamicCache()
         self.stats = KangarooStats(max_draft_tokens=settings.longest_draft)
         self.draft_head = model.draft_head()
+        self._head_product = few_row_matmul if use_few_row_matmul else torch.nn.functional.linear
         # Kwargs merged into the loop's next forward: the prefill must return exit states, a verification reuses them.
         self.model_kwargs_overrides: dict[str, Any] = {"output_exit_hidden_states": True}
         self._first_verified_position = 0  # position of the first token of the last full forward
@@ -307,7 +310,7 @@ class KangarooCandidateGenerator(CandidateGenerator):
         the scores are scattered back to the full vocabulary whenever logits processors or sampling need it.
         """
         weight, bias, vocab_ids = self.draft_head
-        scores = torch.nn.functional.linear(hidden, weight, bias).float()
+        scores = self._head_product(hidden, weight, bias).float()
         if vocab_ids is not None and (self.do_sample or len(self.logits_processor)):
             full = torch.full((1, self.model.parts.lm_head.out_features), float("-inf"), device=scores.device)
             scores, vocab_ids = full.index_copy_(1, vocab_ids, scores), None

@@ -27,7 +27,7 @@ from transformers import (
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .backbone import FEW_ROWS, DecoderParts, few_row_linear
+from .backbone import DecoderParts, few_row_linear
 from .configuration import KangarooConfig
 from .generation import DraftSettings, KangarooCandidateGenerator, KangarooStats
 from .peft_support import peft_fingerprint
@@ -512,14 +512,14 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         )
         return self.parts.norm(hidden_states)
 
-    def _few_row_verification(self, exit_hidden_states: torch.Tensor) -> bool:
-        """Whether a verification forward over these states should use `few_row_linear` (`cpu_few_row_matmul`)."""
+    def _uses_few_row_matmul(self) -> bool:
+        """Whether Kangaroo decoding computes short products with `few_row_matmul` (`cpu_few_row_matmul`)."""
+        weight = self.parts.lm_head.weight
         return (
             self.config.cpu_few_row_matmul
-            and exit_hidden_states.device.type == "cpu"
-            and exit_hidden_states.dtype == torch.float32
+            and weight.device.type == "cpu"
+            and weight.dtype == torch.float32
             and not torch.is_grad_enabled()
-            and 2 <= exit_hidden_states.shape[0] * exit_hidden_states.shape[1] <= FEW_ROWS
         )
 
     def forward(
@@ -579,16 +579,12 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
             exit_hidden_states = self.parts.run_layers(
                 hidden_states, 0, exit_layer, position_ids, attention_mask, cache
             )
-        kernels = contextlib.nullcontext()
-        if self._few_row_verification(exit_hidden_states):
-            kernels = few_row_linear([*self.parts.layers[exit_layer:], self.parts.lm_head])
-        with kernels:
-            final_hidden_states = self.deep_forward(exit_hidden_states, position_ids, cache, attention_mask)
-            if isinstance(logits_to_keep, int):
-                hidden_states = final_hidden_states[:, -logits_to_keep:, :]  # (B, kept, D); 0 keeps all
-            else:
-                hidden_states = final_hidden_states[:, logits_to_keep, :]
-            logits = self.lm_head_logits(hidden_states)
+        final_hidden_states = self.deep_forward(exit_hidden_states, position_ids, cache, attention_mask)
+        if isinstance(logits_to_keep, int):
+            hidden_states = final_hidden_states[:, -logits_to_keep:, :]  # (B, kept, D); 0 keeps all
+        else:
+            hidden_states = final_hidden_states[:, logits_to_keep, :]
+        logits = self.lm_head_logits(hidden_states)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.base_config.vocab_size)
@@ -681,8 +677,13 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
                 "Kangaroo decoding needs use_cache=True and a fresh DynamicCache (it writes the shallow layers' KV "
                 f"during drafting and crops after verification), got {type(cache).__name__}."
             )
-        generator = KangarooCandidateGenerator(self, settings, generation_config, logits_processor, stopping_criteria)
-        with self._scoped("_candidate_generator", generator):
+        few_rows = self._uses_few_row_matmul()
+        generator = KangarooCandidateGenerator(
+            self, settings, generation_config, logits_processor, stopping_criteria, use_few_row_matmul=few_rows
+        )
+        # Every forward of the loop but the prefill covers 1 to FEW_ROWS tokens: drafting steps, verifications.
+        kernels = few_row_linear([self.parts.layers, self.parts.lm_head, self.adapter]) if few_rows else None
+        with self._scoped("_candidate_generator", generator), kernels or contextlib.nullcontext():
             output = self._assisted_decoding(input_ids, logits_processor, stopping_criteria, generation_config, **kw)
         self.last_generate_stats = generator.stats
         return output
