@@ -130,10 +130,11 @@ def few_row_matmul(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     rows = input.numel() // input.shape[-1] if input.shape[-1] else 0
     if not 1 <= rows <= FEW_ROWS:
         return F.linear(input, weight, bias)
-    flat = input.reshape(rows, input.shape[-1])
+    flat = input.reshape(rows, input.shape[-1]).contiguous()
     if rows == 1:
         flat = torch.cat([flat, flat])
-    output = torch.mm(weight, flat.T)[:, :rows].T
+    # Row-major in and out: a transposed view passed on to the next product makes BLAS take a slower path.
+    output = torch.mm(weight, flat.T)[:, :rows].T.contiguous()
     if bias is not None:
         output = output + bias
     return output.reshape(*input.shape[:-1], weight.shape[0])
