@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
 from conftest import VOCAB, make_kangaroo
@@ -20,7 +21,13 @@ def test_profile_accounts_for_every_piece_and_unpatches():
     assert abs(sum(profile.seconds.values()) + profile.overhead_s - profile.total_s) < 1e-9
     assert profile.predicted_speedup() > 0
     assert "predicted speedup" in format_profile(profile)
+    # float32 on CPU: the plain step is also timed through the kernel Kangaroo decoding uses, and the split reported.
+    assert profile.kernel_plain_step_s > 0 and "speculation over it" in format_profile(profile)
+    assert profile.to_dict()["predicted_speedup_over_kernel_plain_step"] == pytest.approx(
+        profile.predicted_speedup() * profile.kernel_plain_step_s / profile.plain_step_s
+    )
     assert "forward" not in vars(model) and "shallow_forward" not in vars(model)
+    assert not any("forward" in vars(module) for module in model.modules())
     expected = model.get_base_model().generate(input_ids, do_sample=False, max_new_tokens=20)
     assert model.generate(input_ids, do_sample=False, max_new_tokens=20).tolist() == expected.tolist()
 
@@ -40,3 +47,11 @@ def test_final_context_writes_count_as_adapter_time(monkeypatch):
     profile = profile_generation(model, input_ids, do_sample=False, max_new_tokens=12)
     assert calls and profile.seconds["adapter"] >= 0.02 * len(calls)
     assert "adapter_add_context" not in vars(model)
+
+
+def test_no_kernel_timing_where_kangaroo_does_not_use_it():
+    model = make_kangaroo("mistral", draft_threshold=0.0, max_draft_tokens=2, cpu_few_row_matmul=False)
+    input_ids = torch.randint(2, VOCAB, (1, 6), generator=torch.Generator().manual_seed(2))
+    profile = profile_generation(model, input_ids, do_sample=False, max_new_tokens=8)
+    assert profile.kernel_plain_step_s is None and "speculation over it" not in format_profile(profile)
+    assert "predicted_speedup_over_kernel_plain_step" not in profile.to_dict()

@@ -6,7 +6,9 @@ The speed-up follows from these numbers:
 
     speedup ~= tau * T_plain_step / T_round,   T_round = k * (shallow + adapter + head) + T_verify + overhead
 
-where tau is the mean accepted tokens per verification step and k the mean drafts per round.
+where tau is the mean accepted tokens per verification step and k the mean drafts per round. Where Kangaroo decoding
+uses the float32 CPU kernel (`cpu_few_row_matmul`), the plain step is also timed with that kernel, so the speed-up
+splits into what the kernel alone would give plain decoding and what speculation adds.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from .backbone import few_row_linear
 from .generation import KangarooCandidateGenerator
 from .modeling import KangarooForCausalLM
 
@@ -41,6 +44,7 @@ class RoundProfile:
     drafted_tokens: int
     mean_accepted_tokens: float
     seconds: dict[str, float] = field(default_factory=dict)
+    kernel_plain_step_s: float | None = None  # the plain step with `few_row_linear`, where Kangaroo decoding uses it
 
     @property
     def overhead_s(self) -> float:
@@ -53,11 +57,12 @@ class RoundProfile:
         fractions["overhead"] = self.overhead_s * scale
         return fractions
 
-    def predicted_speedup(self) -> float:
-        """tau * T_plain / T_round from the measured pieces (prefill excluded on both sides)."""
+    def predicted_speedup(self, plain_step_s: float | None = None) -> float:
+        """tau * T_plain / T_round from the measured pieces (prefill excluded on both sides); `plain_step_s` replaces
+        the plain step (e.g. `kernel_plain_step_s`)."""
         round_s = (self.total_s - self.seconds.get("prefill", 0.0)) / max(self.rounds, 1)
         tokens_per_round = (self.new_tokens - 1) / max(self.rounds, 1)
-        return tokens_per_round * self.plain_step_s / round_s
+        return tokens_per_round * (plain_step_s or self.plain_step_s) / round_s
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -67,6 +72,8 @@ class RoundProfile:
             mean_drafts_per_round=self.drafted_tokens / max(self.rounds, 1),
             predicted_speedup=self.predicted_speedup(),
         )
+        if self.kernel_plain_step_s:
+            out["predicted_speedup_over_kernel_plain_step"] = self.predicted_speedup(self.kernel_plain_step_s)
         return out
 
 
@@ -119,8 +126,14 @@ def _instrumented(model: KangarooForCausalLM, watch: _Stopwatch) -> Iterator[Non
 
 
 @torch.no_grad()
-def plain_step_seconds(model: KangarooForCausalLM, context_length: int, repeats: int = 9) -> float:
-    """Median time of one plain decoding step of the base (one new token, `context_length` cached)."""
+def plain_step_seconds(
+    model: KangarooForCausalLM, context_length: int, repeats: int = 9, few_row_kernel: bool = False
+) -> float:
+    """Median time of one plain decoding step of the base (one new token, `context_length` cached); with
+    `few_row_kernel`, its Linears go through `few_row_matmul` as in Kangaroo's float32 CPU decoding."""
+    if few_row_kernel:
+        with few_row_linear([model.get_base_model()]):
+            return plain_step_seconds(model, context_length, repeats)
     base = model.get_base_model()
     device = model.device
     ids = torch.randint(0, model.parts.lm_head.out_features, (1, context_length + 1), device=device)
@@ -148,7 +161,10 @@ def profile_generation(
         total = time.perf_counter() - start
     stats = model.last_generate_stats
     mean_context = input_ids.shape[1] + (output.shape[1] - input_ids.shape[1]) // 2
+    with torch.no_grad():
+        kernel = model._uses_few_row_matmul()
     return RoundProfile(
+        kernel_plain_step_s=plain_step_seconds(model, mean_context, few_row_kernel=True) if kernel else None,
         total_s=total,
         plain_step_s=plain_step_seconds(model, mean_context),
         rounds=stats.verify_steps - 1,
@@ -170,6 +186,12 @@ def format_profile(profile: RoundProfile) -> str:
     for name, fraction in profile.per_round_fraction().items():
         lines.append(f"  {name:<10} {fraction:6.3f}")
     lines.append(f"predicted speedup (tau x plain / round): {profile.predicted_speedup():.2f}x")
+    if profile.kernel_plain_step_s:
+        lines.append(
+            f"plain forward with the few-row kernel {profile.kernel_plain_step_s * 1000:.1f} ms: the kernel alone "
+            f"{profile.plain_step_s / profile.kernel_plain_step_s:.2f}x, speculation over it "
+            f"{profile.predicted_speedup(profile.kernel_plain_step_s):.2f}x"
+        )
     return "\n".join(lines)
 
 
