@@ -27,11 +27,12 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
 _REQUIRED_PARTS = ("model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb", "lm_head")
-# Most rows `few_row_linear` computes as `weight @ input.T`. With PyTorch's CPU BLAS on a 2-thread AMD EPYC, float32
-# products over 1-4 rows are slow through `F.linear` (one row goes through a matrix-vector routine that streams the
-# weight at a third of the speed of a 2-column matrix product; 2-4 rows cost 1.7-2x one row), while `weight @ input.T`
-# over 2-4 columns costs about what one row should; from 5 rows on the two are alike (measured on SmolLM2-135M).
-FEW_ROWS = 4
+# Most rows `few_row_matmul` computes as `weight @ input.T`. With PyTorch's CPU BLAS on a 2-thread AMD EPYC, float32
+# products over few rows are slow through `F.linear`: one row goes through a matrix-vector routine that streams the
+# weight at about a third of the speed of a 2-column matrix product, and 2-8 rows cost 1.4-2x one row. A whole
+# SmolLM2-135M forward over 1 / 2 / 4 / 5 / 8 new tokens takes about 0.6 / 0.7 / 0.85 / 1.0 / 1.1-1.5 of one
+# `F.linear` token this way, against 1.0 / 1.7 / 1.5 / 1.4 / 1.35-1.6; from ~11 rows the two are alike.
+FEW_ROWS = 8
 
 
 def unwrap_causal_lm(base: nn.Module) -> PreTrainedModel:
@@ -1262,7 +1263,7 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         generator = KangarooCandidateGenerator(
             self, settings, generation_config, logits_processor, stopping_criteria, use_few_row_matmul=few_rows
         )
-        # Every forward of the loop but the prefill covers 1 to FEW_ROWS tokens: drafting steps, verifications.
+        # After the prefill the loop's forwards are short (drafting steps, verifications): the kernel's case.
         kernels = few_row_linear([self.parts.layers, self.parts.lm_head, self.adapter]) if few_rows else None
         with self._scoped("_candidate_generator", generator), kernels or contextlib.nullcontext():
             output = self._assisted_decoding(input_ids, logits_processor, stopping_criteria, generation_config, **kw)

@@ -681,7 +681,7 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         generator = KangarooCandidateGenerator(
             self, settings, generation_config, logits_processor, stopping_criteria, use_few_row_matmul=few_rows
         )
-        # Every forward of the loop but the prefill covers 1 to FEW_ROWS tokens: drafting steps, verifications.
+        # After the prefill the loop's forwards are short (drafting steps, verifications): the kernel's case.
         kernels = few_row_linear([self.parts.layers, self.parts.lm_head, self.adapter]) if few_rows else None
         with self._scoped("_candidate_generator", generator), kernels or contextlib.nullcontext():
             output = self._assisted_decoding(input_ids, logits_processor, stopping_criteria, generation_config, **kw)

@@ -78,10 +78,10 @@ class KangarooConfig(PreTrainedConfig):
             `lookup_num_tokens`. Long verbatim runs then cost few verifications while short proposals keep each
             verification cheap. 0 (or `lookup_num_tokens`) keeps the length fixed.
         cpu_few_row_matmul (`bool`, *optional*, defaults to `True`):
-            On CPU in float32, Kangaroo decoding computes the linear layers of its 1-4 token forwards (drafting
+            On CPU in float32, Kangaroo decoding computes the linear layers of its 1-8 token forwards (drafting
             steps, draft head, verifications; not the prefill) as `weight @ input.T` (one row as two) instead of
             `F.linear`. With PyTorch's CPU BLAS `F.linear` streams the weights of a one-row product at about a third
-            of the speed of a 2-column matrix product, and costs 1.7-2x one row for 2-4 rows; on the embedded SmolLM2
+            of the speed of a 2-column matrix product, and costs 1.4-2x one row for 2-8 rows; on the embedded SmolLM2
             a one-token forward of the whole model takes ~0.6x the time this way. Last-bit rounding may differ, as
             between any two kernels. Plain decoding (`use_kangaroo=False`) is not affected. `False` keeps `F.linear`.
         peft_adapter_name_or_path (`str`, *optional*):
@@ -132,7 +132,7 @@ class KangarooConfig(PreTrainedConfig):
     lookup_num_tokens: int = 0
     lookup_max_ngram: int = 3
     lookup_max_tokens: int = 0
-    # CPU float32 BLAS is slow for 1-4 rows through F.linear; weight @ input.T is not (see `few_row_matmul`).
+    # CPU float32 BLAS is slow for 1-8 rows through F.linear; weight @ input.T is not (see `few_row_matmul`).
     cpu_few_row_matmul: bool = True
     # The PEFT adapter of a LoRA-tuned base, so loading rebuilds the same tuned model.
     peft_adapter_name_or_path: str | None = None
