@@ -313,8 +313,8 @@ def test_bench_is_a_cli_subcommand():
     assert args.handler is bench._run_bench and args.max_new_tokens == 128 and args.dtype == "bfloat16"
 
 
-def test_vanilla_few_row_is_plain_decoding_through_the_float32_kernel(model, questions, monkeypatch):
-    rows_seen: list[int] = []
+def _spy_kernel(monkeypatch, rows_seen: list[int]) -> None:
+    """Record the row count of every product that goes through `few_row_matmul`."""
     original = backbone.few_row_matmul
 
     def spy(input, weight, bias=None):
@@ -322,6 +322,11 @@ def test_vanilla_few_row_is_plain_decoding_through_the_float32_kernel(model, que
         return original(input, weight, bias)
 
     monkeypatch.setattr(backbone, "few_row_matmul", spy)
+
+
+def test_vanilla_few_row_is_plain_decoding_through_the_float32_kernel(model, questions, monkeypatch):
+    rows_seen: list[int] = []
+    _spy_kernel(monkeypatch, rows_seen)
     input_ids = commands.chat_input_ids(tiny_tokenizer(), questions[0].turns[0])
     kwargs = {"max_new_tokens": 10, "do_sample": False}
     reference, _ = bench_methods.run_vanilla(model, input_ids, kwargs)
@@ -333,3 +338,14 @@ def test_vanilla_few_row_is_plain_decoding_through_the_float32_kernel(model, que
     model.config.cpu_few_row_matmul = False  # the switch governs the comparison as it governs Kangaroo
     assert bench_methods.run_vanilla_few_row(model, input_ids, kwargs)[0] == reference and rows_seen == []
     assert "vanilla_few_row" in bench_methods.METHODS and "vanilla_few_row" not in bench.BenchSettings().methods
+
+
+def test_pld_few_row_is_prompt_lookup_through_the_float32_kernel(model, questions, monkeypatch):
+    rows_seen: list[int] = []
+    _spy_kernel(monkeypatch, rows_seen)
+    input_ids = commands.chat_input_ids(tiny_tokenizer(), questions[0].turns[0])
+    kwargs = {"max_new_tokens": 10, "do_sample": False, **bench_methods.DEFAULT_METHOD_OPTIONS["pld"]}
+    tokens, counts = bench_methods.run_pld(model, input_ids, kwargs)
+    assert rows_seen == []
+    kernel_tokens, kernel_counts = bench_methods.run_pld_few_row(model, input_ids, kwargs)
+    assert kernel_tokens == tokens and kernel_counts.verify_steps == counts.verify_steps and rows_seen

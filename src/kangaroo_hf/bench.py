@@ -12,8 +12,8 @@ Methods (the `METHODS` registry in `bench_methods.py`; add a runner there to add
 - `early_exit`: transformers' `assistant_early_exit` on the base, exiting at Kangaroo's `exit_layer`, with Kangaroo's
   `draft_threshold` and `max_draft_tokens` as confidence threshold and draft cap: Kangaroo without the adapter.
 - `kangaroo`: `model.generate(..., use_kangaroo=True)`.
-- `vanilla_few_row` (not run by default): the base's plain `generate()` with the float32 CPU kernel Kangaroo decoding
-  uses (`cpu_few_row_matmul`), to separate the kernel's share of Kangaroo's speed-up from speculation's.
+- `vanilla_few_row`, `pld_few_row` (not run by default): `vanilla` and `pld` with the float32 CPU kernel Kangaroo
+  decoding uses (`cpu_few_row_matmul`), to separate the kernel's share of Kangaroo's speed-up from speculation's.
 """
 
 from __future__ import annotations

@@ -152,17 +152,6 @@ def run_vanilla(model: Any, input_ids: torch.LongTensor, gen_kwargs: dict[str, A
     return _new_tokens(model.get_base_model().generate(input_ids, **gen_kwargs), input_ids), None
 
 
-def run_vanilla_few_row(model: Any, input_ids: torch.LongTensor, gen_kwargs: dict[str, Any]) -> tuple[list[int], None]:
-    """The base's plain `generate()` with the kernel Kangaroo decoding uses in float32 on CPU (`few_row_matmul` on
-    every plain Linear; `cpu_few_row_matmul`): how much of Kangaroo's speed-up plain decoding gets from the kernel
-    alone. Elsewhere (other dtypes or devices, or the switch off) it is plain `generate()`, as Kangaroo's is."""
-    base = model.get_base_model()
-    weight = model.get_output_embeddings().weight
-    uses_kernel = model.config.cpu_few_row_matmul and weight.device.type == "cpu" and weight.dtype == torch.float32
-    with few_row_linear([base]) if uses_kernel else contextlib.nullcontext():
-        return _new_tokens(base.generate(input_ids, **gen_kwargs), input_ids), None
-
-
 def run_pld(
     model: Any, input_ids: torch.LongTensor, gen_kwargs: dict[str, Any]
 ) -> tuple[list[int], SpeculationCounts]:
@@ -197,6 +186,30 @@ def run_early_exit(
     return _new_tokens(output, input_ids), counts
 
 
+@contextlib.contextmanager
+def _few_row_kernel_like_kangaroo(model: Any) -> Iterator[None]:
+    """Give the base the float32 CPU kernel Kangaroo decoding uses (`few_row_matmul`, `cpu_few_row_matmul`) for one
+    call, where Kangaroo would use it (float32 on CPU, switch on); elsewhere nothing changes, as for Kangaroo."""
+    weight = model.get_output_embeddings().weight
+    uses_kernel = model.config.cpu_few_row_matmul and weight.device.type == "cpu" and weight.dtype == torch.float32
+    with few_row_linear([model.get_base_model()]) if uses_kernel else contextlib.nullcontext():
+        yield
+
+
+def run_vanilla_few_row(model: Any, input_ids: torch.LongTensor, gen_kwargs: dict[str, Any]) -> tuple[list[int], None]:
+    """`run_vanilla` through Kangaroo's float32 CPU kernel: the kernel's share of Kangaroo's speed-up, apart."""
+    with _few_row_kernel_like_kangaroo(model):
+        return run_vanilla(model, input_ids, gen_kwargs)
+
+
+def run_pld_few_row(
+    model: Any, input_ids: torch.LongTensor, gen_kwargs: dict[str, Any]
+) -> tuple[list[int], SpeculationCounts]:
+    """`run_pld` through Kangaroo's float32 CPU kernel: prompt lookup on equal terms with Kangaroo's kernels."""
+    with _few_row_kernel_like_kangaroo(model):
+        return run_pld(model, input_ids, gen_kwargs)
+
+
 def run_kangaroo(
     model: Any, input_ids: torch.LongTensor, gen_kwargs: dict[str, Any]
 ) -> tuple[list[int], SpeculationCounts]:
@@ -211,6 +224,7 @@ METHODS: dict[str, MethodRunner] = {
     "early_exit": run_early_exit,
     "kangaroo": run_kangaroo,
     "vanilla_few_row": run_vanilla_few_row,
+    "pld_few_row": run_pld_few_row,
 }
 # What `kangaroo-hf bench` runs unless told otherwise: the reference and the speculative methods.
 DEFAULT_METHODS: tuple[str, ...] = ("vanilla", "pld", "early_exit", "kangaroo")
@@ -226,6 +240,7 @@ __all__ = [
     "run_early_exit",
     "run_kangaroo",
     "run_pld",
+    "run_pld_few_row",
     "run_vanilla",
     "run_vanilla_few_row",
 ]
