@@ -344,8 +344,12 @@ def test_pld_few_row_is_prompt_lookup_through_the_float32_kernel(model, question
     rows_seen: list[int] = []
     _spy_kernel(monkeypatch, rows_seen)
     input_ids = commands.chat_input_ids(tiny_tokenizer(), questions[0].turns[0])
-    kwargs = {"max_new_tokens": 10, "do_sample": False, **bench_methods.DEFAULT_METHOD_OPTIONS["pld"]}
-    tokens, counts = bench_methods.run_pld(model, input_ids, kwargs)
-    assert rows_seen == []
-    kernel_tokens, kernel_counts = bench_methods.run_pld_few_row(model, input_ids, kwargs)
+    kwargs = {"max_new_tokens": 10, "do_sample": False}
+    tokens, counts = bench_methods.run_pld(model, input_ids, {**kwargs, **bench_methods.DEFAULT_METHOD_OPTIONS["pld"]})
+    assert rows_seen == [] and sum(counts.drafted_by_position) > 0  # it really looked up
+    # The benchmark hands each method its own options: pld_few_row gets the same lookup as pld.
+    options = bench_methods.DEFAULT_METHOD_OPTIONS["pld_few_row"]
+    kernel_tokens, kernel_counts = bench_methods.run_pld_few_row(model, input_ids, {**kwargs, **options})
     assert kernel_tokens == tokens and kernel_counts.verify_steps == counts.verify_steps and rows_seen
+    with pytest.raises(ValueError, match="prompt lookup needs prompt_lookup_num_tokens"):
+        bench_methods.run_pld(model, input_ids, kwargs)  # without it generate() would quietly decode plainly

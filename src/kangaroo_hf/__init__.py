@@ -2,6 +2,7 @@
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from .backbone import few_row_linear
 from .configuration import KangarooConfig
 from .default_model import load_default_model, load_embedded_base
 from .generation import DraftSettings, KangarooCandidateGenerator, KangarooStats
@@ -19,6 +20,7 @@ __all__ = [
     "KangarooForCausalLM",
     "KangarooStats",
     "__version__",
+    "few_row_linear",
     "load_default_model",
     "load_embedded_base",
 ]

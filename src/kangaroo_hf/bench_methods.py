@@ -20,6 +20,7 @@ REFERENCE_METHOD = "vanilla"
 # Prompt lookup decoding: 10 proposed tokens (as in Spec-Bench's PLD runs), transformers' default n-gram size of 2.
 DEFAULT_METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "pld": {"prompt_lookup_num_tokens": 10, "max_matching_ngram_size": 2},
+    "pld_few_row": {"prompt_lookup_num_tokens": 10, "max_matching_ngram_size": 2},
 }
 
 
@@ -156,6 +157,8 @@ def run_pld(
     model: Any, input_ids: torch.LongTensor, gen_kwargs: dict[str, Any]
 ) -> tuple[list[int], SpeculationCounts]:
     """Prompt lookup decoding on the base (`gen_kwargs` carry `prompt_lookup_num_tokens`)."""
+    if not gen_kwargs.get("prompt_lookup_num_tokens"):
+        raise ValueError(f"prompt lookup needs prompt_lookup_num_tokens > 0 in its options, got {gen_kwargs}.")
     base = model.get_base_model()
     with _record_candidate_steps(base) as counts:
         output = base.generate(input_ids, **gen_kwargs)

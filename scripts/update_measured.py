@@ -1,0 +1,72 @@
+"""Write the "measured" block of a checkpoint's `kangaroo_metrics.json` from `kangaroo-hf bench` results, and re-render
+its model card.
+
+    python scripts/update_measured.py src/kangaroo_hf/pretrained/smollm2-135m-instruct \\
+        --float32 docs/benchmarks/fp32 --bfloat16 docs/benchmarks/bf16
+
+Each results folder holds a bench run's `results.json` (one question per category, 128 new tokens, greedy, batch 1).
+Speed-ups of the other methods the run had (`pld`, `early_exit`, `vanilla_few_row`, `pld_few_row`) are recorded
+beside Kangaroo's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from kangaroo_hf.hub import METRICS_NAME
+from kangaroo_hf.model_card import write_model_card
+
+OTHER_METHODS = ("pld", "early_exit", "vanilla_few_row", "pld_few_row")
+
+
+def measured_block(results: dict[str, Any]) -> dict[str, Any]:
+    """One dtype's entry: Kangaroo's overall and per-category speed-up and tau, and the other methods' speed-ups."""
+    settings, machine = results["settings"], results["machine"]
+    kangaroo = results["methods"]["kangaroo"]
+    block = {
+        "setting": (
+            f"first turns, {settings.get('limit_per_category', 1)} question(s) per category, "
+            f"{settings['max_new_tokens']} new tokens, greedy, batch 1, {settings['dtype']} on {machine['cpu_model']} "
+            f"({machine['usable_cpus']} cores, torch {machine['torch']}), {machine['date'][:10]}"
+        ),
+        "speedup_over_plain": round(kangaroo["overall"]["speedup"], 3),
+        "mean_accepted_tokens": round(kangaroo["overall"]["mean_accepted_tokens"], 3),
+        "identical_fraction": round(kangaroo["overall"]["identical_fraction"], 3),
+        "lossless": results["lossless"],
+        "mean_accepted_tokens_by_category": {
+            category: round(values["mean_accepted_tokens"], 3) for category, values in kangaroo["by_category"].items()
+        },
+        "speedup_by_category": {
+            category: round(values["speedup"], 3) for category, values in kangaroo["by_category"].items()
+        },
+    }
+    for name in OTHER_METHODS:
+        if name in results["methods"]:
+            block[f"{name}_speedup_over_plain"] = round(results["methods"][name]["overall"]["speedup"], 3)
+    return block
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--float32", type=Path, required=True, help="bench output folder of the float32 run")
+    parser.add_argument("--bfloat16", type=Path, required=True, help="bench output folder of the bfloat16 run")
+    args = parser.parse_args()
+    metrics_path = args.checkpoint / METRICS_NAME
+    metrics = json.loads(metrics_path.read_text())
+    metrics["measured"] = {
+        f"spec_bench_{dtype}": measured_block(json.loads((folder / "results.json").read_text()))
+        for dtype, folder in (("float32", args.float32), ("bfloat16", args.bfloat16))
+    }
+    metrics_path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    write_model_card(args.checkpoint)
+    for name, block in metrics["measured"].items():
+        speedup, tau, lossless = block["speedup_over_plain"], block["mean_accepted_tokens"], block["lossless"]
+        print(f"{name}: {speedup}x, tau {tau}, lossless {lossless}")
+
+
+if __name__ == "__main__":
+    main()
