@@ -26,9 +26,10 @@ def measured_block(results: dict[str, Any]) -> dict[str, Any]:
     """One dtype's entry: Kangaroo's overall and per-category speed-up and tau, and the other methods' speed-ups."""
     settings, machine = results["settings"], results["machine"]
     kangaroo = results["methods"]["kangaroo"]
+    per_category = settings.get("limit_per_category") or 1
     block = {
         "setting": (
-            f"first turns, {settings.get('limit_per_category', 1)} question(s) per category, "
+            f"first turns, {per_category} question{'s' if per_category > 1 else ''} per category, "
             f"{settings['max_new_tokens']} new tokens, greedy, batch 1, {settings['dtype']} on {machine['cpu_model']} "
             f"({machine['usable_cpus']} cores, torch {machine['torch']}), {machine['date'][:10]}"
         ),
