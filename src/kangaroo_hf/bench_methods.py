@@ -193,9 +193,7 @@ def run_early_exit(
 def _few_row_kernel_like_kangaroo(model: Any) -> Iterator[None]:
     """Give the base the float32 CPU kernel Kangaroo decoding uses (`few_row_matmul`, `cpu_few_row_matmul`) for one
     call, where Kangaroo would use it (float32 on CPU, switch on); elsewhere nothing changes, as for Kangaroo."""
-    weight = model.get_output_embeddings().weight
-    uses_kernel = model.config.cpu_few_row_matmul and weight.device.type == "cpu" and weight.dtype == torch.float32
-    with few_row_linear([model.get_base_model()]) if uses_kernel else contextlib.nullcontext():
+    with few_row_linear([model.get_base_model()]) if model.uses_few_row_matmul() else contextlib.nullcontext():
         yield
 
 

@@ -512,15 +512,11 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         )
         return self.parts.norm(hidden_states)
 
-    def _uses_few_row_matmul(self) -> bool:
-        """Whether Kangaroo decoding computes short products with `few_row_matmul` (`cpu_few_row_matmul`)."""
+    def uses_few_row_matmul(self) -> bool:
+        """Whether Kangaroo decoding computes its short products with `few_row_matmul`: `cpu_few_row_matmul` is on
+        and the model runs in float32 on CPU."""
         weight = self.parts.lm_head.weight
-        return (
-            self.config.cpu_few_row_matmul
-            and weight.device.type == "cpu"
-            and weight.dtype == torch.float32
-            and not torch.is_grad_enabled()
-        )
+        return self.config.cpu_few_row_matmul and weight.device.type == "cpu" and weight.dtype == torch.float32
 
     def forward(
         self,
@@ -677,7 +673,7 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
                 "Kangaroo decoding needs use_cache=True and a fresh DynamicCache (it writes the shallow layers' KV "
                 f"during drafting and crops after verification), got {type(cache).__name__}."
             )
-        few_rows = self._uses_few_row_matmul()
+        few_rows = self.uses_few_row_matmul()
         generator = KangarooCandidateGenerator(
             self, settings, generation_config, logits_processor, stopping_criteria, use_few_row_matmul=few_rows
         )

@@ -161,8 +161,7 @@ def profile_generation(
         total = time.perf_counter() - start
     stats = model.last_generate_stats
     mean_context = input_ids.shape[1] + (output.shape[1] - input_ids.shape[1]) // 2
-    with torch.no_grad():
-        kernel = model._uses_few_row_matmul()
+    kernel = model.uses_few_row_matmul()
     return RoundProfile(
         kernel_plain_step_s=plain_step_seconds(model, mean_context, few_row_kernel=True) if kernel else None,
         total_s=total,
