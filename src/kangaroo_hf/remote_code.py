@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import logging
 import re
 import sys
@@ -39,6 +40,7 @@ REMOTE_CODE_ROOTS = {
 PACKAGE_ONLY = ("cli", "commands", "default_model", "model_card", "remote_code")
 REMOTE_CODE_DIR = "modeling"
 CARDS_DIR = "hub_cards"
+LINE_LENGTH = 119  # the project's ruff line length: generated files are formatted as the sources
 _SHARED_NAMES = {"logger", "__all__"}  # defined identically by several modules
 
 
@@ -150,6 +152,14 @@ def _header(name: str, modules: tuple[str, ...]) -> str:
     )
 
 
+def _format_all(names: list[str]) -> str:
+    """`__all__ = [...]` as the project's formatter writes it: one line if it fits, else one name per line."""
+    one_line = f"__all__ = {json.dumps(names)}"
+    if len(one_line) <= LINE_LENGTH:
+        return one_line
+    return "__all__ = [\n" + "".join(f"    {json.dumps(name)},\n" for name in names) + "]"
+
+
 def render_remote_code() -> dict[str, str]:
     """The remote-code files as they must be now: file name -> text."""
     sources = remote_code_sources()
@@ -177,7 +187,7 @@ def render_remote_code() -> dict[str, str]:
         text = _header(name, modules) + "\nfrom __future__ import annotations\n"
         text += "\n" + imports if imports else ""
         text += "".join(f"\n\n{section}" for section in sections)
-        text += f"\n\n__all__ = {sorted(set(exported))!r}\n"
+        text += f"\n\n{_format_all(sorted(set(exported)))}\n"
         text = re.sub(r"\n{4,}", "\n\n\n", text)
         compile(text, name, "exec")  # fail here, not at load time, on a broken transformation
         rendered[name] = text

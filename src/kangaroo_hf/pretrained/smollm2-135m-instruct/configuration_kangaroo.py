@@ -208,4 +208,4 @@ def validate_lookup(num_tokens: int, max_ngram: int, max_tokens: int = 0) -> Non
         )
 
 
-__all__ = ['KangarooConfig', 'validate_draft_settings', 'validate_lookup']
+__all__ = ["KangarooConfig", "validate_draft_settings", "validate_lookup"]
