@@ -25,6 +25,16 @@ def test_generate_prints_text_statistics_and_the_comparison(tiny_cli_model, caps
     assert "mean accepted tokens per verification step" in out
     assert "identical output: True" in out and "speedup:" in out
     assert "[plain generate()] 12 new tokens" in out
+    assert "of which the float32 few-row kernel" in out and "speculation over it:" in out  # float32 on CPU
+
+
+def test_generate_shows_no_kernel_split_where_the_kernel_is_off(tiny_cli_model, capsys):
+    from kangaroo_hf.cli import main
+
+    tiny_cli_model.config.cpu_few_row_matmul = False
+    assert main(["generate", "abcabc", "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "speedup:" in out and "few-row kernel" not in out
 
 
 def test_generate_passes_the_draft_overrides(tiny_cli_model, capsys, monkeypatch):
