@@ -130,7 +130,7 @@ def add_generate(subparsers) -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-kangaroo", action="store_true", help="decode with the base alone")
-    parser.add_argument("--no-compare", action="store_true", help="skip the timed plain generate() for comparison")
+    parser.add_argument("--no-compare", action="store_true", help="skip the timed plain generate() runs")
     parser.set_defaults(handler=_run_generate)
 
 
