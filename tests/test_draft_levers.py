@@ -10,7 +10,7 @@ import torch
 from transformers import GenerationConfig, StoppingCriteriaList
 
 from conftest import VOCAB, make_kangaroo
-from kangaroo_hf import KangarooCandidateGenerator, KangarooConfig, backbone
+from kangaroo_hf import KangarooCandidateGenerator, KangarooConfig, backbone, generation
 from kangaroo_hf.backbone import few_row_linear
 from kangaroo_hf.generation import DraftSettings
 
@@ -225,6 +225,10 @@ def test_cpu_few_row_matmul_serves_the_float32_decoding_loop_losslessly(arch, mo
         return original(input, weight, bias)
 
     monkeypatch.setattr(backbone, "few_row_matmul", spy)
+    head_products: list[tuple[int, ...]] = []  # the draft head calls the kernel directly, not through a Linear
+    monkeypatch.setattr(
+        generation, "few_row_matmul", lambda x, w, b=None: head_products.append(tuple(w.shape)) or original(x, w, b)
+    )
     model = make_kangaroo(arch, draft_threshold=0.0, max_draft_tokens=3)
     prompt = _prompt(12, seed=4)
     expected = model.generate(prompt, do_sample=False, max_new_tokens=20, use_kangaroo=False)
@@ -234,10 +238,12 @@ def test_cpu_few_row_matmul_serves_the_float32_decoding_loop_losslessly(arch, mo
     # drafting steps (1 row: shallow layers, adapter, draft head) and verifications (1 + drafts rows).
     assert {1, 4, 12} <= set(rows_seen) and max(rows_seen) == 12
     assert not any("forward" in module.__dict__ for module in model.modules())  # every Linear restored
+    assert head_products and set(head_products) == {tuple(model.draft_head()[0].shape)}
     rows_seen.clear()
     model.config.cpu_few_row_matmul = False
+    head_products.clear()
     assert torch.equal(model.generate(prompt, do_sample=False, max_new_tokens=20), expected)
-    assert rows_seen == []
+    assert rows_seen == [] and head_products == []
     model.config.cpu_few_row_matmul = True
     model.to(torch.bfloat16)  # float32 only: other dtypes keep F.linear
     model.generate(prompt, do_sample=False, max_new_tokens=8)
