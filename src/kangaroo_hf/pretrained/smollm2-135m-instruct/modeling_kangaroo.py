@@ -1260,8 +1260,12 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
             self, settings, generation_config, logits_processor, stopping_criteria, use_few_row_matmul=few_rows
         )
         # After the prefill the loop's forwards are short (drafting steps, verifications): the kernel's case.
-        kernels = few_row_linear([self.parts.layers, self.parts.lm_head, self.adapter]) if few_rows else None
-        with self._scoped("_candidate_generator", generator), kernels or contextlib.nullcontext():
+        kernels = (
+            few_row_linear([self.parts.layers, self.parts.lm_head, self.adapter])
+            if few_rows
+            else contextlib.nullcontext()
+        )
+        with self._scoped("_candidate_generator", generator), kernels:
             output = self._assisted_decoding(input_ids, logits_processor, stopping_criteria, generation_config, **kw)
         self.last_generate_stats = generator.stats
         return output
