@@ -13,6 +13,7 @@ from safetensors import safe_open
 from conftest import tiny_base, tiny_tokenizer
 from kangaroo_hf import KangarooForCausalLM
 from kangaroo_hf.data import (
+    EncodedConversation,
     SelfDistillArguments,
     encode_conversation,
     encode_conversations,
@@ -343,3 +344,120 @@ def test_training_with_a_draft_vocabulary(tmp_path, jsonl):
     assert 0.0 <= result.metrics[-1]["validation"]["top1_agreement"] <= 1.0
     reloaded = KangarooForCausalLM.from_pretrained(tmp_path / "vocab", base_model=result.model.get_base_model())
     assert reloaded.adapter.draft_vocab_ids.tolist() == ids.tolist()
+
+
+@pytest.mark.parametrize("subset", [False, True])
+def test_token_targets_are_cross_entropy_on_the_next_token(subset):
+    from kangaroo_hf.distillation import DistillStats, distill_loss_chunks
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 30, bias=False)
+    draft = torch.randn(7, 8)
+    ids = torch.tensor([0, 3, 4, 9, 12, 20, 29]) if subset else None
+    targets = torch.tensor([3, 3, 9, 5, 29, 0, 12])  # 5 lies outside the subset
+    stats = DistillStats()
+    grad = distill_loss_chunks(
+        head, draft, None, 3, stats, loss_scale=0.5, vocab_ids=ids, full_teacher=False, target_ids=targets
+    )
+    weight = head.weight if ids is None else head.weight[ids]
+    columns = targets if ids is None else torch.searchsorted(ids, targets)
+    inside = torch.ones(7, dtype=torch.bool) if ids is None else ids[columns.clamp(max=6)] == targets
+    leaf = draft.clone().requires_grad_()
+    log_probs = (leaf @ weight.T).log_softmax(-1)
+    losses = -log_probs.gather(1, columns.clamp(max=weight.shape[0] - 1)[:, None])[:, 0]
+    (losses[inside].sum() * 0.5).backward()
+    torch.testing.assert_close(grad, leaf.grad, rtol=1e-4, atol=1e-6)
+    assert stats.loss == pytest.approx(float(losses[inside].sum().detach()), rel=1e-5)
+    # Agreement is top-1 == target over every position; a target the draft cannot propose is a miss.
+    draft_top = (draft @ weight.T).argmax(-1)
+    draft_ids = draft_top if ids is None else ids[draft_top]
+    assert stats.agree == float((draft_ids == targets).sum())
+    if subset:
+        assert grad[3].abs().sum() == 0  # the outside target has no loss, so no gradient
+    # Evaluation's form (drafts mapped back to the vocabulary) counts the same agreement.
+    full = DistillStats()
+    distill_loss_chunks(head, draft, None, 4, full, vocab_ids=ids, target_ids=targets)
+    assert full.agree == stats.agree and full.tokens == 7
+
+
+def test_token_targets_train_without_running_the_deep_layers(tmp_path, jsonl):
+    base = tiny_base("llama")
+    deep_calls = []
+    for layer in base.model.layers[2:]:
+        layer.register_forward_hook(lambda *_: deep_calls.append(1))
+    for online in (False, True):
+        args = _args(tmp_path, f"tokens-{online}", targets="tokens", online_features=online, num_epochs=3)
+        result = train_adapter(base, [jsonl], args, chat_tokenizer())
+        assert sum(result.train_loss[-3:]) < sum(result.train_loss[:3])
+        first, last = result.metrics[0]["validation"], result.metrics[-1]["validation"]
+        assert last["loss"] < first["loss"] and 0.0 <= last["top1_agreement"] <= 1.0
+        base = result.model.get_base_model()
+    assert not deep_calls  # features up to the exit layer only: no full forward of the base
+    cache = FeatureCache(tmp_path / "features" / "train")
+    assert not cache.has_last_states
+    with safe_open(tmp_path / "features" / "train" / cache.shards[0]["file"], framework="pt") as shard:
+        assert "last" not in shard.keys() and "hidden.2" in shard.keys()
+    # Distribution targets need what this cache lacks: refused with the way out, never trained on silently.
+    with pytest.raises(ValueError, match="no last-layer states"):
+        train_adapter(tiny_base("llama"), cache, _args(tmp_path, "refused"))
+
+
+def test_token_targets_on_self_distilled_answers_match_distribution_targets_top1(tmp_path):
+    """On the base's own greedy text, the next token is the base's argmax: both targets agree on top-1 metrics."""
+    from kangaroo_hf.distillation import DistillStats, distill_loss_chunks, make_batch
+
+    tokenizer = chat_tokenizer()
+    model = prepare_model(tiny_base("llama"), _args(tmp_path, "greedy"))
+    prompt = torch.tensor([tokenizer("9uabcd89a", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        answer = model.get_base_model().generate(prompt, max_new_tokens=12, do_sample=False)[0, prompt.shape[1] :]
+    ids = prompt[0].tolist() + answer.tolist()
+    sequence = EncodedConversation(ids, [0] * prompt.shape[1] + [1] * len(answer), "greedy")
+    cache = FeatureCache.build(model, [sequence], tmp_path / "greedy-cache", layers=[2], storage_dtype="float32")
+    batch = make_batch(cache.load_shard(0, exit_layer=2), "cpu")
+    hidden = model.adapter_forward(batch.exit_states, batch.position_ids, None)[batch.loss_mask].detach()
+    by_distribution, by_tokens = DistillStats(), DistillStats()
+    distill_loss_chunks(model.parts.lm_head, hidden, batch.teacher_states, 8, by_distribution)
+    distill_loss_chunks(model.parts.lm_head, hidden, None, 8, by_tokens, target_ids=batch.target_ids)
+    assert by_tokens.tokens == by_distribution.tokens == len(answer)
+    assert by_tokens.agree == by_distribution.agree
+
+
+def test_training_arguments_reject_inconsistent_targets():
+    with pytest.raises(ValueError, match="targets must be"):
+        TrainingArguments(targets="logits")
+    with pytest.raises(ValueError, match="targets='distribution'"):
+        TrainingArguments(targets="tokens", adapter_context="final")
+    with pytest.raises(ValueError, match="autocast_adapter needs mixed_precision"):
+        TrainingArguments(autocast_adapter=True)
+    assert not TrainingArguments(targets="tokens").needs_last_states
+    assert TrainingArguments(adapter_context="final").needs_last_states
+
+
+def test_autocast_adapter_trains_in_bfloat16(tmp_path, jsonl):
+    args = _args(tmp_path, "autocast", targets="tokens", mixed_precision="bf16", autocast_adapter=True)
+    result = train_adapter(tiny_base("llama"), [jsonl], args, chat_tokenizer())
+    assert sum(result.train_loss[-3:]) < sum(result.train_loss[:3])
+    assert all(p.dtype == torch.float32 for p in result.model.adapter.parameters())  # float32 master weights
+
+
+def test_cli_train_continues_a_saved_adapter(tmp_path, jsonl):
+    from kangaroo_hf.cli import main
+
+    folder = tmp_path / "base"
+    tiny_base("llama").save_pretrained(folder)
+    chat_tokenizer().save_pretrained(folder)
+    saved = KangarooForCausalLM.from_base(tiny_base("llama"), exit_layer=1, adapter_mlp=True)
+    saved.save_pretrained(tmp_path / "saved-adapter")
+    output = tmp_path / "continued"
+    argv = ["train", "--data", str(jsonl), "--base", str(folder), "--output-dir", str(output), "--num-epochs", "1"]
+    argv += ["--max-length", "48", "--batch-tokens", "160", "--validation-size", "10", "--extraction-dtype", "float32"]
+    argv += ["--init-adapter", str(tmp_path / "saved-adapter"), "--targets", "tokens", "--learning-rate", "1e-2"]
+    assert main(argv) == 0
+    continued = KangarooForCausalLM.from_pretrained(output, base_model=tiny_base("llama"))
+    # The saved adapter's shape (not a fresh default adapter), trained further.
+    assert continued.config.exit_layer == 1 and continued.config.adapter_mlp
+    before, after = saved.adapter_state_dict(), continued.adapter_state_dict()
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+    assert json.loads((output / "training_args.json").read_text())["exit_layer"] == 1

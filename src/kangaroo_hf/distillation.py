@@ -1,7 +1,8 @@
 """Batches, loss and metrics of draft-vs-base distillation on cached features.
 
 The draft distribution is `softmax(lm_head(adapter(exit_states)))`, the teacher's `softmax(lm_head(last_states))` (the
-base's own next-token distribution). Both share the frozen LM head, so the head is applied chunk by chunk: only one
+base's own next-token distribution), or, with token targets, one-hot on the text's next token (for self-distilled
+answers, the base's own greedy choice). Both share the frozen LM head, so the head is applied chunk by chunk: only one
 (chunk, vocab) block of logits is alive at a time, in training and in evaluation.
 """
 
@@ -26,7 +27,8 @@ class Batch:
     attention_mask: torch.Tensor | None  # None when nothing is padded
     position_ids: torch.LongTensor
     loss_mask: torch.Tensor  # (B, T) bool: position t predicts an assistant token t + 1
-    teacher_states: torch.Tensor  # (N, D): post-norm last-layer states at the N loss positions, row-major order
+    teacher_states: torch.Tensor | None  # (N, D): post-norm last-layer states at the N loss positions, row-major order
+    target_ids: torch.LongTensor  # (N,): the token each loss position predicts (the text's next token)
     context_states: torch.Tensor | None = None  # (B, T, D) post-norm last-layer states, for adapter_context="final"
 
     @property
@@ -43,7 +45,8 @@ def make_batch(
     """Pad cached sequences into one float32 batch on `device`.
 
     Loss positions are those predicting an assistant token, or every position but the last with `all_tokens`;
-    `with_context` adds all last-layer states (for `adapter_context="final"`).
+    `with_context` adds all last-layer states (for `adapter_context="final"`). `teacher_states` is None when the
+    sequences carry no last-layer states (a cache built for token targets).
     """
     width = max(len(s.input_ids) for s in sequences)
     hidden_size = sequences[0].exit_states.shape[-1]
@@ -54,7 +57,10 @@ def make_batch(
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
     loss_mask = torch.zeros((len(sequences), width), dtype=torch.bool)
     context = torch.zeros_like(exit_states) if with_context else None
-    teacher = []
+    has_teacher = sequences[0].last_states is not None
+    if with_context and not has_teacher:
+        raise ValueError("adapter_context='final' needs the base's last-layer states, and these features have none.")
+    teacher, target_ids = [], []
     for row, sequence in enumerate(sequences):
         length = len(sequence.input_ids)
         targets = sequence.assistant_mask[1:]  # (T - 1,): does position t predict an assistant token?
@@ -63,7 +69,9 @@ def make_batch(
         exit_states[row, :length] = sequence.exit_states.float()
         attention_mask[row, :length] = 1
         loss_mask[row, : length - 1] = targets
-        teacher.append(sequence.last_states[: length - 1][targets.to(sequence.last_states.device)].float())
+        target_ids.append(sequence.input_ids[1:][targets])
+        if has_teacher:
+            teacher.append(sequence.last_states[: length - 1][targets.to(sequence.last_states.device)].float())
         if context is not None:
             context[row, :length] = sequence.last_states.float()
     padded = bool((attention_mask == 0).any())
@@ -72,7 +80,8 @@ def make_batch(
         attention_mask=attention_mask.to(device) if padded else None,
         position_ids=torch.arange(width, device=device).unsqueeze(0).expand(len(sequences), -1),
         loss_mask=loss_mask.to(device),
-        teacher_states=torch.cat(teacher).to(device),
+        teacher_states=torch.cat(teacher).to(device) if has_teacher else None,
+        target_ids=torch.cat(target_ids).long().to(device),
         context_states=context.to(device) if context is not None else None,
     )
 
@@ -135,7 +144,7 @@ class DistillStats:
 def distill_loss_chunks(
     lm_head: nn.Module,
     draft_states: torch.Tensor,
-    teacher_states: torch.Tensor,
+    teacher_states: torch.Tensor | None,
     chunk_tokens: int,
     stats: DistillStats,
     loss_scale: float | None = None,
@@ -143,8 +152,12 @@ def distill_loss_chunks(
     compute_dtype: torch.dtype | None = None,
     vocab_ids: torch.LongTensor | None = None,
     full_teacher: bool = True,
+    target_ids: torch.LongTensor | None = None,
 ) -> torch.Tensor | None:
     """Soft cross-entropy `-sum_v p_base(v) log p_draft(v)` over (N, D) states, one LM-head chunk at a time.
+
+    The base's distribution `p_base` is `softmax(lm_head(teacher_states))`, or, with `teacher_states=None`, one-hot
+    on `target_ids` (N,) (token targets: plain cross-entropy on the text's next token).
 
     The gradient is written out by hand: d(loss)/d(draft logits) = p_draft - p_base, so a chunk costs three LM-head
     matmuls and a few passes over its (chunk, V) logits, with no autograd graph over the vocabulary. With
@@ -153,9 +166,12 @@ def distill_loss_chunks(
 
     `vocab_ids` (S,): the draft scores only these tokens (`KangarooConfig.draft_vocab_size`). With `full_teacher`
     the base's distribution is the full one (exact metrics: a base token outside the subset is a miss); without it,
-    the base's logits are restricted to the subset too, which makes training about V / S times cheaper.
+    the base's logits are restricted to the subset too, which makes training about V / S times cheaper. A target
+    token outside the subset has no loss (nothing the draft can do about it) and counts as a miss.
     Metrics go to `stats` (and per-token correctness / confidence when `keep_tokens`).
     """
+    if teacher_states is None and target_ids is None:
+        raise ValueError("distill_loss_chunks needs teacher_states or target_ids.")
     weight = lm_head.weight if compute_dtype is None else lm_head.weight.to(compute_dtype)  # (V, D)
     bias = getattr(lm_head, "bias", None)
     draft_weight, draft_bias = weight, bias
@@ -165,20 +181,27 @@ def distill_loss_chunks(
     subset_teacher = vocab_ids is not None and not full_teacher
     grads = []
     for start in range(0, draft_states.shape[0], chunk_tokens):
-        teacher = teacher_states[start : start + chunk_tokens].to(weight.dtype)
-        if subset_teacher:
-            teacher_logits = F.linear(teacher, draft_weight, draft_bias).float()  # (n, S)
+        if teacher_states is None:
+            targets = target_ids[start : start + chunk_tokens]
+            teacher_top, teacher_p = _one_hot_teacher(targets, vocab_ids, draft_weight.shape[0])  # (n, S or V)
+            if vocab_ids is not None and not subset_teacher:
+                teacher_top = targets  # compared with draft ids mapped back to the vocabulary below
         else:
-            teacher_logits = F.linear(teacher, weight, bias).float()  # (n, V)
-        teacher_top = teacher_logits.argmax(-1)
-        teacher_p = teacher_logits.softmax(-1)
-        del teacher_logits
+            teacher = teacher_states[start : start + chunk_tokens].to(weight.dtype)
+            if subset_teacher:
+                teacher_logits = F.linear(teacher, draft_weight, draft_bias).float()  # (n, S)
+            else:
+                teacher_logits = F.linear(teacher, weight, bias).float()  # (n, V)
+            teacher_top = teacher_logits.argmax(-1)
+            teacher_p = teacher_logits.softmax(-1)
+            del teacher_logits
         draft_logits = F.linear(draft_states[start : start + chunk_tokens].to(weight.dtype), draft_weight, draft_bias)
         draft_logits = draft_logits.float()  # (n, S or V)
         draft_top = draft_logits.argmax(-1)
         if vocab_ids is not None and not subset_teacher:
             draft_top = vocab_ids[draft_top]
-            teacher_p = teacher_p[:, vocab_ids]  # mass the draft can match; the rest is lost to it
+            if teacher_states is not None:
+                teacher_p = teacher_p[:, vocab_ids]  # mass the draft can match; the rest is lost to it
         correct = draft_top == teacher_top
         log_normalizer = draft_logits.logsumexp(-1)  # (n,)
         loss = log_normalizer * teacher_p.sum(-1) - torch.einsum("nv,nv->n", teacher_p, draft_logits)  # (n,)
@@ -195,6 +218,24 @@ def distill_loss_chunks(
             grad_logits = draft_p.mul_(teacher_p.sum(-1, keepdim=True)).sub_(teacher_p).mul_(loss_scale)
             grads.append((grad_logits.to(weight.dtype) @ draft_weight).float())  # (n, D)
     return torch.cat(grads) if grads else None
+
+
+def _one_hot_teacher(
+    target_ids: torch.LongTensor, columns: torch.LongTensor | None, width: int
+) -> tuple[torch.LongTensor, torch.Tensor]:
+    """Token targets (n,) as a teacher over the draft's columns: the vocabulary, or the sorted ids `columns` (S,).
+
+    Returns the target's column (-1 for a target outside `columns`) and the distribution (n, width), one-hot on that
+    column (all zero for an outside target: no loss, and a miss).
+    """
+    if columns is None:
+        index, inside = target_ids, torch.ones_like(target_ids, dtype=torch.bool)
+    else:
+        index = torch.searchsorted(columns, target_ids).clamp_(max=columns.numel() - 1)
+        inside = columns[index] == target_ids
+    one_hot = torch.zeros((target_ids.shape[0], width), dtype=torch.float32, device=target_ids.device)
+    one_hot.scatter_(1, index.unsqueeze(1), inside.unsqueeze(1).float())
+    return torch.where(inside, index, -1), one_hot
 
 
 def draft_vocab_ids(model: nn.Module) -> torch.LongTensor | None:
@@ -326,6 +367,7 @@ def evaluate_adapter(
                 keep_tokens=True,
                 compute_dtype=compute_dtype,
                 vocab_ids=draft_vocab_ids(model),
+                target_ids=batch.target_ids,
             )
             by_depth_correct.append(answer_runs(batch.loss_mask, torch.cat(stats[depth].correct)))
             by_depth_confidence.append(answer_runs(batch.loss_mask, torch.cat(stats[depth].confidence)))

@@ -9,7 +9,9 @@ Each shard is a safetensors file holding, for the sequences assigned to it, conc
   `exit_layer = l`), one entry per cached layer;
 - `last` (N, D): the final hidden states *after* the base's final norm, i.e. the LM head's input. The teacher
   distribution is `softmax(lm_head(last))`. The post-norm states are cached because they are bounded (|x| < ~100 for
-  SmolLM2) while the pre-norm residual stream reaches ~1e4, too close to float16's range;
+  SmolLM2) while the pre-norm residual stream reaches ~1e4, too close to float16's range. Absent when built with
+  `with_last_states=False` (token targets need no teacher distribution: the base then runs only to the deepest
+  cached layer, a few layers instead of all);
 - `offsets` (S + 1,) int64: sequence `i` is tokens `offsets[i]:offsets[i + 1]`.
 
 `index.json` lists the shards with per-sequence lengths and loss-token counts, so batches are planned without
@@ -41,22 +43,25 @@ STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32
 
 @dataclass
 class CachedSequence:
-    """One cached sequence: ids (T,), assistant mask (T,), exit states (T, D), post-norm last states (T, D)."""
+    """One cached sequence: ids (T,), assistant mask (T,), exit states (T, D), post-norm last states (T, D) or None
+    when the cache holds none (`with_last_states=False`)."""
 
     input_ids: torch.Tensor
     assistant_mask: torch.Tensor
     exit_states: torch.Tensor
-    last_states: torch.Tensor
+    last_states: torch.Tensor | None
 
 
-def _fingerprint(model, sequences: Sequence[EncodedConversation], layers: list[int], storage_dtype: str) -> str:
+def _fingerprint(
+    model, sequences: Sequence[EncodedConversation], layers: list[int], storage_dtype: str, with_last_states: bool
+) -> str:
     digest = hashlib.sha256()
     config = model.parts.config
-    digest.update(
-        json.dumps(
-            [getattr(config, "_name_or_path", ""), config.num_hidden_layers, config.hidden_size, layers, storage_dtype]
-        ).encode()
-    )
+    described = [getattr(config, "_name_or_path", ""), config.num_hidden_layers, config.hidden_size, layers]
+    described.append(storage_dtype)
+    if not with_last_states:  # (caches with last states keep the fingerprint they always had)
+        described.append("no-last-states")
+    digest.update(json.dumps(described).encode())
     for sequence in sequences:
         digest.update(torch.tensor(sequence.input_ids, dtype=torch.int32).numpy().tobytes())
         digest.update(bytes(sequence.assistant_mask))
@@ -124,18 +129,22 @@ def _extract_in_batches(
     layers: list[int],
     batch_tokens: int,
     autocast_dtype: torch.dtype | None,
+    with_last_states: bool = True,
 ) -> Iterator[tuple[list[int], dict[str, list[torch.Tensor]]]]:
     """(indices into `members`, their states as `_extract_batch` returns them), one length-sorted batch at a time."""
     device_type = model.parts.lm_head.weight.device.type
     for batch in _length_batches([len(s.input_ids) for s in members], batch_tokens):
         with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = _extract_batch(model, [members[i] for i in batch], layers)
+            out = _extract_batch(model, [members[i] for i in batch], layers, with_last_states)
         yield batch, out  # outside the autocast region: the caller's code runs in its own precision
 
 
 @torch.no_grad()
-def _extract_batch(model, sequences: list[EncodedConversation], layers: list[int]) -> dict[str, list[torch.Tensor]]:
-    """Hidden states after each of `layers` and the post-norm final states, for right-padded `sequences`."""
+def _extract_batch(
+    model, sequences: list[EncodedConversation], layers: list[int], with_last_states: bool = True
+) -> dict[str, list[torch.Tensor]]:
+    """Hidden states after each of `layers` and (`with_last_states`) the post-norm final states, for right-padded
+    `sequences`; without them the base runs only up to the deepest of `layers`."""
     parts = model.parts
     device = parts.lm_head.weight.device
     width = max(len(s.input_ids) for s in sequences)
@@ -149,11 +158,12 @@ def _extract_batch(model, sequences: list[EncodedConversation], layers: list[int
     hidden = parts.embed_tokens(input_ids)  # (B, T, D)
     outputs: dict[str, torch.Tensor] = {}
     start = 0
-    for layer in [*layers, parts.num_layers]:
+    for layer in [*layers, parts.num_layers] if with_last_states else layers:
         hidden = parts.run_layers(hidden, start, layer, position_ids, attention_mask, cache=None)
         outputs[f"hidden.{layer}" if layer in layers else "last"] = hidden
         start = layer
-    outputs["last"] = parts.norm(outputs["last"])
+    if with_last_states:
+        outputs["last"] = parts.norm(outputs["last"])
     return {
         name: [tensor[row, : len(s.input_ids)] for row, s in enumerate(sequences)] for name, tensor in outputs.items()
     }
@@ -174,6 +184,11 @@ class FeatureCache:
     @property
     def layers(self) -> list[int]:
         return list(self.index["layers"])
+
+    @property
+    def has_last_states(self) -> bool:
+        """Whether the base's final states (the teacher distribution's input) are cached."""
+        return self.index.get("last_states") is not None
 
     @property
     def shards(self) -> list[dict[str, Any]]:
@@ -213,7 +228,7 @@ class FeatureCache:
                 input_ids=tensors["input_ids"][start:end].long(),
                 assistant_mask=tensors["assistant_mask"][start:end].bool(),
                 exit_states=hidden[start:end],
-                last_states=tensors["last"][start:end],
+                last_states=tensors["last"][start:end] if "last" in tensors else None,
             )
             for start, end in zip(offsets[:-1], offsets[1:], strict=True)
         ]
@@ -231,6 +246,7 @@ class FeatureCache:
         autocast_dtype: torch.dtype | None = None,
         process_index: int = 0,
         num_processes: int = 1,
+        with_last_states: bool = True,
     ) -> FeatureCache:
         """Run the frozen base over `sequences` and write the cache (or reuse a complete one built from the same data).
 
@@ -243,12 +259,14 @@ class FeatureCache:
             autocast_dtype: run the base under autocast (e.g. `torch.bfloat16`, about 2x faster on recent CPUs).
             process_index, num_processes: with several processes, each extracts every `num_processes`-th shard;
                 call `build` in every process, then `FeatureCache(folder)` once all are done.
+            with_last_states: also cache the base's post-norm final states (needed by distribution targets and by
+                `adapter_context="final"`); without them only the layers up to the deepest cached one run.
         """
         if storage_dtype not in STORAGE_DTYPES:
             raise ValueError(f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got {storage_dtype!r}.")
         layers = _checked_layers(model, layers, "Cached")
         folder = Path(folder)
-        fingerprint = _fingerprint(model, sequences, layers, storage_dtype)
+        fingerprint = _fingerprint(model, sequences, layers, storage_dtype, with_last_states)
         if (folder / "index.json").is_file():
             cache = cls(folder)
             if cache.index.get("fingerprint") != fingerprint:
@@ -272,7 +290,8 @@ class FeatureCache:
                     continue
                 collected: dict[str, list] = {}
                 slots = [None] * len(members)
-                for batch, out in _extract_in_batches(model, members, layers, batch_tokens, autocast_dtype):
+                batches = _extract_in_batches(model, members, layers, batch_tokens, autocast_dtype, with_last_states)
+                for batch, out in batches:
                     for row, i in enumerate(batch):
                         slots[i] = {name: values[row].to("cpu", dtype) for name, values in out.items()}
                     progress.update(sum(len(members[i].input_ids) for i in batch))
@@ -303,7 +322,7 @@ class FeatureCache:
                 "layers": layers,
                 "storage_dtype": storage_dtype,
                 "hidden_size": model.parts.config.hidden_size,
-                "last_states": "post-norm (LM head input)",
+                "last_states": "post-norm (LM head input)" if with_last_states else None,
                 "shards": shards,
             }
             if num_processes == 1:
@@ -342,6 +361,7 @@ class OnlineFeatures:
         shard_tokens: int = 262_144,
         batch_tokens: int = 8192,
         autocast_dtype: torch.dtype | None = None,
+        with_last_states: bool = True,
     ) -> None:
         layers = _checked_layers(model, layers, "Feature")
         if not sequences:
@@ -349,9 +369,14 @@ class OnlineFeatures:
         self.model, self.sequences = model, sequences
         self.batch_tokens, self.autocast_dtype = batch_tokens, autocast_dtype
         self.plan = _plan_shards(sequences, shard_tokens)
-        self.index = {"layers": layers, "shards": [_shard_entry(sequences, members) for members in self.plan]}
+        self.index = {
+            "layers": layers,
+            "last_states": "post-norm (LM head input)" if with_last_states else None,
+            "shards": [_shard_entry(sequences, members) for members in self.plan],
+        }
 
     layers = FeatureCache.layers
+    has_last_states = FeatureCache.has_last_states
     shards = FeatureCache.shards
     num_sequences = FeatureCache.num_sequences
     num_tokens = FeatureCache.num_tokens
@@ -370,14 +395,16 @@ class OnlineFeatures:
             raise ValueError(f"exit_layer={exit_layer} is not among the online feature layers {self.layers}.")
         members = [self.sequences[j] for j in self.plan[shard_index]]
         loaded: list[CachedSequence | None] = [None] * len(members)
-        batches = _extract_in_batches(self.model, members, [exit_layer], self.batch_tokens, self.autocast_dtype)
+        batches = _extract_in_batches(
+            self.model, members, [exit_layer], self.batch_tokens, self.autocast_dtype, self.has_last_states
+        )
         for batch, out in batches:
             for row, i in enumerate(batch):
                 loaded[i] = CachedSequence(
                     input_ids=torch.tensor(members[i].input_ids),
                     assistant_mask=torch.tensor(members[i].assistant_mask, dtype=torch.bool),
                     exit_states=out[f"hidden.{exit_layer}"][row].float(),
-                    last_states=out["last"][row].float(),
+                    last_states=out["last"][row].float() if "last" in out else None,
                 )
         return loaded
 

@@ -10,7 +10,10 @@ head, and the adapter learns to map the base's exit-layer states to the base's o
    disk in half precision (`features.FeatureCache`), or, with `online_features`, recomputed every epoch on the
    accelerator (`features.OnlineFeatures`);
 3. the adapter runs over whole sequences (causal attention over the exit states, positions 0..T-1); the loss is the
-   soft cross-entropy between the draft distribution and `softmax(lm_head(last))`, masked to assistant tokens;
+   soft cross-entropy between the draft distribution and `softmax(lm_head(last))`, masked to assistant tokens. With
+   `targets="tokens"` it is the cross-entropy on the text's next token instead: for self-distilled answers that is
+   the base's own greedy choice, and the base then only runs up to the exit layer (no last-layer states at all), which
+   makes feature extraction about `num_layers / exit_layer` times cheaper (what makes training on a CPU practical);
 4. validation reports top-1 agreement with the base, expected acceptance `sum_v min(p, q)` and the mean accepted
    tokens per verification step of greedy Kangaroo decoding replayed on the validation answers (`simulated_tau`).
 
@@ -86,6 +89,13 @@ class TrainingArguments:
     loss_on: str = field(
         default="assistant", metadata={"help": "assistant (answer tokens only) or all (prompt and template too)"}
     )
+    targets: str = field(
+        default="distribution",
+        metadata={
+            "help": "distribution (soft cross-entropy against the base's next-token distribution) or tokens (the "
+            "text's next token: the base's greedy choice on self-distilled answers; no full forward of the base)"
+        },
+    )
     validation_size: float = field(default=0.02, metadata={"help": "held-out conversations: a count, or a fraction"})
     self_distill: bool = field(
         default=False, metadata={"help": "answer the prompts with the base's own greedy outputs"}
@@ -121,6 +131,10 @@ class TrainingArguments:
     mixed_precision: str = field(
         default="no", metadata={"help": "no or bf16: LM-head matmuls of the loss in bfloat16"}
     )
+    autocast_adapter: bool = field(
+        default=False,
+        metadata={"help": "with mixed_precision, also run the adapter under autocast (faster on bfloat16 CPUs)"},
+    )
     seed: int = field(default=0, metadata={"help": "seeds data order, split and initialisation"})
     # -- bookkeeping --
     logging_steps: int = field(default=10, metadata={"help": "optimizer steps between log lines"})
@@ -135,6 +149,14 @@ class TrainingArguments:
             raise ValueError(f"lr_scheduler must be 'cosine' or 'linear', got {self.lr_scheduler!r}.")
         if self.loss_on not in ("assistant", "all"):
             raise ValueError(f"loss_on must be 'assistant' or 'all', got {self.loss_on!r}.")
+        if self.targets not in ("distribution", "tokens"):
+            raise ValueError(f"targets must be 'distribution' or 'tokens', got {self.targets!r}.")
+        if self.targets == "tokens" and self.adapter_context == "final":
+            raise ValueError(
+                "adapter_context='final' attends to the base's last-layer states: use targets='distribution'."
+            )
+        if self.autocast_adapter and self.mixed_precision == "no":
+            raise ValueError("autocast_adapter needs mixed_precision='bf16' (the autocast dtype).")
         if self.mixed_precision not in ("no", "bf16"):
             raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}.")
         for name in ("num_epochs", "batch_tokens", "gradient_accumulation_steps", "max_length", "logging_steps"):
@@ -146,6 +168,11 @@ class TrainingArguments:
     @property
     def cached_layers(self) -> list[int]:
         return sorted(set(self.feature_layers or []) | {self.exit_layer})
+
+    @property
+    def needs_last_states(self) -> bool:
+        """Whether training reads the base's last-layer states (distribution targets, or the final-state context)."""
+        return self.targets == "distribution" or self.adapter_context == "final"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -305,6 +332,7 @@ def _prepare_data(model, tokenizer, train_data, validation_data, args: TrainingA
                     shard_tokens=args.shard_tokens,
                     batch_tokens=args.extraction_batch_tokens,
                     autocast_dtype=_autocast_dtype(args.extraction_dtype),
+                    with_last_states=args.needs_last_states,
                 )
             )
             continue
@@ -319,6 +347,7 @@ def _prepare_data(model, tokenizer, train_data, validation_data, args: TrainingA
             autocast_dtype=_autocast_dtype(args.extraction_dtype),
             process_index=accelerator.process_index,
             num_processes=accelerator.num_processes,
+            with_last_states=args.needs_last_states,
         )
         accelerator.wait_for_everyone()
         caches.append(FeatureCache.finalize(feature_root / name) if accelerator.is_main_process else None)
@@ -372,7 +401,15 @@ def train_adapter(
     if tokenizer is None and not isinstance(train_data, (FeatureCache, OnlineFeatures)):
         raise ValueError("train_adapter needs the base's tokenizer to render conversations (or a FeatureCache).")
     model = prepare_model(model_or_base, args).to(accelerator.device)
+    if args.targets == "tokens" and uses_final_context(model):
+        raise ValueError("This model's adapter attends to the base's last-layer states: use targets='distribution'.")
     train_cache, validation_cache = _prepare_data(model, tokenizer, train_data, validation_data, args, accelerator)
+    for name, cache in (("training", train_cache), ("validation", validation_cache)):
+        if cache is not None and args.needs_last_states and not cache.has_last_states:
+            raise ValueError(
+                f"The {name} features hold no last-layer states, which targets='distribution' and the final-state "
+                "context need: build them with with_last_states=True, or train with targets='tokens'."
+            )
     if accelerator.is_main_process:
         (output_dir / "training_args.json").write_text(json.dumps(args.to_dict(), indent=2, sort_keys=True))
         logger.info(
@@ -491,18 +528,22 @@ class _Run:
             with contextlib.ExitStack() as stack:
                 if not last:
                     stack.enter_context(accelerator.no_sync(self.module))
-                hidden = draft_states(self.model, batch, self.module, self._draft_depth(batch, index))  # (B, T, D)
+                with torch.autocast(
+                    batch.exit_states.device.type, dtype=self.compute_dtype, enabled=args.autocast_adapter
+                ):
+                    hidden = draft_states(self.model, batch, self.module, self._draft_depth(batch, index))  # (B, T, D)
                 selected = hidden[batch.loss_mask]  # (N, D)
                 grad = distill_loss_chunks(
                     self.model.parts.lm_head,
                     selected,
-                    batch.teacher_states,
+                    batch.teacher_states if args.targets == "distribution" else None,
                     args.loss_chunk_tokens,
                     stats,
                     loss_scale=1.0 / group_tokens,
                     compute_dtype=self.compute_dtype,
                     vocab_ids=self.vocab_ids,
                     full_teacher=False,
+                    target_ids=batch.target_ids,
                 )
                 # The LM-head chunks already gave d(loss)/d(selected): one backward pass through the adapter.
                 accelerator.backward((selected * grad).sum())
@@ -611,6 +652,11 @@ def _run_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     base, tokenizer = _load_base(args.base, args.base_dtype)
+    if args.init_adapter:
+        from .modeling import KangarooForCausalLM
+
+        # Its exit layer, adapter shape and draft vocabulary come with it; training continues from its weights.
+        base = KangarooForCausalLM.from_pretrained(args.init_adapter, base_model=base)
     result = train_adapter(base, args.data, training_args, tokenizer, validation_data=args.validation_data)
     last = result.metrics[-1].get("validation", {}) if result.metrics else {}
     logger.info("Adapter saved to %s after %d steps; last validation: %s", result.output_dir, result.global_step, last)
@@ -641,6 +687,12 @@ def add_train(subparsers) -> None:
     parser.add_argument("--validation-data", nargs="+", default=None, help="held-out JSONL files (optional)")
     parser.add_argument("--base", default=None, help="base model id or folder (default: embedded SmolLM2-135M)")
     parser.add_argument("--base-dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument(
+        "--init-adapter",
+        default=None,
+        help="a saved Kangaroo adapter folder (save_pretrained) to train further instead of a fresh adapter; "
+        "its exit layer, adapter shape and draft vocabulary apply",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     add_dataclass_arguments(parser, TrainingArguments)
     parser.set_defaults(handler=_run_train)
