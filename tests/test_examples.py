@@ -27,7 +27,8 @@ def _load_example(name: str):
     return module
 
 
-def test_train_own_jsonl_on_a_tiny_base(tmp_path, capsys):
+@pytest.mark.parametrize("token_targets", [False, True], ids=["distribution", "tokens"])
+def test_train_own_jsonl_on_a_tiny_base(tmp_path, capsys, token_targets):
     base_folder = tmp_path / "base"
     tiny_base("llama").save_pretrained(base_folder)
     tokenizer = tiny_tokenizer()
@@ -41,8 +42,10 @@ def test_train_own_jsonl_on_a_tiny_base(tmp_path, capsys):
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     output = tmp_path / "adapter"
     argv = ["--base", str(base_folder), "--data", str(data), "--output-dir", str(output), "--epochs", "1"]
-    _load_example("train_own_jsonl").main(argv)
+    _load_example("train_own_jsonl").main(argv + (["--token-targets"] if token_targets else []))
     assert (output / "config.json").is_file()
+    used = json.loads((output / "training_args.json").read_text())["targets"]
+    assert used == ("tokens" if token_targets else "distribution")
     assert "adapter saved to" in capsys.readouterr().out
 
     from kangaroo_hf import KangarooForCausalLM
