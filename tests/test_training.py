@@ -460,4 +460,5 @@ def test_cli_train_continues_a_saved_adapter(tmp_path, jsonl):
     before, after = saved.adapter_state_dict(), continued.adapter_state_dict()
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[name], after[name]) for name in before)
-    assert json.loads((output / "training_args.json").read_text())["exit_layer"] == 1
+    recorded = json.loads((output / "training_args.json").read_text())
+    assert (recorded["exit_layer"], recorded["adapter_mlp"], recorded["targets"]) == (1, True, "tokens")

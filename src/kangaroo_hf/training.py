@@ -253,9 +253,12 @@ def prepare_model(model_or_base: nn.Module, args: TrainingArguments) -> nn.Modul
 
     if isinstance(model_or_base, KangarooForCausalLM):
         model = model_or_base
-        if model.config.exit_layer != args.exit_layer:
-            logger.info("Using the model's exit_layer=%d (not %d)", model.config.exit_layer, args.exit_layer)
-            args.exit_layer = model.config.exit_layer
+        # The model's own adapter is trained further: its shape, not the arguments', is what gets recorded.
+        for name in ("exit_layer", "adapter_num_layers", "adapter_context", "adapter_mlp"):
+            value = getattr(model.config, name)
+            if getattr(args, name) != value:
+                logger.info("Using the model's %s=%r (not %r)", name, value, getattr(args, name))
+                setattr(args, name, value)
     else:
         torch.manual_seed(args.seed)
         # Only set when used, so a model class without the option still trains the paper's adapter.
