@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--data", default="../shared/data/train/*.jsonl")
     parser.add_argument("--answers-per-file", type=int, default=1500)
     parser.add_argument("--metrics", default=None, help="extra JSON of measured metrics to record")
+    parser.add_argument("--output", default=str(SHIPPED_ADAPTER), help="where to write (default: the package's)")
     args = parser.parse_args()
 
     base, tokenizer = load_embedded_base(torch.float32)
@@ -71,10 +72,8 @@ def main() -> None:
     if args.metrics:
         metrics = {"training": metrics, "measured": json.loads(Path(args.metrics).read_text())}
     training_args = json.loads((source / "training_args.json").read_text())
-    model.save_pretrained(
-        SHIPPED_ADAPTER, metrics=metrics, training_args=training_args, weights_dtype=args.weights_dtype
-    )
-    print(f"shipped {source} -> {SHIPPED_ADAPTER}")
+    model.save_pretrained(args.output, metrics=metrics, training_args=training_args, weights_dtype=args.weights_dtype)
+    print(f"shipped {source} -> {args.output}")
 
 
 if __name__ == "__main__":

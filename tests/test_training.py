@@ -462,3 +462,6 @@ def test_cli_train_continues_a_saved_adapter(tmp_path, jsonl):
     assert any(not torch.equal(before[name], after[name]) for name in before)
     recorded = json.loads((output / "training_args.json").read_text())
     assert (recorded["exit_layer"], recorded["adapter_mlp"], recorded["targets"]) == (1, True, "tokens")
+    assert recorded["init_adapter"] == str(tmp_path / "saved-adapter")  # where training started is on record
+    with pytest.raises(ValueError, match="init_adapter needs a plain base"):
+        prepare_model(continued, TrainingArguments(init_adapter=str(tmp_path / "saved-adapter")))

@@ -63,6 +63,13 @@ class TrainingArguments:
 
     output_dir: str = field(default="runs/kangaroo-adapter", metadata={"help": "adapter, checkpoints and metrics"})
     # -- the draft model (used when a plain base is given) --
+    init_adapter: str | None = field(
+        default=None,
+        metadata={
+            "help": "a saved Kangaroo adapter folder (save_pretrained) to train further instead of a fresh adapter; "
+            "its exit layer, adapter shape and draft vocabulary apply"
+        },
+    )
     exit_layer: int = field(default=2, metadata={"help": "shallow base layers shared by the draft"})
     adapter_num_layers: int = field(
         default=1, metadata={"help": "adapter blocks (full layers with adapter_mlp; paper: 1)"}
@@ -248,9 +255,14 @@ class _AdapterModule(nn.Module):
 
 
 def prepare_model(model_or_base: nn.Module, args: TrainingArguments) -> nn.Module:
-    """A `KangarooForCausalLM` with a fresh adapter (or the given one), base frozen, adapter trainable."""
+    """A `KangarooForCausalLM` with a fresh adapter (or the given model's, or the saved one `args.init_adapter`
+    names), base frozen, adapter trainable."""
     from .modeling import KangarooForCausalLM
 
+    if args.init_adapter is not None:
+        if isinstance(model_or_base, KangarooForCausalLM):
+            raise ValueError("init_adapter needs a plain base: this model already has an adapter to train.")
+        model_or_base = KangarooForCausalLM.from_pretrained(args.init_adapter, base_model=model_or_base)
     if isinstance(model_or_base, KangarooForCausalLM):
         model = model_or_base
         # The model's own adapter is trained further: its shape, not the arguments', is what gets recorded.
@@ -371,7 +383,7 @@ def train_adapter(
 
     Args:
         model_or_base: a `KangarooForCausalLM` (its adapter is trained further) or a LLaMA-family base (a fresh
-            adapter is attached at `args.exit_layer`).
+            adapter is attached at `args.exit_layer`, or the saved one `args.init_adapter` names).
         train_data: JSONL paths, an iterable of `{"messages": [...]}` dicts (e.g. a `datasets.Dataset`), or a
             `FeatureCache` already built (or `OnlineFeatures`).
         args: the run's settings.
@@ -655,11 +667,6 @@ def _run_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     base, tokenizer = _load_base(args.base, args.base_dtype)
-    if args.init_adapter:
-        from .modeling import KangarooForCausalLM
-
-        # Its exit layer, adapter shape and draft vocabulary come with it; training continues from its weights.
-        base = KangarooForCausalLM.from_pretrained(args.init_adapter, base_model=base)
     result = train_adapter(base, args.data, training_args, tokenizer, validation_data=args.validation_data)
     last = result.metrics[-1].get("validation", {}) if result.metrics else {}
     logger.info("Adapter saved to %s after %d steps; last validation: %s", result.output_dir, result.global_step, last)
@@ -690,12 +697,6 @@ def add_train(subparsers) -> None:
     parser.add_argument("--validation-data", nargs="+", default=None, help="held-out JSONL files (optional)")
     parser.add_argument("--base", default=None, help="base model id or folder (default: embedded SmolLM2-135M)")
     parser.add_argument("--base-dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument(
-        "--init-adapter",
-        default=None,
-        help="a saved Kangaroo adapter folder (save_pretrained) to train further instead of a fresh adapter; "
-        "its exit layer, adapter shape and draft vocabulary apply",
-    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     add_dataclass_arguments(parser, TrainingArguments)
     parser.set_defaults(handler=_run_train)
