@@ -353,3 +353,23 @@ def test_pld_few_row_is_prompt_lookup_through_the_float32_kernel(model, question
     assert kernel_tokens == tokens and kernel_counts.verify_steps == counts.verify_steps and rows_seen
     with pytest.raises(ValueError, match="prompt lookup needs prompt_lookup_num_tokens"):
         bench_methods.run_pld(model, input_ids, kwargs)  # without it generate() would quietly decode plainly
+
+
+def test_speedup_is_per_token_when_output_lengths_differ():
+    """A method whose output ends earlier (a bfloat16 near-tie, say) is not credited with the tokens it never made."""
+    from kangaroo_hf.bench_report import build_results
+
+    def record(qid: int, reference_tokens: int, method_tokens: int) -> PromptRecord:
+        runs = {
+            "vanilla": MethodRun([7] * reference_tokens, 10.0, None),
+            "pld": MethodRun([7] * method_tokens, 5.0, None),
+        }
+        return PromptRecord(Question(qid, "qa", ("q",)), 3, runs)
+
+    same = build_results([record(1, 100, 100)], [], ("vanilla", "pld"), {"do_sample": True})
+    assert same["methods"]["pld"]["overall"]["speedup"] == pytest.approx(2.0)  # equal lengths: the time ratio
+    shorter = build_results([record(1, 100, 100), record(2, 100, 50)], [], ("vanilla", "pld"), {"do_sample": True})
+    overall = shorter["methods"]["pld"]["overall"]
+    # 150 tokens in 10 s against 200 tokens in 20 s: 1.5x per token (the time ratio would claim 2x).
+    assert overall["speedup"] == pytest.approx(1.5)
+    assert overall["speedup"] == pytest.approx(overall["tokens_per_second"] / 10.0)

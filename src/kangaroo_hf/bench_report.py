@@ -4,8 +4,10 @@
 
 - `settings`: model, questions, dtype, device, lengths, sampling, methods and their options, tie tolerance, Kangaroo's
   exit layer and draft stop rule; `machine`: platform, CPU, cores, torch threads, library versions, date.
-- `methods.<name>.overall` and `methods.<name>.by_category.<category>`: `speedup` (the base's `generate()` time over
-  the method's, same prompts), `tokens_per_second`, `new_tokens`, `time_s`, `prompts`, `identical_fraction` (greedy),
+- `methods.<name>.overall` and `methods.<name>.by_category.<category>`: `speedup` (the method's tokens per second over
+  the base's `generate()` tokens per second, same prompts: the time ratio when outputs have the same length, and still
+  per token when they do not, e.g. bfloat16 outputs that end earlier after a near-tie), `tokens_per_second`,
+  `new_tokens`, `time_s`, `prompts`, `identical_fraction` (greedy),
   and for speculative methods `mean_accepted_tokens` (tokens per verification step, tau), `verify_steps`,
   `acceptance_by_position`, `drafted_by_position`, `accepted_by_position`; `methods.<name>.lossless`.
 - `lossless`, `identical_fraction`, `numerical_ties`, `failures`, `divergences` (greedy; null when sampling).
@@ -64,13 +66,17 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
     return info
 
 
-def _aggregate(runs: list[MethodRun], reference_time: float, greedy: bool) -> dict[str, Any]:
-    """Totals of one method over some prompts; `reference_time` is the base's time on the same prompts."""
+def _aggregate(runs: list[MethodRun], reference: list[MethodRun], greedy: bool) -> dict[str, Any]:
+    """Totals of one method over some prompts; `reference` are the base's runs on the same prompts."""
     time_s = sum(run.time_s for run in runs)
     new_tokens = sum(len(run.tokens) for run in runs)
+    reference_time = sum(run.time_s for run in reference)
+    reference_tokens = sum(len(run.tokens) for run in reference)
+    rate = new_tokens / time_s if time_s > 0 else None
+    reference_rate = reference_tokens / reference_time if reference_time > 0 else None
     summary: dict[str, Any] = {
-        "speedup": reference_time / time_s if time_s > 0 else None,
-        "tokens_per_second": new_tokens / time_s if time_s > 0 else None,
+        "speedup": rate / reference_rate if rate is not None and reference_rate else None,
+        "tokens_per_second": rate,
         "new_tokens": new_tokens,
         "time_s": time_s,
         "prompts": len(runs),
@@ -93,8 +99,8 @@ def build_results(
     categories = list(dict.fromkeys(record.question.category for record in records))
 
     def summary(name: str, selected: list[PromptRecord]) -> dict[str, Any]:
-        reference_time = sum(record.runs[REFERENCE_METHOD].time_s for record in selected)
-        return _aggregate([record.runs[name] for record in selected], reference_time, greedy)
+        reference = [record.runs[REFERENCE_METHOD] for record in selected]
+        return _aggregate([record.runs[name] for record in selected], reference, greedy)
 
     failures = [item for item in divergences if not item.tie]
     method_results = {}
