@@ -10,8 +10,9 @@ adapter's first draft equals the copy's first token or is below the threshold), 
 token. With the shipped settings this reproduced `kangaroo-hf bench --dtype float32` exactly (session 5: tau 1.71
 overall, extraction 2.78, math_reasoning 2.56; the previous adapter 1.68 and 3.28), in seconds instead of minutes
 of timed decoding, so drafting rules can be compared here before they are built and timed. Rows per round (1 +
-drafts) are reported too: verification cost grows with them. Stopping criteria other than the answer's end are not
-modelled (no stop strings in Spec-Bench).
+drafts) are reported too: verification cost grows with them. Not modelled: stopping criteria other than the answer's
+end (no stop strings in Spec-Bench), a growing lookup length (`lookup_max_tokens`) and `first_draft_threshold` (both
+off in the shipped settings).
 """
 
 from __future__ import annotations
