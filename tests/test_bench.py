@@ -373,3 +373,25 @@ def test_speedup_is_per_token_when_output_lengths_differ():
     # 150 tokens in 10 s against 200 tokens in 20 s: 1.5x per token (the time ratio would claim 2x).
     assert overall["speedup"] == pytest.approx(1.5)
     assert overall["speedup"] == pytest.approx(overall["tokens_per_second"] / 10.0)
+
+
+def test_prompt_lookup_flags_set_both_prompt_lookup_methods(monkeypatch, tmp_path):
+    """`pld_few_row` is `pld` through the kernel: `--pld-*` must reach it too, or it would run other options."""
+    from kangaroo_hf import commands as commands_module
+    from kangaroo_hf.cli import build_parser
+
+    seen = {}
+
+    def fake_run(model, tokenizer, questions, output_dir, settings, description):
+        seen["options"] = settings.method_options
+        raise LosslessnessError("stop here")
+
+    monkeypatch.setattr(bench, "run_benchmark", fake_run)
+    monkeypatch.setattr(commands_module, "load_model", lambda *args: (None, None))
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question_id": 1, "category": "qa", "turns": ["hi"]}) + "\n")
+    argv = ["bench", "--questions", str(questions), "--methods", "vanilla,pld,pld_few_row"]
+    args = build_parser().parse_args(argv + ["--pld-num-tokens", "3", "--pld-max-ngram", "3"])
+    assert args.handler(args) == 1
+    expected = {"prompt_lookup_num_tokens": 3, "max_matching_ngram_size": 3}
+    assert seen["options"]["pld"] == seen["options"]["pld_few_row"] == expected

@@ -393,7 +393,9 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     methods = tuple(name.strip() for name in args.methods.split(",") if name.strip())
     options = copy.deepcopy(DEFAULT_METHOD_OPTIONS)
-    options["pld"] = {"prompt_lookup_num_tokens": args.pld_num_tokens, "max_matching_ngram_size": args.pld_max_ngram}
+    # Both prompt-lookup methods are one method (one of them through the float32 kernel): the flags set both.
+    pld = {"prompt_lookup_num_tokens": args.pld_num_tokens, "max_matching_ngram_size": args.pld_max_ngram}
+    options["pld"] = options["pld_few_row"] = pld
     settings = BenchSettings(
         methods=methods,
         max_new_tokens=args.max_new_tokens,
@@ -450,8 +452,8 @@ def add_bench(subparsers: Any) -> None:
         default=None,
         help="max base logit gap for a divergence to count as a numerical tie (default: 0 float32, 0.25 bfloat16)",
     )
-    parser.add_argument("--pld-num-tokens", type=int, default=10, help="prompt lookup: tokens proposed per step")
-    parser.add_argument("--pld-max-ngram", type=int, default=2, help="prompt lookup: longest n-gram matched")
+    parser.add_argument("--pld-num-tokens", type=int, default=10, help="pld, pld_few_row: tokens proposed per step")
+    parser.add_argument("--pld-max-ngram", type=int, default=2, help="pld, pld_few_row: longest n-gram matched")
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help="report folder")
     parser.add_argument("--strict", action="store_true", help="exit non-zero if an output is not lossless")
     parser.set_defaults(handler=_run_bench)
