@@ -39,18 +39,20 @@ VALIDATION_SIZE = 397
 REPORTED = ("top1_agreement", "expected_acceptance", "simulated_tau", "tokens")
 
 
-def reference_answers(base, tokenizer, per_category: int) -> list[EncodedConversation]:
-    """The base's greedy answers to Spec-Bench first turns, as prompt + answer sequences (loss on the answer)."""
+def reference_answers(base, tokenizer, per_category: int, max_new_tokens: int = 128) -> list[EncodedConversation]:
+    """The base's greedy answers to Spec-Bench first turns, as prompt + answer sequences (loss on the answer), with
+    ids `spec_bench-<category>-<question id>`. `scripts/replay_drafting.py` replays rounds on the same answers."""
     questions = load_questions(find_questions_file(), per_category)
     sequences = []
     for question in questions:
         prompt = chat_input_ids(tokenizer, question.turns[0])
         with torch.no_grad():
-            output = base.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=128, do_sample=False)
+            output = base.generate(
+                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens, do_sample=False
+            )
         ids = output[0].tolist()
-        answer_length = len(ids) - prompt.shape[1]
-        mask = [0] * prompt.shape[1] + [1] * answer_length
-        sequences.append(EncodedConversation(ids, mask, f"spec_bench-{question.question_id}"))
+        mask = [0] * prompt.shape[1] + [1] * (len(ids) - prompt.shape[1])
+        sequences.append(EncodedConversation(ids, mask, f"spec_bench-{question.category}-{question.question_id}"))
     return sequences
 
 

@@ -21,10 +21,10 @@ import argparse
 from dataclasses import dataclass
 
 import torch
+from evaluate_adapters import reference_answers  # this folder's: the same Spec-Bench answers
 
 from kangaroo_hf import KangarooForCausalLM, load_default_model
-from kangaroo_hf.bench import find_questions_file, load_questions
-from kangaroo_hf.commands import chat_input_ids
+from kangaroo_hf.data import EncodedConversation
 
 
 @dataclass
@@ -37,26 +37,24 @@ class Answer:
     confidence: list[float]  # its probability (over the draft vocabulary)
 
 
-def teacher_forced(model: KangarooForCausalLM, tokenizer, questions, max_new_tokens: int) -> list[Answer]:
-    """The base's greedy answers and the draft's predictions along them."""
+def teacher_forced(model: KangarooForCausalLM, references: list[EncodedConversation]) -> list[Answer]:
+    """The draft's predictions along the base's answers (`evaluate_adapters.reference_answers`)."""
     answers = []
-    for question in questions:
-        prompt = chat_input_ids(tokenizer, question.turns[0])
+    weight, bias, vocab_ids = model.draft_head()
+    for reference in references:
+        prompt_length = reference.assistant_mask.index(1)
+        full = torch.tensor([reference.input_ids])
         with torch.no_grad():
-            full = model.get_base_model().generate(
-                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens, do_sample=False
-            )
             positions = torch.arange(full.shape[1]).unsqueeze(0)
             hidden = model.adapter_forward(model.shallow_forward(full, positions, None), positions, None)
-            weight, bias, vocab_ids = model.draft_head()
-            probs = torch.nn.functional.linear(hidden[0, prompt.shape[1] - 1 : -1], weight, bias).float().softmax(-1)
+            probs = torch.nn.functional.linear(hidden[0, prompt_length - 1 : -1], weight, bias).float().softmax(-1)
         confidence, index = probs.max(-1)
         top = vocab_ids[index] if vocab_ids is not None else index
-        answer = full[0, prompt.shape[1] :]
+        answer = full[0, prompt_length:]
         answers.append(
             Answer(
-                question.category,
-                prompt[0].tolist(),
+                reference.id.split("-")[1],
+                reference.input_ids[:prompt_length],
                 answer.tolist(),
                 (top == answer).tolist(),
                 top.tolist(),
@@ -127,8 +125,8 @@ def main() -> None:
         config.lookup_num_tokens if args.lookup is None else args.lookup,
         args.trust_ngram,
     )
-    questions = load_questions(find_questions_file(), args.per_category)
-    answers = teacher_forced(model, tokenizer, questions, args.max_new_tokens)
+    references = reference_answers(model.get_base_model(), tokenizer, args.per_category, args.max_new_tokens)
+    answers = teacher_forced(model, references)
     tau, rows = replay(answers, *settings)
     print(f"overall: tau {tau:.3f}, {rows:.2f} verification rows per round")
     for category in dict.fromkeys(item.category for item in answers):
