@@ -57,8 +57,13 @@ def _fingerprint(
 ) -> str:
     digest = hashlib.sha256()
     config = model.parts.config
-    described = [getattr(config, "_name_or_path", ""), config.num_hidden_layers, config.hidden_size, layers]
-    described.append(storage_dtype)
+    described = [
+        getattr(config, "_name_or_path", ""),
+        config.num_hidden_layers,
+        config.hidden_size,
+        layers,
+        storage_dtype,
+    ]
     if not with_last_states:  # (caches with last states keep the fingerprint they always had)
         described.append("no-last-states")
     digest.update(json.dumps(described).encode())
