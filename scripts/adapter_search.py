@@ -64,6 +64,7 @@ MIX = {
     "t0_train_50k_subset": 5000,
 }
 VALIDATION_SIZE = 400
+SHIPPED = str(Path(__file__).resolve().parents[1] / "src" / "kangaroo_hf" / "pretrained" / "smollm2-135m-instruct")
 
 # name -> TrainingArguments overrides. Ordered by priority: a short budget trains the first ones only.
 VARIANTS = {
@@ -74,9 +75,11 @@ VARIANTS = {
     "e1_final_mlp": dict(exit_layer=1, adapter_context="final", adapter_mlp=True),
     "e2_exit_mlp": dict(exit_layer=2, adapter_mlp=True),
     "e2_exit_mlp2": dict(exit_layer=2, adapter_mlp=True, adapter_num_layers=2),  # two full decoder layers
+    # the shipped adapter trained further (its shape and draft vocabulary apply), from a lower peak learning rate
+    "continue_shipped": dict(init_adapter=SHIPPED, learning_rate=6e-4),
 }
 # Variants whose weights come back (the others report metrics only), to keep the returned files few and small.
-SHIPPABLE = ("e2_final_mlp", "e2_final_attn", "e2_exit_attn", "e1_final_mlp", "e2_exit_mlp2")
+SHIPPABLE = ("e2_final_mlp", "e2_final_attn", "e2_exit_attn", "e1_final_mlp", "e2_exit_mlp2", "continue_shipped")
 COMMON = dict(
     max_length=2048,
     draft_vocab_size=8192,

@@ -48,3 +48,17 @@ def test_shipped_model_greedy_output_is_the_bases():
         assert stats.new_tokens == expected.shape[1] - input_ids.shape[1]
         drafted += stats.drafted_tokens
     assert drafted > 0
+
+
+def test_conversion_cache_published_once_when_two_processes_convert(tmp_path):
+    # Two processes dequantizing the GGUF at once: the first complete folder wins, the other's is dropped.
+    target = tmp_path / "embedded" / "model"
+    target.parent.mkdir()
+    for writer in ("first", "second"):
+        partial = tmp_path / "embedded" / f"model.partial-{writer}"
+        partial.mkdir()
+        (partial / "config.json").write_text(writer)
+        default_model._publish(partial, target)
+        assert not partial.exists()
+    assert (target / "config.json").read_text() == "first"
+    assert [p.name for p in target.parent.iterdir()] == ["model"]

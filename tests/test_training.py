@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import tiny_base, tiny_tokenizer
+from conftest import VOCAB, tiny_base, tiny_tokenizer
 from kangaroo_hf import KangarooForCausalLM
 from kangaroo_hf.data import (
     EncodedConversation,
@@ -448,11 +448,13 @@ def test_cli_train_continues_a_saved_adapter(tmp_path, jsonl):
     tiny_base("llama").save_pretrained(folder)
     chat_tokenizer().save_pretrained(folder)
     saved = KangarooForCausalLM.from_base(tiny_base("llama"), exit_layer=1, adapter_mlp=True)
+    saved.set_draft_vocab(list(range(1, VOCAB)))  # every token but one
     saved.save_pretrained(tmp_path / "saved-adapter")
     output = tmp_path / "continued"
     argv = ["train", "--data", str(jsonl), "--base", str(folder), "--output-dir", str(output), "--num-epochs", "1"]
     argv += ["--max-length", "48", "--batch-tokens", "160", "--validation-size", "10", "--extraction-dtype", "float32"]
     argv += ["--init-adapter", str(tmp_path / "saved-adapter"), "--targets", "tokens", "--learning-rate", "1e-2"]
+    argv += ["--draft-vocab-size", "16"]  # the saved adapter's own draft vocabulary wins
     assert main(argv) == 0
     continued = KangarooForCausalLM.from_pretrained(output, base_model=tiny_base("llama"))
     # The saved adapter's shape (not a fresh default adapter), trained further.
@@ -462,6 +464,8 @@ def test_cli_train_continues_a_saved_adapter(tmp_path, jsonl):
     assert any(not torch.equal(before[name], after[name]) for name in before)
     recorded = json.loads((output / "training_args.json").read_text())
     assert (recorded["exit_layer"], recorded["adapter_mlp"], recorded["targets"]) == (1, True, "tokens")
+    assert continued.adapter.draft_vocab_ids.tolist() == list(range(1, VOCAB))
+    assert recorded["draft_vocab_size"] == VOCAB - 1
     assert recorded["init_adapter"] == str(tmp_path / "saved-adapter")  # where training started is on record
     with pytest.raises(ValueError, match="init_adapter needs a plain base"):
         prepare_model(continued, TrainingArguments(init_adapter=str(tmp_path / "saved-adapter")))

@@ -12,6 +12,8 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -59,11 +61,23 @@ def _convert_once(gguf: Path, target: Path) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
     model.generation_config = quantized.generation_config
-    partial = target.with_name(target.name + ".partial")
+    # A folder of this process's own: two processes converting at once must not write into each other's files.
+    partial = Path(tempfile.mkdtemp(prefix=target.name + ".partial-", dir=target.parent))
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     (partial / "kangaroo_hf_source.json").write_text(json.dumps({"gguf": str(gguf), "base_id": EMBEDDED_BASE_ID}))
-    partial.rename(target)  # atomic: a half-written cache is never mistaken for a complete one
+    _publish(partial, target)
+
+
+def _publish(partial: Path, target: Path) -> None:
+    """Rename a completed `partial` folder to `target` (atomic: a half-written cache is never mistaken for a complete
+    one); when another process published the same conversion first, keep theirs and drop ours."""
+    try:
+        partial.rename(target)
+    except OSError:
+        if not target.is_dir():
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _converted_folder() -> Path:

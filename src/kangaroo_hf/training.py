@@ -265,8 +265,11 @@ def prepare_model(model_or_base: nn.Module, args: TrainingArguments) -> nn.Modul
         model_or_base = KangarooForCausalLM.from_pretrained(args.init_adapter, base_model=model_or_base)
     if isinstance(model_or_base, KangarooForCausalLM):
         model = model_or_base
-        # The model's own adapter is trained further: its shape, not the arguments', is what gets recorded.
-        for name in ("exit_layer", "adapter_num_layers", "adapter_context", "adapter_mlp"):
+        # The model's own adapter is trained further: its shape, not the arguments', is what gets recorded; so is
+        # the draft vocabulary it was trained on, when it has one (0, the full vocabulary, may still be narrowed).
+        names = ["exit_layer", "adapter_num_layers", "adapter_context", "adapter_mlp"]
+        names += ["draft_vocab_size"] if model.config.draft_vocab_size else []
+        for name in names:
             value = getattr(model.config, name)
             if getattr(args, name) != value:
                 logger.info("Using the model's %s=%r (not %r)", name, value, getattr(args, name))
@@ -434,8 +437,9 @@ def train_adapter(
             train_cache.num_tokens,
             train_cache.num_target_tokens,
         )
-    if args.draft_vocab_size:
-        # The base's own answers decide which tokens the draft may propose; training then scores only those.
+    if args.draft_vocab_size and not model.config.draft_vocab_size:
+        # The base's own answers decide which tokens the draft may propose; training then scores only those. An
+        # adapter trained further keeps its own (`prepare_model`).
         model.set_draft_vocab(train_cache.frequent_answer_tokens(args.draft_vocab_size).to(accelerator.device))
     run = _Run(model, train_cache, validation_cache, args, accelerator)
     run.resume()
