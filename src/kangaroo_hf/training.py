@@ -91,7 +91,10 @@ class TrainingArguments:
     max_examples_per_source: int | None = field(default=None, metadata={"help": "cap per JSONL file, for balance"})
     draft_vocab_size: int = field(
         default=0,
-        metadata={"help": "draft over the N most frequent answer tokens only (saved with the adapter); 0: all"},
+        metadata={
+            "help": "draft over the N most frequent answer tokens only (saved with the adapter); 0: all. An adapter "
+            "trained further (init_adapter) keeps the draft vocabulary it has"
+        },
     )
     loss_on: str = field(
         default="assistant", metadata={"help": "assistant (answer tokens only) or all (prompt and template too)"}
