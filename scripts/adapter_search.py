@@ -7,12 +7,15 @@ This is how the shipped adapter was produced (see its `training_args.json`). Two
     # 2. on a GPU (CPU works, slowly): distil, train every variant, evaluate; results appear as stages finish
     python scripts/adapter_search.py run --data runs/search-data --out runs/search --budget-s 480
 
-The shipped adapter (run 3 in docs/adapter_search) kept run 2's answers and validation split and distilled more:
+Run 3 in docs/adapter_search (the shipped adapter's first stage) kept run 2's answers and validation split and
+distilled more:
 
     python scripts/adapter_search.py prepare --data-dir ../shared/data --keep-validation runs/search-data \
         --out runs/search-data-all
     python scripts/adapter_search.py run --data runs/search-data-all --out runs/search3 --epochs 5 \
         --resume-answers docs/adapter_search/self_distilled_answers.jsonl.gz --distill-s 170 --variants e2_exit_mlp2
+
+Run 5 (`--variants continue_shipped`) trained the shipped adapter further on more distilled answers the same way.
 
 `run` writes into `--out`: `answers.jsonl.gz` (the base's own answers), `<variant>.tar.gz` (each variant's
 `save_pretrained` folder), `results.json` (validation metrics, simulated tau on the Spec-Bench reference answers per
