@@ -77,6 +77,10 @@ class KangarooConfig(PreTrainedConfig):
             next lookup proposes up to `2 * L` (at most `lookup_max_tokens`); any rejection brings it back to
             `lookup_num_tokens`. Long verbatim runs then cost few verifications while short proposals keep each
             verification cheap. 0 (or `lookup_num_tokens`) keeps the length fixed.
+        lookup_trust_ngram (`int`, *optional*, defaults to 0):
+            When > 0, a context match of at least this many tokens (at most `lookup_max_ngram`) is copied even when
+            the adapter is sure of another first token; shorter matches are copied only as `lookup_num_tokens`
+            says. 0 never overrules a sure adapter.
         cpu_few_row_matmul (`bool`, *optional*, defaults to `True`):
             On CPU in float32, Kangaroo decoding computes the linear layers of its 1-8 token forwards (drafting
             steps, draft head, verifications; not the prefill) as `weight @ input.T` (one row as two) instead of
@@ -132,6 +136,7 @@ class KangarooConfig(PreTrainedConfig):
     lookup_num_tokens: int = 0
     lookup_max_ngram: int = 3
     lookup_max_tokens: int = 0
+    lookup_trust_ngram: int = 0
     # CPU float32 BLAS is slow for 1-8 rows through F.linear; weight @ input.T is not (see `few_row_matmul`).
     cpu_few_row_matmul: bool = True
     # The PEFT adapter of a LoRA-tuned base, so loading rebuilds the same tuned model.
@@ -173,7 +178,9 @@ class KangarooConfig(PreTrainedConfig):
                 f"draft_vocab_size must be an int in [0, {vocab_size}] (0 = full vocabulary), "
                 f"got {self.draft_vocab_size!r}."
             )
-        validate_lookup(self.lookup_num_tokens, self.lookup_max_ngram, self.lookup_max_tokens)
+        validate_lookup(
+            self.lookup_num_tokens, self.lookup_max_ngram, self.lookup_max_tokens, self.lookup_trust_ngram
+        )
 
     def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> PreTrainedConfig:
         """The base's config: caches, masks and generation are sized by the wrapped model."""
@@ -191,8 +198,9 @@ def validate_draft_settings(draft_threshold: float, max_draft_tokens: int, first
         raise ValueError(f"max_draft_tokens must be an int >= 1, got {max_draft_tokens!r}.")
 
 
-def validate_lookup(num_tokens: int, max_ngram: int, max_tokens: int = 0) -> None:
-    """Raise `ValueError` for a negative lookup length, an n-gram size below 1, or a growth cap below the length."""
+def validate_lookup(num_tokens: int, max_ngram: int, max_tokens: int = 0, trust_ngram: int = 0) -> None:
+    """Raise `ValueError` for a negative lookup length, an n-gram size below 1, a growth cap below the length, or a
+    trusted match length that no match can reach."""
     if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
         raise ValueError(f"lookup_num_tokens must be an int >= 0 (0 disables it), got {num_tokens!r}.")
     if isinstance(max_ngram, bool) or not isinstance(max_ngram, int) or max_ngram < 1:
@@ -205,6 +213,11 @@ def validate_lookup(num_tokens: int, max_ngram: int, max_tokens: int = 0) -> Non
         raise ValueError(
             f"lookup_max_tokens must be 0 (fixed length) or an int >= lookup_num_tokens ({num_tokens}), "
             f"got {max_tokens!r}."
+        )
+    if isinstance(trust_ngram, bool) or not isinstance(trust_ngram, int) or not 0 <= trust_ngram <= max_ngram:
+        raise ValueError(
+            f"lookup_trust_ngram must be 0 (off) or an int in [1, lookup_max_ngram] ([1, {max_ngram}]), "
+            f"got {trust_ngram!r}."
         )
 
 

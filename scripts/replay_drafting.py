@@ -1,7 +1,7 @@
 """Replay Kangaroo's greedy drafting rounds on Spec-Bench without timing anything: tau per category, exactly.
 
     python scripts/replay_drafting.py --per-category 1
-    python scripts/replay_drafting.py --per-category 1 --trust-ngram 3   # a lookup rule that is not a switch yet
+    python scripts/replay_drafting.py --per-category 1 --trust-ngram 3   # as config.lookup_trust_ngram=3
 
 Greedy Kangaroo drafts only along the base's own answer until a draft is rejected, so the draft's teacher-forced
 predictions along that answer (one shallow + adapter pass over prompt + answer) decide every round: the adapter's chain

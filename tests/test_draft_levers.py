@@ -253,3 +253,26 @@ def test_cpu_few_row_matmul_serves_the_float32_decoding_loop_losslessly(arch, mo
 def test_cpu_few_row_matmul_must_be_a_bool():
     with pytest.raises(ValueError, match="cpu_few_row_matmul must be a bool, got 'yes'"):
         make_kangaroo("llama", cpu_few_row_matmul="yes")
+
+
+def test_trusted_lookup_matches_overrule_a_sure_adapter_and_stay_lossless(arch):
+    # threshold 0: the adapter always counts as sure, so only a trusted match (or agreement) gets copied.
+    model = make_kangaroo(arch, agreement="random", draft_threshold=0.0, max_draft_tokens=2, lookup_num_tokens=4)
+    rounds = {}
+    for trust in (0, 1):
+        model.config.lookup_trust_ngram = trust
+        rounds[trust] = 0
+        for seed in range(3):
+            input_ids = _repetitive_prompt(seed)
+            expected = model.get_base_model().generate(input_ids, do_sample=False, max_new_tokens=24)
+            assert model.generate(input_ids, do_sample=False, max_new_tokens=24).tolist() == expected.tolist()
+            rounds[trust] += model.last_generate_stats.lookup_rounds
+    assert rounds[1] > rounds[0]
+
+
+def test_trusted_lookup_length_must_be_reachable():
+    with pytest.raises(ValueError, match=r"lookup_trust_ngram must be 0 \(off\) or an int in \[1, lookup_max_ngram\]"):
+        make_kangaroo("llama", lookup_num_tokens=3, lookup_max_ngram=2, lookup_trust_ngram=3)
+    with pytest.raises(ValueError, match="lookup_trust_ngram"):
+        DraftSettings(0.5, 3, lookup_num_tokens=3, lookup_trust_ngram=-1)
+    assert make_kangaroo("llama", lookup_num_tokens=3, lookup_trust_ngram=3).config.lookup_trust_ngram == 3

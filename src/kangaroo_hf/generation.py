@@ -34,10 +34,11 @@ class DraftSettings:
     lookup_max_ngram: int = 3
     first_draft_threshold: float = 0.0
     lookup_max_tokens: int = 0
+    lookup_trust_ngram: int = 0
 
     def __post_init__(self) -> None:
         validate_draft_settings(self.draft_threshold, self.max_draft_tokens, self.first_draft_threshold)
-        validate_lookup(self.lookup_num_tokens, self.lookup_max_ngram, self.lookup_max_tokens)
+        validate_lookup(self.lookup_num_tokens, self.lookup_max_ngram, self.lookup_max_tokens, self.lookup_trust_ngram)
 
     @property
     def longest_lookup(self) -> int:
@@ -223,7 +224,8 @@ class KangarooCandidateGenerator(CandidateGenerator):
         budget = self.max_length - input_ids.shape[1] - 1
         position = model_kwargs["position_ids"][:, -1:]  # (1, 1): position of the last accepted token
         attention_mask = model_kwargs.get("attention_mask")
-        lookup = self._lookup(input_ids) if self.settings.lookup_num_tokens else None
+        lookup, match_length = self._lookup(input_ids) if self.settings.lookup_num_tokens else (None, 0)
+        trust_match = 0 < self.settings.lookup_trust_ngram <= match_length
         candidate_ids = input_ids
         exit_states = [self.model.shallow_forward(input_ids[:, -1:], position, cache, attention_mask)]
         draft_scores: list[torch.Tensor] = []
@@ -237,9 +239,10 @@ class KangarooCandidateGenerator(CandidateGenerator):
             if (
                 step == 0
                 and lookup is not None
-                and (top_token == lookup[0] or confidence < self.settings.draft_threshold)
+                and (trust_match or top_token == lookup[0] or confidence < self.settings.draft_threshold)
             ):
-                # The context's continuation agrees with the adapter, or the adapter is unsure: copy it instead.
+                # The context's continuation agrees with the adapter, the adapter is unsure, or the match is long
+                # enough to trust over the adapter: copy it instead.
                 return self._copy_drafts(lookup[:budget], input_ids, exit_states[0], position, cache, attention_mask)
             if step == 0 and confidence < self.settings.first_draft_threshold:
                 break  # an unsure first draft is not worth a two-token verification: a plain step this round
@@ -290,16 +293,17 @@ class KangarooCandidateGenerator(CandidateGenerator):
         one_hot[torch.arange(count), drafts[0]] = 0.0
         return candidate_ids, list(one_hot.unsqueeze(1)), torch.cat([first_exit_state, exit_states], dim=1)
 
-    def _lookup(self, input_ids: torch.LongTensor) -> torch.LongTensor | None:
-        """Prompt lookup: the tokens that followed the latest earlier occurrence of the context's final n-gram."""
+    def _lookup(self, input_ids: torch.LongTensor) -> tuple[torch.LongTensor | None, int]:
+        """Prompt lookup: the tokens that followed the latest earlier occurrence of the context's longest matching
+        final n-gram, and that n-gram's length ((None, 0) when nothing matches)."""
         sequence = input_ids[0]
         for size in range(min(self.settings.lookup_max_ngram, sequence.numel() - 1), 0, -1):
             windows = sequence[:-1].unfold(0, size, 1)  # (positions, size): every earlier n-gram
             matches = (windows == sequence[-size:]).all(dim=1).nonzero().view(-1)
             if matches.numel():
                 start = int(matches[-1]) + size
-                return sequence[start : start + self._lookup_length]
-        return None
+                return sequence[start : start + self._lookup_length], size
+        return None, 0
 
     def _draft_scores(
         self, hidden: torch.Tensor, candidate_ids: torch.LongTensor

@@ -103,7 +103,10 @@ def _describe_lookup(config: dict[str, Any]) -> str:
         return "off"
     growth = config.get("lookup_max_tokens", 0)
     grows = f", growing to {growth} while copies are accepted" if growth > lookup else ""
-    return f"up to {lookup} context tokens copied per round{grows} (n-grams up to {config.get('lookup_max_ngram', 3)})"
+    trust = config.get("lookup_trust_ngram", 0)
+    trusted = f"; matches of {trust}+ tokens copied even over a sure adapter" if trust else ""
+    ngrams = config.get("lookup_max_ngram", 3)
+    return f"up to {lookup} context tokens copied per round{grows} (n-grams up to {ngrams}{trusted})"
 
 
 def render_model_card(folder: str | os.PathLike, repo_id: str | None = None) -> str:

@@ -637,6 +637,7 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
                 first_draft_threshold=(
                     config.first_draft_threshold if first_draft_threshold is None else first_draft_threshold
                 ),
+                lookup_trust_ngram=config.lookup_trust_ngram,
             )
         self.last_generate_stats = None
         with self._scoped("_draft_settings", settings):
