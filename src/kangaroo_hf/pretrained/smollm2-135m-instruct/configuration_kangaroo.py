@@ -178,9 +178,7 @@ class KangarooConfig(PreTrainedConfig):
                 f"draft_vocab_size must be an int in [0, {vocab_size}] (0 = full vocabulary), "
                 f"got {self.draft_vocab_size!r}."
             )
-        validate_lookup(
-            self.lookup_num_tokens, self.lookup_max_ngram, self.lookup_max_tokens, self.lookup_trust_ngram
-        )
+        validate_lookup(self.lookup_num_tokens, self.lookup_max_ngram, self.lookup_max_tokens, self.lookup_trust_ngram)
 
     def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> PreTrainedConfig:
         """The base's config: caches, masks and generation are sized by the wrapped model."""
