@@ -49,6 +49,7 @@ from kangaroo_hf.data import (
     self_distill,
     split_validation,
 )
+from kangaroo_hf.default_model import SHIPPED_ADAPTER
 from kangaroo_hf.distillation import evaluate_adapter
 from kangaroo_hf.features import OnlineFeatures
 from kangaroo_hf.training import TrainingArguments, prepare_model, train_adapter
@@ -67,7 +68,6 @@ MIX = {
     "t0_train_50k_subset": 5000,
 }
 VALIDATION_SIZE = 400
-SHIPPED = str(Path(__file__).resolve().parents[1] / "src" / "kangaroo_hf" / "pretrained" / "smollm2-135m-instruct")
 
 # name -> TrainingArguments overrides. Ordered by priority: a short budget trains the first ones only.
 VARIANTS = {
@@ -79,7 +79,7 @@ VARIANTS = {
     "e2_exit_mlp": dict(exit_layer=2, adapter_mlp=True),
     "e2_exit_mlp2": dict(exit_layer=2, adapter_mlp=True, adapter_num_layers=2),  # two full decoder layers
     # the shipped adapter trained further (its shape and draft vocabulary apply), from a lower peak learning rate
-    "continue_shipped": dict(init_adapter=SHIPPED, learning_rate=6e-4),
+    "continue_shipped": dict(init_adapter=str(SHIPPED_ADAPTER), learning_rate=6e-4),
 }
 # Variants whose weights come back (the others report metrics only), to keep the returned files few and small.
 SHIPPABLE = ("e2_final_mlp", "e2_final_attn", "e2_exit_attn", "e1_final_mlp", "e2_exit_mlp2", "continue_shipped")

@@ -75,14 +75,16 @@ def lookup(sequence: list[int], max_ngram: int, length: int) -> tuple[list[int],
     return [], 0
 
 
-def replay(answers: list[Answer], threshold: float, max_drafts: int, lookup_tokens: int, trust_ngram: int):
+def replay(
+    answers: list[Answer], threshold: float, max_drafts: int, lookup_tokens: int, max_ngram: int, trust_ngram: int
+):
     """(tau, verification rows per round) of greedy Kangaroo decoding on `answers`."""
     steps = tokens = rows = 0
     for item in answers:
         length = len(item.answer)
         steps, tokens, i = steps + 1, tokens + 1, 1  # the prefill gives the first token
         while i < length:
-            copy, size = lookup(item.prompt + item.answer[:i], 3, lookup_tokens) if lookup_tokens else ([], 0)
+            copy, size = lookup(item.prompt + item.answer[:i], max_ngram, lookup_tokens) if lookup_tokens else ([], 0)
             copy = copy[: max(0, length - 1 - i)]  # the answer's last token (end of turn) is left to the base
             take_copy = bool(copy) and (
                 item.top[i] == copy[0] or item.confidence[i] < threshold or (trust_ngram and size >= trust_ngram)
@@ -112,7 +114,9 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=None, help="default: the adapter's draft_threshold")
     parser.add_argument("--max-drafts", type=int, default=None, help="default: the adapter's max_draft_tokens")
     parser.add_argument("--lookup", type=int, default=None, help="default: the adapter's lookup_num_tokens")
-    parser.add_argument("--trust-ngram", type=int, default=0, help="also copy whenever the match is this long")
+    parser.add_argument(
+        "--trust-ngram", type=int, default=None, help="default: the adapter's lookup_trust_ngram (0: off)"
+    )
     args = parser.parse_args()
 
     model, tokenizer = load_default_model()
@@ -123,7 +127,8 @@ def main() -> None:
         config.draft_threshold if args.threshold is None else args.threshold,
         config.max_draft_tokens if args.max_drafts is None else args.max_drafts,
         config.lookup_num_tokens if args.lookup is None else args.lookup,
-        args.trust_ngram,
+        config.lookup_max_ngram,
+        config.lookup_trust_ngram if args.trust_ngram is None else args.trust_ngram,
     )
     references = reference_answers(model.get_base_model(), tokenizer, args.per_category, args.max_new_tokens)
     answers = teacher_forced(model, references)
