@@ -4,11 +4,13 @@
         --data docs/adapter_search/self_distilled_answers.jsonl.gz --limit 397 \\
         runs/search3/e2_exit_mlp2:0.5:3:3 runs/search3/e2_exit_mlp2:0.5:3:10:0:off
 
-Each candidate is `folder:draft_threshold:max_draft_tokens:lookup_num_tokens[:lookup_max_tokens[:off]]` (`off`
-disables `cpu_few_row_matmul`). All candidates share one base; every prompt runs plain decoding and each candidate,
-in an order rotated per prompt; the speed-up is total plain time over total candidate time, with tau and how many
-outputs equal plain decoding's. This produced the A/B tables in docs/adapter_search/README.md. The first 397
-conversations of `self_distilled_answers.jsonl.gz` are the held-out validation split (`--limit 397` keeps to them).
+Each candidate is `folder:draft_threshold:max_draft_tokens:lookup_num_tokens[:lookup_max_tokens[:off]]` (`off` disables
+`cpu_few_row_matmul`), optionally followed by `:field=value` overrides of other config fields, e.g.
+`...:0.3:3:3:lookup_max_tokens=12:lookup_trust_ngram=3`. All candidates share one base; every prompt runs plain
+decoding and each candidate, in an order rotated per prompt; the speed-up is total plain time over total candidate
+time, with tau and how many outputs equal plain decoding's. This produced the A/B tables in
+docs/adapter_search/README.md. The first 397 conversations of `self_distilled_answers.jsonl.gz` are the held-out
+validation split (`--limit 397` keeps to them).
 """
 
 from __future__ import annotations
@@ -39,9 +41,17 @@ def main() -> None:
     models = {}
     for spec in args.candidates:
         folder, threshold, drafts, lookup, *rest = spec.split(":")
+        overrides = dict(part.split("=", 1) for part in rest if "=" in part)
+        rest = [part for part in rest if "=" not in part]
         model = KangarooForCausalLM.from_pretrained(folder, base_model=base).eval()
         model.config.lookup_max_tokens = int(rest[0]) if rest else 0
         model.config.cpu_few_row_matmul = not (len(rest) > 1 and rest[1] == "off")
+        for field, value in overrides.items():
+            if not hasattr(model.config, field):
+                raise SystemExit(f"{spec}: the config has no field {field!r}")
+            current = getattr(model.config, field)
+            parsed = value.lower() in ("1", "true", "on") if isinstance(current, bool) else type(current)(value)
+            setattr(model.config, field, parsed)
         settings = dict(draft_threshold=float(threshold), max_draft_tokens=int(drafts), lookup_num_tokens=int(lookup))
         models[spec] = (model, settings)
     with (gzip.open if args.data.endswith(".gz") else open)(args.data, "rt", encoding="utf-8") as handle:

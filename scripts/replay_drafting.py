@@ -2,6 +2,7 @@
 
     python scripts/replay_drafting.py --per-category 1
     python scripts/replay_drafting.py --per-category 1 --trust-ngram 3   # as config.lookup_trust_ngram=3
+    python scripts/replay_drafting.py --per-category 1 --tree 0.0.0.0,1.0,0.1,2   # a static draft tree instead
 
 Greedy Kangaroo drafts only along the base's own answer until a draft is rejected, so the draft's teacher-forced
 predictions along that answer (one shallow + adapter pass over prompt + answer) decide every round: the adapter's chain
@@ -26,6 +27,8 @@ from evaluate_adapters import reference_answers  # this folder's: the same Spec-
 from kangaroo_hf import KangarooForCausalLM, load_default_model
 from kangaroo_hf.data import EncodedConversation
 
+TOP_RANKS = 8  # ranks recorded per position, enough for any tree below
+
 
 @dataclass
 class Answer:
@@ -35,6 +38,7 @@ class Answer:
     correct: list[bool]  # the draft's top-1 at answer position i equals answer[i]
     top: list[int]  # the draft's top-1 token there
     confidence: list[float]  # its probability (over the draft vocabulary)
+    rank: list[int]  # rank of answer[i] among the draft's predictions there (0: top-1; TOP_RANKS: not in the top ones)
 
 
 def teacher_forced(model: KangarooForCausalLM, references: list[EncodedConversation]) -> list[Answer]:
@@ -51,6 +55,10 @@ def teacher_forced(model: KangarooForCausalLM, references: list[EncodedConversat
         confidence, index = probs.max(-1)
         top = vocab_ids[index] if vocab_ids is not None else index
         answer = full[0, prompt_length:]
+        ranked = probs.topk(TOP_RANKS, dim=-1).indices
+        ranked = vocab_ids[ranked] if vocab_ids is not None else ranked
+        hits = ranked == answer.unsqueeze(1)  # (answer tokens, TOP_RANKS)
+        rank = torch.where(hits.any(1), hits.int().argmax(1), TOP_RANKS)
         answers.append(
             Answer(
                 reference.id.split("-")[1],
@@ -59,6 +67,7 @@ def teacher_forced(model: KangarooForCausalLM, references: list[EncodedConversat
                 (top == answer).tolist(),
                 top.tolist(),
                 confidence.tolist(),
+                rank.tolist(),
             )
         )
     return answers
@@ -106,6 +115,46 @@ def replay(
     return tokens / steps, rows / steps
 
 
+def parse_tree(spec: str) -> frozenset[tuple[int, ...]]:
+    """A static draft tree from rank paths, e.g. "0.0.0,1,0.1": the top-1 chain of 3, the second-ranked first
+    draft, and the second-ranked draft after the top-1 first; every prefix of a path is in the tree."""
+    nodes = set()
+    for path in spec.split(","):
+        ranks = tuple(int(rank) for rank in path.split("."))
+        if any(not 0 <= rank < TOP_RANKS for rank in ranks):
+            raise ValueError(f"ranks in {path!r} must be in 0..{TOP_RANKS - 1}")
+        nodes.update(ranks[:depth] for depth in range(1, len(ranks) + 1))
+    return frozenset(nodes)
+
+
+def replay_tree(
+    answers: list[Answer], tree: frozenset[tuple[int, ...]], threshold: float, lookup_tokens: int, max_ngram: int
+):
+    """(tau, verification rows per round) if each round verified a static draft `tree` (every node drafted, whatever
+    its confidence) instead of a chain; prompt lookup as in `replay`. Along the base's answer the teacher-forced ranks
+    are exact (a node's children are drafted after a token the base accepts), so the accepted length is exact; what a
+    tree costs is not modelled: its depth in sequential drafting steps and its size in verification rows."""
+    depth = max(len(node) for node in tree)
+    steps = tokens = rows = 0
+    for item in answers:
+        length = len(item.answer)
+        steps, tokens, i = steps + 1, tokens + 1, 1
+        while i < length:
+            copy = lookup(item.prompt + item.answer[:i], max_ngram, lookup_tokens)[0] if lookup_tokens else []
+            copy = copy[: max(0, length - 1 - i)]
+            if copy and (item.top[i] == copy[0] or item.confidence[i] < threshold):
+                drafted, accepted = len(copy), 0
+                while accepted < drafted and copy[accepted] == item.answer[i + accepted]:
+                    accepted += 1
+            else:
+                path: tuple[int, ...] = ()
+                while len(path) < depth and i + len(path) < length - 1 and path + (item.rank[i + len(path)],) in tree:
+                    path += (item.rank[i + len(path)],)
+                drafted, accepted = len(tree), len(path)
+            steps, tokens, rows, i = steps + 1, tokens + accepted + 1, rows + 1 + drafted, i + accepted + 1
+    return tokens / steps, rows / steps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-category", type=int, default=1)
@@ -116,6 +165,11 @@ def main() -> None:
     parser.add_argument("--lookup", type=int, default=None, help="default: the adapter's lookup_num_tokens")
     parser.add_argument(
         "--trust-ngram", type=int, default=None, help="default: the adapter's lookup_trust_ngram (0: off)"
+    )
+    parser.add_argument(
+        "--tree",
+        default=None,
+        help='replay a static draft tree instead of the chain: rank paths such as "0.0.0,1,0.1" (see parse_tree)',
     )
     args = parser.parse_args()
 
@@ -132,10 +186,21 @@ def main() -> None:
     )
     references = reference_answers(model.get_base_model(), tokenizer, args.per_category, args.max_new_tokens)
     answers = teacher_forced(model, references)
-    tau, rows = replay(answers, *settings)
+    if args.tree:
+        tree = parse_tree(args.tree)
+        print(f"static tree: {len(tree)} nodes, depth {max(map(len, tree))}")
+
+        def run(items):
+            return replay_tree(items, tree, settings[0], settings[2], settings[3])
+    else:
+
+        def run(items):
+            return replay(items, *settings)
+
+    tau, rows = run(answers)
     print(f"overall: tau {tau:.3f}, {rows:.2f} verification rows per round")
     for category in dict.fromkeys(item.category for item in answers):
-        tau, rows = replay([item for item in answers if item.category == category], *settings)
+        tau, rows = run([item for item in answers if item.category == category])
         print(f"{category:>16}: tau {tau:.2f}, {rows:.2f} rows")
 
 
