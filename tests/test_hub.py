@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import huggingface_hub
@@ -93,6 +95,20 @@ def test_save_writes_an_adapter_only_safetensors_checkpoint(tmp_path):
     assert all(name.startswith("adapter.") for name in weights)
     base_bytes = (tmp_path / "llama-base" / "model.safetensors").stat().st_size
     assert (folder / ADAPTER_WEIGHTS_NAME).stat().st_size < base_bytes / 4
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_saved_weights_are_as_readable_as_the_config_beside_them(tmp_path):
+    # safetensors 0.8 creates its files 0600 whatever the umask; a checkpoint must be readable wherever its
+    # config.json is (a container's runtime user, a shared model folder), and an overwrite keeps a chosen mode.
+    model = make_kangaroo()
+    folder = tmp_path / "kangaroo"
+    model.save_pretrained(folder)
+    weights, config = folder / ADAPTER_WEIGHTS_NAME, folder / "config.json"
+    assert stat.S_IMODE(weights.stat().st_mode) == stat.S_IMODE(config.stat().st_mode)
+    os.chmod(weights, 0o640)
+    model.save_pretrained(folder)
+    assert stat.S_IMODE(weights.stat().st_mode) == 0o640
 
 
 def test_safe_serialization_false_is_refused(tmp_path):

@@ -182,7 +182,11 @@ def test_training_lowers_the_loss_and_reports_metrics(tmp_path, jsonl):
     assert last["loss"] < first["loss"]
     written = json.loads((tmp_path / "run" / "kangaroo_metrics.json").read_text())
     assert written["epochs"][-1]["validation"] == last
-    assert (tmp_path / "run" / f"checkpoint-{result.global_step}" / "kangaroo_metrics.json").is_file()
+    checkpoint = tmp_path / "run" / f"checkpoint-{result.global_step}"
+    assert (checkpoint / "kangaroo_metrics.json").is_file()
+    json_mode = (checkpoint / "kangaroo_metrics.json").stat().st_mode
+    for name in ("adapter_weights.safetensors", "optimizer.safetensors"):  # not safetensors' own 0600
+        assert (checkpoint / name).stat().st_mode == json_mode
     assert json.loads((tmp_path / "run" / "training_args.json").read_text())["exit_layer"] == 2
     # The saved adapter reloads onto the base.
     reloaded = KangarooForCausalLM.from_pretrained(tmp_path / "run", base_model=result.model.get_base_model())

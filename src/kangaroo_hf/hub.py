@@ -354,6 +354,22 @@ def _write_remote_code(model: KangarooForCausalLM, folder: Path) -> None:
         shutil.copyfile(sys.modules[type(obj).__module__].__file__, folder / name)
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file`, leaving the file with the permissions any other file written here gets.
+
+    safetensors 0.8 writes through a temporary file that is always created with mode 0600 and renamed into place
+    (safetensors issue #782), so a saved adapter would be unreadable to every other user (a container's runtime
+    user, a shared model folder) while its `config.json` beside it is readable. An overwritten file keeps its mode.
+    """
+    path = Path(path)
+    previous_mode = path.stat().st_mode & 0o777 if path.exists() else None
+    save_file(tensors, path, metadata=metadata)
+    if os.name == "posix":
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path, previous_mode if previous_mode is not None else 0o666 & ~umask)
+
+
 def save_kangaroo(
     model: KangarooForCausalLM,
     save_directory: str | os.PathLike,
@@ -390,7 +406,7 @@ def save_kangaroo(
     config.save_pretrained(folder)
     weights = {name: tensor.detach().contiguous().cpu() for name, tensor in model.adapter_state_dict().items()}
     tensors, metadata = encode_adapter_weights(weights, weights_dtype)
-    save_file(tensors, folder / ADAPTER_WEIGHTS_NAME, metadata=metadata)
+    save_safetensors(tensors, folder / ADAPTER_WEIGHTS_NAME, metadata=metadata)
     model.generation_config.save_pretrained(folder)
     if save_base:
         if unwrap_causal_lm(model.base) is not model.base:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -53,6 +53,7 @@ from .distillation import (
     uses_final_context,
 )
 from .features import FeatureCache, OnlineFeatures
+from .hub import save_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +219,7 @@ def _save_tensors_and_state(optimizer, scheduler, folder: Path) -> None:
                 tensors[f"state.{param_id}.{key}"] = value.detach().cpu().contiguous()
             else:
                 scalars[f"{param_id}.{key}"] = value
-    save_file(tensors, folder / "optimizer.safetensors")
+    save_safetensors(tensors, folder / "optimizer.safetensors")
     (folder / "optimizer_state.json").write_text(
         json.dumps({"param_groups": state["param_groups"], "scalars": scalars, "scheduler": scheduler.state_dict()})
     )
@@ -626,7 +627,7 @@ class _Run:
             folder = self.output_dir / f"checkpoint-{self.global_step}"
             folder.mkdir(parents=True, exist_ok=True)
             weights = {k: v.detach().cpu().contiguous() for k, v in self.model.adapter_state_dict().items()}
-            save_file(weights, folder / "adapter_weights.safetensors")
+            save_safetensors(weights, folder / "adapter_weights.safetensors")
             _save_tensors_and_state(self.optimizer, self.scheduler, folder)
             (folder / "kangaroo_metrics.json").write_text(json.dumps({"epochs": self.history}, indent=2))
             state = {"global_step": self.global_step, "metrics": self.history, "train_loss": self.losses}
