@@ -12,8 +12,7 @@ token. With the shipped settings this reproduced `kangaroo-hf bench --dtype floa
 overall, extraction 2.78, math_reasoning 2.56; the previous adapter 1.68 and 3.28), in seconds instead of minutes
 of timed decoding, so drafting rules can be compared here before they are built and timed. Rows per round (1 +
 drafts) are reported too: verification cost grows with them. Not modelled: stopping criteria other than the answer's
-end (no stop strings in Spec-Bench), a growing lookup length (`lookup_max_tokens`) and `first_draft_threshold` (both
-off in the shipped settings).
+end (no stop strings in Spec-Bench) and `first_draft_threshold` (off in the shipped settings).
 """
 
 from __future__ import annotations
@@ -85,15 +84,22 @@ def lookup(sequence: list[int], max_ngram: int, length: int) -> tuple[list[int],
 
 
 def replay(
-    answers: list[Answer], threshold: float, max_drafts: int, lookup_tokens: int, max_ngram: int, trust_ngram: int
+    answers: list[Answer],
+    threshold: float,
+    max_drafts: int,
+    lookup_tokens: int,
+    max_ngram: int,
+    trust_ngram: int,
+    lookup_max_tokens: int = 0,
 ):
     """(tau, verification rows per round) of greedy Kangaroo decoding on `answers`."""
     steps = tokens = rows = 0
     for item in answers:
         length = len(item.answer)
         steps, tokens, i = steps + 1, tokens + 1, 1  # the prefill gives the first token
+        copy_length = lookup_tokens  # grows up to lookup_max_tokens while copies are accepted in full
         while i < length:
-            copy, size = lookup(item.prompt + item.answer[:i], max_ngram, lookup_tokens) if lookup_tokens else ([], 0)
+            copy, size = lookup(item.prompt + item.answer[:i], max_ngram, copy_length) if lookup_tokens else ([], 0)
             copy = copy[: max(0, length - 1 - i)]  # the answer's last token (end of turn) is left to the base
             take_copy = bool(copy) and (
                 item.top[i] == copy[0] or item.confidence[i] < threshold or (trust_ngram and size >= trust_ngram)
@@ -102,6 +108,10 @@ def replay(
                 drafted, accepted = len(copy), 0
                 while accepted < drafted and copy[accepted] == item.answer[i + accepted]:
                     accepted += 1
+                if accepted == drafted == copy_length:
+                    copy_length = min(2 * copy_length, max(lookup_max_tokens, lookup_tokens))
+                elif accepted < drafted:
+                    copy_length = lookup_tokens
             else:
                 drafted = 0
                 while drafted < max_drafts and i + drafted < length - 1:
@@ -167,6 +177,12 @@ def main() -> None:
         "--trust-ngram", type=int, default=None, help="default: the adapter's lookup_trust_ngram (0: off)"
     )
     parser.add_argument(
+        "--lookup-max-tokens",
+        type=int,
+        default=None,
+        help="default: the adapter's lookup_max_tokens (0: fixed length)",
+    )
+    parser.add_argument(
         "--tree",
         default=None,
         help='replay a static draft tree instead of the chain: rank paths such as "0.0.0,1,0.1" (see parse_tree)',
@@ -183,6 +199,7 @@ def main() -> None:
         config.lookup_num_tokens if args.lookup is None else args.lookup,
         config.lookup_max_ngram,
         config.lookup_trust_ngram if args.trust_ngram is None else args.trust_ngram,
+        config.lookup_max_tokens if args.lookup_max_tokens is None else args.lookup_max_tokens,
     )
     references = reference_answers(model.get_base_model(), tokenizer, args.per_category, args.max_new_tokens)
     answers = teacher_forced(model, references)

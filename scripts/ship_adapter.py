@@ -1,6 +1,8 @@
 """Put a trained SmolLM2 adapter into the package (`kangaroo_hf/pretrained/smollm2-135m-instruct`).
 
     python scripts/ship_adapter.py runs/search/e2_final_mlp --threshold 0.5 --max-drafts 4 --lookup 10
+    python scripts/ship_adapter.py runs/s7/out --weights-dtype int8 --threshold 0.3 --max-drafts 3 --lookup 3 \\
+        --lookup-max-tokens 12 --trust-ngram 3 --metrics measured.json
 
 Keeps the draft vocabulary the adapter was trained with (or, with `--draft-vocab N`, the N most frequent tokens of the
 assistant turns in ../shared/data/train, at most `--answers-per-file` answers per file; special tokens always
@@ -49,6 +51,8 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, required=True)
     parser.add_argument("--max-drafts", type=int, required=True)
     parser.add_argument("--lookup", type=int, default=0)
+    parser.add_argument("--lookup-max-tokens", type=int, default=0, help="config.lookup_max_tokens (0: fixed length)")
+    parser.add_argument("--trust-ngram", type=int, default=0, help="config.lookup_trust_ngram (0: off)")
     parser.add_argument("--data", default="../shared/data/train/*.jsonl")
     parser.add_argument("--answers-per-file", type=int, default=1500)
     parser.add_argument("--metrics", default=None, help="extra JSON of measured metrics to record")
@@ -67,6 +71,9 @@ def main() -> None:
     model.config.draft_threshold = args.threshold
     model.config.max_draft_tokens = args.max_drafts
     model.config.lookup_num_tokens = args.lookup
+    model.config.lookup_max_tokens = args.lookup_max_tokens
+    model.config.lookup_trust_ngram = args.trust_ngram
+    model.config.validate_kangaroo()
     source = Path(args.source)
     metrics = json.loads((source / "kangaroo_metrics.json").read_text())
     if args.metrics:
