@@ -83,6 +83,18 @@ def lookup(sequence: list[int], max_ngram: int, length: int) -> tuple[list[int],
     return [], 0
 
 
+def parse_tree(spec: str) -> frozenset[tuple[int, ...]]:
+    """A static draft tree from rank paths, e.g. "0.0.0,1,0.1": the top-1 chain of 3, the second-ranked first
+    draft, and the second-ranked draft after the top-1 first; every prefix of a path is in the tree."""
+    nodes = set()
+    for path in spec.split(","):
+        ranks = tuple(int(rank) for rank in path.split("."))
+        if any(not 0 <= rank < TOP_RANKS for rank in ranks):
+            raise ValueError(f"ranks in {path!r} must be in 0..{TOP_RANKS - 1}")
+        nodes.update(ranks[:depth] for depth in range(1, len(ranks) + 1))
+    return frozenset(nodes)
+
+
 def replay(
     answers: list[Answer],
     threshold: float,
@@ -91,8 +103,16 @@ def replay(
     max_ngram: int,
     trust_ngram: int,
     lookup_max_tokens: int = 0,
+    tree: frozenset[tuple[int, ...]] | None = None,
 ):
-    """(tau, verification rows per round) of greedy Kangaroo decoding on `answers`."""
+    """(tau, verification rows per round) of greedy Kangaroo decoding on `answers`.
+
+    With `tree` (`parse_tree`), rounds that do not copy verify that static draft tree instead of the adapter's chain:
+    every node is drafted whatever its confidence. Along the base's answer the teacher-forced ranks are exact (a
+    node's children are drafted after a token the base accepts), so the accepted length is exact; what a tree costs
+    is not modelled: its depth in sequential drafting steps and its size in verification rows.
+    """
+    depth = max(map(len, tree)) if tree else 0
     steps = tokens = rows = 0
     for item in answers:
         length = len(item.answer)
@@ -112,6 +132,11 @@ def replay(
                     copy_length = min(2 * copy_length, max(lookup_max_tokens, lookup_tokens))
                 elif accepted < drafted:
                     copy_length = lookup_tokens
+            elif tree:
+                path: tuple[int, ...] = ()
+                while len(path) < depth and i + len(path) < length - 1 and path + (item.rank[i + len(path)],) in tree:
+                    path += (item.rank[i + len(path)],)
+                drafted, accepted = len(tree), len(path)
             else:
                 drafted = 0
                 while drafted < max_drafts and i + drafted < length - 1:
@@ -121,46 +146,6 @@ def replay(
                 accepted = 0
                 while accepted < drafted and item.correct[i + accepted]:
                     accepted += 1
-            steps, tokens, rows, i = steps + 1, tokens + accepted + 1, rows + 1 + drafted, i + accepted + 1
-    return tokens / steps, rows / steps
-
-
-def parse_tree(spec: str) -> frozenset[tuple[int, ...]]:
-    """A static draft tree from rank paths, e.g. "0.0.0,1,0.1": the top-1 chain of 3, the second-ranked first
-    draft, and the second-ranked draft after the top-1 first; every prefix of a path is in the tree."""
-    nodes = set()
-    for path in spec.split(","):
-        ranks = tuple(int(rank) for rank in path.split("."))
-        if any(not 0 <= rank < TOP_RANKS for rank in ranks):
-            raise ValueError(f"ranks in {path!r} must be in 0..{TOP_RANKS - 1}")
-        nodes.update(ranks[:depth] for depth in range(1, len(ranks) + 1))
-    return frozenset(nodes)
-
-
-def replay_tree(
-    answers: list[Answer], tree: frozenset[tuple[int, ...]], threshold: float, lookup_tokens: int, max_ngram: int
-):
-    """(tau, verification rows per round) if each round verified a static draft `tree` (every node drafted, whatever
-    its confidence) instead of a chain; prompt lookup as in `replay`. Along the base's answer the teacher-forced ranks
-    are exact (a node's children are drafted after a token the base accepts), so the accepted length is exact; what a
-    tree costs is not modelled: its depth in sequential drafting steps and its size in verification rows."""
-    depth = max(len(node) for node in tree)
-    steps = tokens = rows = 0
-    for item in answers:
-        length = len(item.answer)
-        steps, tokens, i = steps + 1, tokens + 1, 1
-        while i < length:
-            copy = lookup(item.prompt + item.answer[:i], max_ngram, lookup_tokens)[0] if lookup_tokens else []
-            copy = copy[: max(0, length - 1 - i)]
-            if copy and (item.top[i] == copy[0] or item.confidence[i] < threshold):
-                drafted, accepted = len(copy), 0
-                while accepted < drafted and copy[accepted] == item.answer[i + accepted]:
-                    accepted += 1
-            else:
-                path: tuple[int, ...] = ()
-                while len(path) < depth and i + len(path) < length - 1 and path + (item.rank[i + len(path)],) in tree:
-                    path += (item.rank[i + len(path)],)
-                drafted, accepted = len(tree), len(path)
             steps, tokens, rows, i = steps + 1, tokens + accepted + 1, rows + 1 + drafted, i + accepted + 1
     return tokens / steps, rows / steps
 
@@ -203,21 +188,13 @@ def main() -> None:
     )
     references = reference_answers(model.get_base_model(), tokenizer, args.per_category, args.max_new_tokens)
     answers = teacher_forced(model, references)
-    if args.tree:
-        tree = parse_tree(args.tree)
+    tree = parse_tree(args.tree) if args.tree else None
+    if tree:
         print(f"static tree: {len(tree)} nodes, depth {max(map(len, tree))}")
-
-        def run(items):
-            return replay_tree(items, tree, settings[0], settings[2], settings[3])
-    else:
-
-        def run(items):
-            return replay(items, *settings)
-
-    tau, rows = run(answers)
+    tau, rows = replay(answers, *settings, tree=tree)
     print(f"overall: tau {tau:.3f}, {rows:.2f} verification rows per round")
     for category in dict.fromkeys(item.category for item in answers):
-        tau, rows = run([item for item in answers if item.category == category])
+        tau, rows = replay([item for item in answers if item.category == category], *settings, tree=tree)
         print(f"{category:>16}: tau {tau:.2f}, {rows:.2f} rows")
 
 
