@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import stat
 
 import pytest
 import torch
@@ -153,6 +154,9 @@ def test_feature_cache_is_sharded_half_precision(tmp_path, jsonl):
         assert {"hidden.1", "hidden.2", "last", "input_ids", "assistant_mask", "offsets"} <= set(shard.keys())
         assert shard.get_tensor("hidden.2").dtype == torch.float16
         assert shard.get_tensor("last").dtype == torch.float16
+    # Shards are readable wherever index.json is (safetensors alone would leave them 0600).
+    index_mode = stat.S_IMODE((tmp_path / "cache" / "index.json").stat().st_mode)
+    assert {stat.S_IMODE((tmp_path / "cache" / s["file"]).stat().st_mode) for s in cache.shards} == {index_mode}
     first = cache.load_shard(0, exit_layer=2)[0]
     assert first.input_ids.tolist() == sequences[0].input_ids
     with torch.no_grad():

@@ -30,10 +30,11 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .data import EncodedConversation
+from .hub import save_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -312,7 +313,7 @@ class FeatureCache:
                     [m for s in members for m in s.assistant_mask], dtype=torch.uint8
                 )
                 partial = path.with_suffix(".partial")
-                save_file({k: v.contiguous() for k, v in collected.items()}, partial)
+                save_safetensors({k: v.contiguous() for k, v in collected.items()}, partial)
                 partial.rename(path)
         if process_index == 0:
             shards = []
