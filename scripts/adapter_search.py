@@ -16,6 +16,8 @@ distilled more:
         --resume-answers docs/adapter_search/self_distilled_answers.jsonl.gz --distill-s 170 --variants e2_exit_mlp2
 
 Run 5 (`--variants continue_shipped`) trained the shipped adapter further on more distilled answers the same way.
+`--answers` and `--resume-answers` take several files, e.g. both answer files in docs/adapter_search (session 8's
+CPU-distilled answers are a file of their own).
 
 `run` writes into `--out`: `answers.jsonl.gz` (the base's own answers), `<variant>.tar.gz` (each variant's
 `save_pretrained` folder), `results.json` (validation metrics, simulated tau on the Spec-Bench reference answers per
@@ -180,7 +182,7 @@ class Run:
         self.validation_ids = {c["id"] for c in validation}
         self.held_out_ids = {c["id"] for c in held_out}  # never trained on, even when not validated on
         if self.args.answers:  # reuse earlier answers (e.g. docs/adapter_search/self_distilled_answers.jsonl.gz)
-            self.answers = _read_gz(Path(self.args.answers))
+            self.answers = [c for path in self.args.answers for c in _read_gz(Path(path))]
             self.results["distillation"] = {"conversations": len(self.answers), "reused": self.args.answers}
             self.stage("distill", time.time() - start)
             return
@@ -188,7 +190,8 @@ class Run:
         answers_path.unlink(missing_ok=True)
         if self.args.resume_answers:  # earlier answers are kept; only conversations without one are distilled
             with open(answers_path, "w", encoding="utf-8") as handle:
-                handle.writelines(json.dumps(c, ensure_ascii=False) + "\n" for c in _read_gz(self.args.resume_answers))
+                for path in self.args.resume_answers:
+                    handle.writelines(json.dumps(c, ensure_ascii=False) + "\n" for c in _read_gz(Path(path)))
         # A bfloat16 copy generates (fast on GPUs); the float32 base stays untouched for the features.
         generator = copy.deepcopy(self.base).to(torch.bfloat16) if self.device == "cuda" else self.base
         settings = SelfDistillArguments(
@@ -348,10 +351,16 @@ def main() -> None:
     run.add_argument("--work", default="runs/search-work", help="scratch folder (answers, checkpoints)")
     run.add_argument("--budget-s", type=float, default=480)
     run.add_argument(
-        "--answers", default=None, help="self-distilled answers (.jsonl.gz) to reuse instead of distilling"
+        "--answers",
+        nargs="+",
+        default=None,
+        help="self-distilled answers (.jsonl.gz files) to reuse instead of distilling",
     )
     run.add_argument(
-        "--resume-answers", default=None, help="self-distilled answers (.jsonl.gz) to keep; the rest is distilled"
+        "--resume-answers",
+        nargs="+",
+        default=None,
+        help="self-distilled answers (.jsonl.gz files) to keep; the rest is distilled",
     )
     run.add_argument("--distill-s", type=float, default=150, help="time for self-distillation")
     run.add_argument("--conversations", type=int, default=10**9, help="at most this many conversations distilled")
