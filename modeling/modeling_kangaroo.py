@@ -1669,9 +1669,22 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
     previous_mode = path.stat().st_mode & 0o777 if path.exists() else None
     save_file(tensors, path, metadata=metadata)
     if os.name == "posix":
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(path, previous_mode if previous_mode is not None else 0o666 & ~umask)
+        os.chmod(path, previous_mode if previous_mode is not None else 0o666 & ~_current_umask())
+
+
+def _current_umask() -> int:
+    """The process's umask, read without changing it where Linux reports it (setting and restoring it would briefly
+    change it for every thread)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def save_kangaroo(

@@ -109,6 +109,14 @@ def test_saved_weights_are_as_readable_as_the_config_beside_them(tmp_path):
     os.chmod(weights, 0o640)
     model.save_pretrained(folder)
     assert stat.S_IMODE(weights.stat().st_mode) == 0o640
+    # A new file follows the process's umask, which saving leaves as it was.
+    previous = os.umask(0o027)
+    try:
+        model.save_pretrained(tmp_path / "private")
+        assert os.umask(0o027) == 0o027
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "private" / ADAPTER_WEIGHTS_NAME).stat().st_mode) == 0o640
 
 
 def test_safe_serialization_false_is_refused(tmp_path):
