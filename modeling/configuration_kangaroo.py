@@ -88,6 +88,14 @@ class KangarooConfig(PreTrainedConfig):
             of the speed of a 2-column matrix product, and costs 1.4-2x one row for 2-8 rows; on the embedded SmolLM2
             a one-token forward of the whole model takes ~0.6x the time this way. Last-bit rounding may differ, as
             between any two kernels. Plain decoding (`use_kangaroo=False`) is not affected. `False` keeps `F.linear`.
+        cpu_packed_weights (`bool`, *optional*, defaults to `True`):
+            On CPU in bfloat16, each `generate()` call with Kangaroo decoding first packs the weights of the base's
+            and the adapter's linear layers and of the draft head into oneDNN's blocked layout, and computes with
+            them. `F.linear` reorders every weight into that layout on each call, which for the few rows of drafting
+            steps and verifications costs about as much as the product: on the embedded SmolLM2 a one-token forward
+            takes ~0.75x the time this way, and the outputs are bit-identical. Costs a second copy of those weights
+            in memory during the call, and packing them (~0.15 s for SmolLM2-135M). Plain decoding
+            (`use_kangaroo=False`) is not affected. `False` keeps `F.linear`.
         peft_adapter_name_or_path (`str`, *optional*):
             The PEFT (e.g. LoRA) adapter the base was tuned with when the Kangaroo adapter was trained.
         peft_adapter_revision (`str`, *optional*):
@@ -139,6 +147,8 @@ class KangarooConfig(PreTrainedConfig):
     lookup_trust_ngram: int = 0
     # CPU float32 BLAS is slow for 1-8 rows through F.linear; weight @ input.T is not (see `few_row_matmul`).
     cpu_few_row_matmul: bool = True
+    # CPU bfloat16 F.linear reorders its weight on every call; packing once per generate() call is bit-identical.
+    cpu_packed_weights: bool = True
     # The PEFT adapter of a LoRA-tuned base, so loading rebuilds the same tuned model.
     peft_adapter_name_or_path: str | None = None
     peft_adapter_revision: str | None = None
@@ -164,8 +174,9 @@ class KangarooConfig(PreTrainedConfig):
         validate_draft_settings(self.draft_threshold, self.max_draft_tokens, self.first_draft_threshold)
         if not isinstance(self.adapter_num_layers, int) or self.adapter_num_layers < 1:
             raise ValueError(f"adapter_num_layers must be an int >= 1, got {self.adapter_num_layers!r}.")
-        if not isinstance(self.cpu_few_row_matmul, bool):
-            raise ValueError(f"cpu_few_row_matmul must be a bool, got {self.cpu_few_row_matmul!r}.")
+        for switch in ("cpu_few_row_matmul", "cpu_packed_weights"):
+            if not isinstance(getattr(self, switch), bool):
+                raise ValueError(f"{switch} must be a bool, got {getattr(self, switch)!r}.")
         if not isinstance(self.adapter_mlp, bool):
             raise ValueError(f"adapter_mlp must be a bool, got {self.adapter_mlp!r}.")
         if self.adapter_context not in ADAPTER_CONTEXTS:

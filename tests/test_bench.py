@@ -340,6 +340,25 @@ def test_vanilla_few_row_is_plain_decoding_through_the_float32_kernel(model, que
     assert "vanilla_few_row" in bench_methods.METHODS and "vanilla_few_row" not in bench.BenchSettings().methods
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+def test_vanilla_few_row_goes_through_packed_weights_in_bfloat16(model, questions, monkeypatch):
+    packed_rows: list[int] = []
+    original = backbone.packed_matmul
+
+    def spy(input, packed, bias=None):
+        packed_rows.append(input.numel() // input.shape[-1])
+        return original(input, packed, bias)
+
+    monkeypatch.setattr(backbone, "packed_matmul", spy)
+    model.to(torch.bfloat16)
+    input_ids = commands.chat_input_ids(tiny_tokenizer(), questions[0].turns[0])
+    kwargs = {"max_new_tokens": 10, "do_sample": False}
+    reference, _ = bench_methods.run_vanilla(model, input_ids, kwargs)
+    assert packed_rows == []
+    assert bench_methods.run_vanilla_few_row(model, input_ids, kwargs)[0] == reference and 1 in packed_rows
+    assert not any("forward" in module.__dict__ for module in model.modules())
+
+
 def test_pld_few_row_is_prompt_lookup_through_the_float32_kernel(model, questions, monkeypatch):
     rows_seen: list[int] = []
     _spy_kernel(monkeypatch, rows_seen)

@@ -37,6 +37,18 @@ def test_generate_shows_no_kernel_split_where_the_kernel_is_off(tiny_cli_model, 
     assert "speedup:" in out and "few-row kernel" not in out
 
 
+def test_generate_shows_the_packed_weights_split_in_bfloat16(tiny_cli_model, capsys):
+    import torch
+
+    from kangaroo_hf.cli import main
+
+    tiny_cli_model.to(torch.bfloat16)
+    assert main(["generate", "abcabc", "--max-new-tokens", "6", "--dtype", "bfloat16"]) == 0
+    out = capsys.readouterr().out
+    expected = "of which the bfloat16 packed weights" if torch.backends.mkldnn.is_available() else "speedup:"
+    assert expected in out and "few-row kernel" not in out
+
+
 def test_generate_passes_the_draft_overrides(tiny_cli_model, capsys, monkeypatch):
     from kangaroo_hf.cli import main
 

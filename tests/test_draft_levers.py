@@ -1,5 +1,5 @@
 """Speed levers stay lossless: a reduced draft vocabulary, drafts copied from the context (prompt lookup), skipped
-unsure rounds, and the few-row matrix-product kernel."""
+unsure rounds, the few-row matrix-product kernel (float32) and packed weights (bfloat16)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from transformers import GenerationConfig, StoppingCriteriaList
 
 from conftest import VOCAB, make_kangaroo
 from kangaroo_hf import KangarooCandidateGenerator, KangarooConfig, backbone, generation
-from kangaroo_hf.backbone import few_row_linear
+from kangaroo_hf.backbone import few_row_linear, packed_linear
 from kangaroo_hf.generation import DraftSettings
 
 
@@ -253,6 +253,75 @@ def test_cpu_few_row_matmul_serves_the_float32_decoding_loop_losslessly(arch, mo
 def test_cpu_few_row_matmul_must_be_a_bool():
     with pytest.raises(ValueError, match="cpu_few_row_matmul must be a bool, got 'yes'"):
         make_kangaroo("llama", cpu_few_row_matmul="yes")
+
+
+# -- packed weights (cpu_packed_weights) ---------------------------------------------------------------------------
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [1, 3, 9, 40])
+def test_packed_linear_is_bit_identical_and_restores_the_modules(rows):
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.Linear(24, 8, bias=False), _MarkedLinear(8, 8))
+    block = block.to(torch.bfloat16)
+    float32_linear = torch.nn.Linear(8, 8)  # other dtypes keep F.linear
+    x = torch.randn(1, rows, 16, dtype=torch.bfloat16)
+    expected = block(x)
+    with packed_linear([block, block[0], float32_linear]):  # a module reached twice is packed once
+        assert "forward" in vars(block[0]) and "forward" in vars(block[1])
+        assert "forward" not in vars(block[2]) and "forward" not in vars(float32_linear)
+        block[0].weight.data.zero_()  # packed on entry: a change inside the block is not seen
+        with torch.no_grad():  # as in generate()
+            actual = block(x)
+        with torch.enable_grad():  # autograd gets F.linear (the packed product has no backward)
+            x_grad = x.clone().requires_grad_()
+            block[1](torch.randn(1, rows, 24, dtype=torch.bfloat16, requires_grad=True)).sum().backward()
+            assert block[0](x_grad).requires_grad
+    assert torch.equal(actual, expected)  # bit-identical, not merely close
+    assert block[1].weight.grad is not None
+    assert not any("forward" in vars(module) for module in block)
+    with pytest.raises(RuntimeError, match="boom"), packed_linear([block]):
+        raise RuntimeError("boom")
+    assert "forward" not in vars(block[0])
+
+
+@needs_onednn
+def test_cpu_packed_weights_serve_the_bfloat16_decoding_loop_bit_identically(arch, monkeypatch):
+    products: list[int] = []
+    original = backbone.packed_matmul
+
+    def spy(input, packed, bias=None):
+        products.append(input.numel() // input.shape[-1])
+        return original(input, packed, bias)
+
+    monkeypatch.setattr(backbone, "packed_matmul", spy)
+    monkeypatch.setattr(generation, "packed_matmul", spy)  # the draft head calls it directly
+    model = make_kangaroo(arch, draft_threshold=0.0, max_draft_tokens=3).to(torch.bfloat16)
+    prompt = _prompt(12, seed=4)
+    model.generate(prompt, do_sample=False, max_new_tokens=20, use_kangaroo=False)
+    assert products == []  # plain decoding keeps F.linear
+    packed_output = model.generate(prompt, do_sample=False, max_new_tokens=20)
+    packed_stats = model.last_generate_stats
+    # Every product of the loop went through it: the prefill (12 rows), drafting steps, verifications.
+    assert {1, 12} <= set(products) and max(products) == 12
+    assert not any("forward" in vars(module) for module in model.modules())  # every Linear restored
+    products.clear()
+    model.config.cpu_packed_weights = False
+    assert torch.equal(model.generate(prompt, do_sample=False, max_new_tokens=20), packed_output) and not products
+    # Bit-identical products: the same drafts, the same verifications, round for round.
+    assert model.last_generate_stats.drafted_by_position == packed_stats.drafted_by_position
+    assert model.last_generate_stats.accepted_by_position == packed_stats.accepted_by_position
+    model.config.cpu_packed_weights = True
+    model.to(torch.float32)  # bfloat16 only: float32 has the few-row kernel instead
+    model.generate(prompt, do_sample=False, max_new_tokens=8)
+    assert products == []
+
+
+def test_cpu_packed_weights_must_be_a_bool():
+    with pytest.raises(ValueError, match="cpu_packed_weights must be a bool, got 1"):
+        make_kangaroo("llama", cpu_packed_weights=1)
 
 
 def test_trusted_lookup_matches_overrule_a_sure_adapter_and_stay_lossless(arch):

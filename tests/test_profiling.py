@@ -55,3 +55,23 @@ def test_no_kernel_timing_where_kangaroo_does_not_use_it():
     profile = profile_generation(model, input_ids, do_sample=False, max_new_tokens=8)
     assert profile.kernel_plain_step_s is None and "speculation over it" not in format_profile(profile)
     assert "predicted_speedup_over_kernel_plain_step" not in profile.to_dict()
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+def test_bfloat16_plain_step_is_also_timed_with_packed_weights(monkeypatch):
+    from kangaroo_hf import backbone
+
+    model = make_kangaroo("llama", draft_threshold=0.0, max_draft_tokens=2).to(torch.bfloat16)
+    input_ids = torch.randint(2, VOCAB, (1, 6), generator=torch.Generator().manual_seed(3))
+    packed_rows: list[int] = []
+    original = backbone.packed_matmul
+
+    def spy(input, packed, bias=None):
+        packed_rows.append(input.numel() // input.shape[-1])
+        return original(input, packed, bias)
+
+    monkeypatch.setattr(backbone, "packed_matmul", spy)
+    profile = profile_generation(model, input_ids, do_sample=False, max_new_tokens=8)
+    assert profile.kernel_plain_step_s > 0 and "speculation over it" in format_profile(profile) and packed_rows
+    model.config.cpu_packed_weights = False
+    assert profile_generation(model, input_ids, do_sample=False, max_new_tokens=8).kernel_plain_step_s is None

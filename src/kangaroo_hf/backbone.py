@@ -8,7 +8,7 @@ The base is never copied or forked: `DecoderParts` holds references to the base'
 from __future__ import annotations
 
 import types
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -139,6 +139,62 @@ def _few_row_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tenso
     return few_row_matmul(input, self.weight, self.bias)
 
 
+def packed_weights_supported(weight: torch.Tensor) -> bool:
+    """Whether `pack_weight` applies: a bfloat16 weight on CPU, with PyTorch built with oneDNN."""
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.bfloat16
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A copy of a (out, in) bfloat16 CPU weight in oneDNN's blocked layout, for `packed_matmul`."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+
+
+def packed_matmul(input: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(input, weight, bias)` with the weight as `pack_weight` returned it (no autograd).
+
+    Bit-identical to `F.linear` in bfloat16 on CPU, which runs the same oneDNN product but reorders the weight into
+    this layout on every call: for a few rows that reorder costs about as much as the product itself.
+    """
+    return torch.ops.mkldnn._linear_pointwise(input, packed, bias, "none", [], "")
+
+
+def _packed_linear_forward(packed: torch.Tensor) -> Callable[[nn.Linear, torch.Tensor], torch.Tensor]:
+    def forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (input.requires_grad or self.weight.requires_grad):
+            return F.linear(input, self.weight, self.bias)  # the packed product has no backward
+        return packed_matmul(input, packed, self.bias)
+
+    return forward
+
+
+def _plain_linears(modules: Iterable[nn.Module]) -> list[nn.Linear]:
+    """Each plain `nn.Linear` under `modules` once; subclasses and instances with a replaced `forward` left out."""
+    found: dict[int, nn.Linear] = {}
+    for root in modules:
+        for module in root.modules():
+            if type(module) is nn.Linear and "forward" not in module.__dict__:
+                found.setdefault(id(module), module)
+    return list(found.values())
+
+
+@contextmanager
+def _replaced_forwards(
+    linears: list[nn.Linear], make_forward: Callable[[nn.Linear], Callable[..., torch.Tensor]]
+) -> Iterator[None]:
+    for module in linears:
+        module.forward = types.MethodType(make_forward(module), module)
+    try:
+        yield
+    finally:
+        for module in linears:
+            del module.forward
+
+
 @contextmanager
 def few_row_linear(modules: Iterable[nn.Module]) -> Iterator[None]:
     """Within the block, the plain `nn.Linear`s in `modules` compute 1 to `FEW_ROWS` rows with `few_row_matmul`.
@@ -149,19 +205,24 @@ def few_row_linear(modules: Iterable[nn.Module]) -> Iterator[None]:
     replacement is on the module instances: another thread running the same modules meanwhile uses it too (same
     math).
     """
-    linears = [
-        module
-        for root in modules
-        for module in root.modules()
-        if type(module) is nn.Linear and "forward" not in module.__dict__
-    ]
-    for module in linears:
-        module.forward = types.MethodType(_few_row_linear_forward, module)
-    try:
+    with _replaced_forwards(_plain_linears(modules), lambda module: _few_row_linear_forward):
         yield
-    finally:
-        for module in linears:
-            del module.forward
+
+
+@contextmanager
+def packed_linear(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Within the block, the plain bfloat16 CPU `nn.Linear`s in `modules` compute with weights packed on entry.
+
+    Each weight is reordered once into oneDNN's blocked layout (`pack_weight`), which `F.linear` otherwise does on
+    every call; the products are bit-identical to `F.linear`'s. The packed copies (as large as the weights) live
+    until the block ends, so weights changed inside the block are not seen: pack again after changing them. Other
+    dtypes and devices, subclasses (quantized or LoRA layers; the plain `base_layer` inside a LoRA layer is packed)
+    and modules whose `forward` is already replaced are left as they are. Under autograd the original weight is used.
+    """
+    linears = [module for module in _plain_linears(modules) if packed_weights_supported(module.weight)]
+    packed = {id(module): pack_weight(module.weight) for module in linears}
+    with _replaced_forwards(linears, lambda module: _packed_linear_forward(packed[id(module)])):
+        yield
 
 
 def slice_masks(
@@ -197,6 +258,10 @@ __all__ = [
     "DecoderParts",
     "few_row_linear",
     "few_row_matmul",
+    "pack_weight",
+    "packed_linear",
+    "packed_matmul",
+    "packed_weights_supported",
     "layer_types",
     "slice_masks",
     "unwrap_causal_lm",

@@ -14,8 +14,6 @@ from typing import Any
 
 import torch
 
-from .backbone import few_row_linear
-
 REFERENCE_METHOD = "vanilla"
 # Prompt lookup decoding: 10 proposed tokens (as in Spec-Bench's PLD runs), transformers' default n-gram size of 2;
 # `pld_few_row` is the same method through the float32 kernel, so it takes the same options.
@@ -189,24 +187,25 @@ def run_early_exit(
 
 
 @contextlib.contextmanager
-def _few_row_kernel_like_kangaroo(model: Any) -> Iterator[None]:
-    """Give the base the float32 CPU kernel Kangaroo decoding uses (`few_row_matmul`, `cpu_few_row_matmul`) for one
-    call, where Kangaroo would use it (float32 on CPU, switch on); elsewhere nothing changes, as for Kangaroo."""
-    with few_row_linear([model.get_base_model()]) if model.uses_few_row_matmul() else contextlib.nullcontext():
+def _kernels_like_kangaroo(model: Any) -> Iterator[None]:
+    """Give the base the CPU kernel Kangaroo decoding uses (`model.decoding_kernels`: the few-row kernel in float32,
+    packed weights in bfloat16) for one call, where Kangaroo would use it; elsewhere nothing changes, as for
+    Kangaroo."""
+    with model.decoding_kernels([model.get_base_model()]):
         yield
 
 
 def run_vanilla_few_row(model: Any, input_ids: torch.LongTensor, gen_kwargs: dict[str, Any]) -> tuple[list[int], None]:
-    """`run_vanilla` through Kangaroo's float32 CPU kernel: the kernel's share of Kangaroo's speed-up, apart."""
-    with _few_row_kernel_like_kangaroo(model):
+    """`run_vanilla` through Kangaroo's CPU kernel: the kernel's share of Kangaroo's speed-up, apart."""
+    with _kernels_like_kangaroo(model):
         return run_vanilla(model, input_ids, gen_kwargs)
 
 
 def run_pld_few_row(
     model: Any, input_ids: torch.LongTensor, gen_kwargs: dict[str, Any]
 ) -> tuple[list[int], SpeculationCounts]:
-    """`run_pld` through Kangaroo's float32 CPU kernel: prompt lookup on equal terms with Kangaroo's kernels."""
-    with _few_row_kernel_like_kangaroo(model):
+    """`run_pld` through Kangaroo's CPU kernel: prompt lookup on equal terms with Kangaroo's kernels."""
+    with _kernels_like_kangaroo(model):
         return run_pld(model, input_ids, gen_kwargs)
 
 

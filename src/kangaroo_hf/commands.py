@@ -48,8 +48,6 @@ def chat_input_ids(tokenizer, prompt: str):
 def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .backbone import few_row_linear
-
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     input_ids = chat_input_ids(tokenizer, args.prompt).to(model.device)
@@ -97,12 +95,13 @@ def _run_generate(args: argparse.Namespace) -> int:
         print(
             f"  speedup: {plain_seconds / seconds:.2f}x; identical output: {plain_tokens.tolist() == tokens.tolist()}"
         )
-        if model.uses_few_row_matmul():
-            # Part of that speed-up is a float32 CPU kernel that plain decoding could use too: show the split.
-            with few_row_linear([model.get_base_model()]):
+        if model.uses_few_row_matmul() or model.uses_packed_weights():
+            # Part of that speed-up is a CPU kernel that plain decoding could use too: show the split.
+            with model.decoding_kernels([model.get_base_model()]):
                 _, kernel_seconds = timed(False)
+            kernel = "float32 few-row kernel" if model.uses_few_row_matmul() else "bfloat16 packed weights"
             print(
-                f"  of which the float32 few-row kernel (plain generate() through it: {kernel_seconds:.2f} s): "
+                f"  of which the {kernel} (plain generate() through it: {kernel_seconds:.2f} s): "
                 f"{plain_seconds / kernel_seconds:.2f}x; speculation over it: {kernel_seconds / seconds:.2f}x"
             )
     return 0

@@ -8,6 +8,7 @@ to the verification forward (`model_kwargs_overrides`), so the shallow layers ne
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +16,7 @@ import torch
 from transformers import Cache, DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.candidate_generator import CandidateGenerator
 
-from .backbone import few_row_matmul
+from .backbone import few_row_matmul, pack_weight, packed_matmul
 from .configuration import validate_draft_settings, validate_lookup
 
 if TYPE_CHECKING:
@@ -133,6 +134,7 @@ class KangarooCandidateGenerator(CandidateGenerator):
         logits_processor: LogitsProcessorList | None,
         stopping_criteria: StoppingCriteriaList,
         use_few_row_matmul: bool = False,
+        use_packed_weights: bool = False,
     ) -> None:
         self.model = model
         self.settings = settings
@@ -143,7 +145,7 @@ class KangarooCandidateGenerator(CandidateGenerator):
         self.adapter_cache = DynamicCache()
         self.stats = KangarooStats(max_draft_tokens=settings.longest_draft)
         self.draft_head = model.draft_head()
-        self._head_product = few_row_matmul if use_few_row_matmul else torch.nn.functional.linear
+        self._score_draft_head = self._draft_head_product(*self.draft_head[:2], use_few_row_matmul, use_packed_weights)
         # Kwargs merged into the loop's next forward: the prefill must return exit states, a verification reuses them.
         self.model_kwargs_overrides: dict[str, Any] = {"output_exit_hidden_states": True}
         self._first_verified_position = 0  # position of the first token of the last full forward
@@ -313,14 +315,26 @@ class KangarooCandidateGenerator(CandidateGenerator):
         With a reduced draft vocabulary the head scores only `draft_vocab_ids` (None means the full vocabulary);
         the scores are scattered back to the full vocabulary whenever logits processors or sampling need it.
         """
-        weight, bias, vocab_ids = self.draft_head
-        scores = self._head_product(hidden, weight, bias).float()
+        vocab_ids = self.draft_head[2]
+        scores = self._score_draft_head(hidden).float()
         if vocab_ids is not None and (self.do_sample or len(self.logits_processor)):
             full = torch.full((1, self.model.parts.lm_head.out_features), float("-inf"), device=scores.device)
             scores, vocab_ids = full.index_copy_(1, vocab_ids, scores), None
         if len(self.logits_processor):
             scores = self.logits_processor(candidate_ids, scores)
         return scores, vocab_ids
+
+    @staticmethod
+    def _draft_head_product(
+        weight: torch.Tensor, bias: torch.Tensor | None, use_few_row_matmul: bool, use_packed_weights: bool
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """hidden -> draft logits through the kernel the model's other products use in this generate() call."""
+        if use_few_row_matmul:
+            return lambda hidden: few_row_matmul(hidden, weight, bias)
+        if use_packed_weights:
+            packed = pack_weight(weight)
+            return lambda hidden: packed_matmul(hidden, packed, bias)
+        return lambda hidden: torch.nn.functional.linear(hidden, weight, bias)
 
     @staticmethod
     def _top1(scores: torch.Tensor, vocab_ids: torch.LongTensor | None) -> tuple[float, int]:

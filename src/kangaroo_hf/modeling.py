@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,7 @@ from transformers import (
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .backbone import DecoderParts, few_row_linear
+from .backbone import DecoderParts, few_row_linear, packed_linear, packed_weights_supported
 from .configuration import KangarooConfig
 from .generation import DraftSettings, KangarooCandidateGenerator, KangarooStats
 from .peft_support import peft_fingerprint
@@ -518,6 +518,23 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         weight = self.parts.lm_head.weight
         return self.config.cpu_few_row_matmul and weight.device.type == "cpu" and weight.dtype == torch.float32
 
+    def uses_packed_weights(self) -> bool:
+        """Whether Kangaroo decoding computes with weights packed for oneDNN (`packed_linear`): `cpu_packed_weights`
+        is on and the model runs in bfloat16 on CPU."""
+        return self.config.cpu_packed_weights and packed_weights_supported(self.parts.lm_head.weight)
+
+    def decoding_kernels(self, modules: Iterable[nn.Module] | None = None) -> contextlib.AbstractContextManager:
+        """The CPU kernel Kangaroo decoding runs its linear layers through, for `modules` (default: the base's
+        layers and LM head and the adapter): `few_row_linear` in float32, `packed_linear` in bfloat16, as the
+        `cpu_*` switches say; elsewhere nothing. `kangaroo-hf bench` runs plain decoding through it too, to tell
+        the kernel's share of the speed-up from speculation's."""
+        modules = [self.parts.layers, self.parts.lm_head, self.adapter] if modules is None else list(modules)
+        if self.uses_few_row_matmul():
+            return few_row_linear(modules)
+        if self.uses_packed_weights():
+            return packed_linear(modules)
+        return contextlib.nullcontext()
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -674,17 +691,17 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
                 "Kangaroo decoding needs use_cache=True and a fresh DynamicCache (it writes the shallow layers' KV "
                 f"during drafting and crops after verification), got {type(cache).__name__}."
             )
-        few_rows = self.uses_few_row_matmul()
         generator = KangarooCandidateGenerator(
-            self, settings, generation_config, logits_processor, stopping_criteria, use_few_row_matmul=few_rows
+            self,
+            settings,
+            generation_config,
+            logits_processor,
+            stopping_criteria,
+            use_few_row_matmul=self.uses_few_row_matmul(),
+            use_packed_weights=self.uses_packed_weights(),
         )
-        # After the prefill the loop's forwards are short (drafting steps, verifications): the kernel's case.
-        kernels = (
-            few_row_linear([self.parts.layers, self.parts.lm_head, self.adapter])
-            if few_rows
-            else contextlib.nullcontext()
-        )
-        with self._scoped("_candidate_generator", generator), kernels:
+        # After the prefill the loop's forwards are short (drafting steps, verifications): the kernels' case.
+        with self._scoped("_candidate_generator", generator), self.decoding_kernels():
             output = self._assisted_decoding(input_ids, logits_processor, stopping_criteria, generation_config, **kw)
         self.last_generate_stats = generator.stats
         return output

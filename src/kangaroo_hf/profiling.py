@@ -7,8 +7,9 @@ The speed-up follows from these numbers:
     speedup ~= tau * T_plain_step / T_round,   T_round = k * (shallow + adapter + head) + T_verify + overhead
 
 where tau is the mean accepted tokens per verification step and k the mean drafts per round. Where Kangaroo decoding
-uses the float32 CPU kernel (`cpu_few_row_matmul`), the plain step is also timed with that kernel, so the speed-up
-splits into what the kernel alone would give plain decoding and what speculation adds.
+uses a CPU kernel (`cpu_few_row_matmul` in float32, `cpu_packed_weights` in bfloat16), the plain step is also timed
+with that kernel, so the speed-up splits into what the kernel alone would give plain decoding and what speculation
+adds.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from .backbone import few_row_linear
 from .generation import KangarooCandidateGenerator
 from .modeling import KangarooForCausalLM
 
@@ -44,7 +44,7 @@ class RoundProfile:
     drafted_tokens: int
     mean_accepted_tokens: float
     seconds: dict[str, float] = field(default_factory=dict)
-    kernel_plain_step_s: float | None = None  # the plain step with `few_row_linear`, where Kangaroo decoding uses it
+    kernel_plain_step_s: float | None = None  # the plain step through `decoding_kernels`, where Kangaroo uses one
 
     @property
     def overhead_s(self) -> float:
@@ -127,12 +127,12 @@ def _instrumented(model: KangarooForCausalLM, watch: _Stopwatch) -> Iterator[Non
 
 @torch.no_grad()
 def plain_step_seconds(
-    model: KangarooForCausalLM, context_length: int, repeats: int = 9, few_row_kernel: bool = False
+    model: KangarooForCausalLM, context_length: int, repeats: int = 9, kernel: bool = False
 ) -> float:
-    """Median time of one plain decoding step of the base (one new token, `context_length` cached); with
-    `few_row_kernel`, its Linears go through `few_row_matmul` as in Kangaroo's float32 CPU decoding."""
-    if few_row_kernel:
-        with few_row_linear([model.get_base_model()]):
+    """Median time of one plain decoding step of the base (one new token, `context_length` cached); with `kernel`,
+    its Linears go through the CPU kernel Kangaroo decoding uses (`model.decoding_kernels`)."""
+    if kernel:
+        with model.decoding_kernels([model.get_base_model()]):
             return plain_step_seconds(model, context_length, repeats)
     base = model.get_base_model()
     device = model.device
@@ -161,9 +161,9 @@ def profile_generation(
         total = time.perf_counter() - start
     stats = model.last_generate_stats
     mean_context = input_ids.shape[1] + (output.shape[1] - input_ids.shape[1]) // 2
-    kernel = model.uses_few_row_matmul()
+    kernel = model.uses_few_row_matmul() or model.uses_packed_weights()
     return RoundProfile(
-        kernel_plain_step_s=plain_step_seconds(model, mean_context, few_row_kernel=True) if kernel else None,
+        kernel_plain_step_s=plain_step_seconds(model, mean_context, kernel=True) if kernel else None,
         total_s=total,
         plain_step_s=plain_step_seconds(model, mean_context),
         rounds=stats.verify_steps - 1,
@@ -187,7 +187,8 @@ def format_profile(profile: RoundProfile) -> str:
     lines.append(f"predicted speedup (tau x plain / round): {profile.predicted_speedup():.2f}x")
     if profile.kernel_plain_step_s:
         lines.append(
-            f"plain forward with the few-row kernel {profile.kernel_plain_step_s * 1000:.1f} ms: the kernel alone "
+            f"plain forward through Kangaroo's CPU kernel {profile.kernel_plain_step_s * 1000:.1f} ms: "
+            f"the kernel alone "
             f"{profile.plain_step_s / profile.kernel_plain_step_s:.2f}x, speculation over it "
             f"{profile.predicted_speedup(profile.kernel_plain_step_s):.2f}x"
         )

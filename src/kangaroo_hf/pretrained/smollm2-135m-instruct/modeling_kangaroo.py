@@ -14,7 +14,7 @@ from .configuration_kangaroo import KangarooConfig, __version__, validate_draft_
 # ------------------------------------------------------------------------------
 
 import types
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -145,6 +145,62 @@ def _few_row_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tenso
     return few_row_matmul(input, self.weight, self.bias)
 
 
+def packed_weights_supported(weight: torch.Tensor) -> bool:
+    """Whether `pack_weight` applies: a bfloat16 weight on CPU, with PyTorch built with oneDNN."""
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.bfloat16
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A copy of a (out, in) bfloat16 CPU weight in oneDNN's blocked layout, for `packed_matmul`."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+
+
+def packed_matmul(input: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(input, weight, bias)` with the weight as `pack_weight` returned it (no autograd).
+
+    Bit-identical to `F.linear` in bfloat16 on CPU, which runs the same oneDNN product but reorders the weight into
+    this layout on every call: for a few rows that reorder costs about as much as the product itself.
+    """
+    return torch.ops.mkldnn._linear_pointwise(input, packed, bias, "none", [], "")
+
+
+def _packed_linear_forward(packed: torch.Tensor) -> Callable[[nn.Linear, torch.Tensor], torch.Tensor]:
+    def forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (input.requires_grad or self.weight.requires_grad):
+            return F.linear(input, self.weight, self.bias)  # the packed product has no backward
+        return packed_matmul(input, packed, self.bias)
+
+    return forward
+
+
+def _plain_linears(modules: Iterable[nn.Module]) -> list[nn.Linear]:
+    """Each plain `nn.Linear` under `modules` once; subclasses and instances with a replaced `forward` left out."""
+    found: dict[int, nn.Linear] = {}
+    for root in modules:
+        for module in root.modules():
+            if type(module) is nn.Linear and "forward" not in module.__dict__:
+                found.setdefault(id(module), module)
+    return list(found.values())
+
+
+@contextmanager
+def _replaced_forwards(
+    linears: list[nn.Linear], make_forward: Callable[[nn.Linear], Callable[..., torch.Tensor]]
+) -> Iterator[None]:
+    for module in linears:
+        module.forward = types.MethodType(make_forward(module), module)
+    try:
+        yield
+    finally:
+        for module in linears:
+            del module.forward
+
+
 @contextmanager
 def few_row_linear(modules: Iterable[nn.Module]) -> Iterator[None]:
     """Within the block, the plain `nn.Linear`s in `modules` compute 1 to `FEW_ROWS` rows with `few_row_matmul`.
@@ -155,19 +211,24 @@ def few_row_linear(modules: Iterable[nn.Module]) -> Iterator[None]:
     replacement is on the module instances: another thread running the same modules meanwhile uses it too (same
     math).
     """
-    linears = [
-        module
-        for root in modules
-        for module in root.modules()
-        if type(module) is nn.Linear and "forward" not in module.__dict__
-    ]
-    for module in linears:
-        module.forward = types.MethodType(_few_row_linear_forward, module)
-    try:
+    with _replaced_forwards(_plain_linears(modules), lambda module: _few_row_linear_forward):
         yield
-    finally:
-        for module in linears:
-            del module.forward
+
+
+@contextmanager
+def packed_linear(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Within the block, the plain bfloat16 CPU `nn.Linear`s in `modules` compute with weights packed on entry.
+
+    Each weight is reordered once into oneDNN's blocked layout (`pack_weight`), which `F.linear` otherwise does on
+    every call; the products are bit-identical to `F.linear`'s. The packed copies (as large as the weights) live
+    until the block ends, so weights changed inside the block are not seen: pack again after changing them. Other
+    dtypes and devices, subclasses (quantized or LoRA layers; the plain `base_layer` inside a LoRA layer is packed)
+    and modules whose `forward` is already replaced are left as they are. Under autograd the original weight is used.
+    """
+    linears = [module for module in _plain_linears(modules) if packed_weights_supported(module.weight)]
+    packed = {id(module): pack_weight(module.weight) for module in linears}
+    with _replaced_forwards(linears, lambda module: _packed_linear_forward(packed[id(module)])):
+        yield
 
 
 def slice_masks(
@@ -202,6 +263,7 @@ def slice_masks(
 # kangaroo_hf/generation.py
 # ------------------------------------------------------------------------------
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -321,6 +383,7 @@ class KangarooCandidateGenerator(CandidateGenerator):
         logits_processor: LogitsProcessorList | None,
         stopping_criteria: StoppingCriteriaList,
         use_few_row_matmul: bool = False,
+        use_packed_weights: bool = False,
     ) -> None:
         self.model = model
         self.settings = settings
@@ -331,7 +394,7 @@ class KangarooCandidateGenerator(CandidateGenerator):
         self.adapter_cache = DynamicCache()
         self.stats = KangarooStats(max_draft_tokens=settings.longest_draft)
         self.draft_head = model.draft_head()
-        self._head_product = few_row_matmul if use_few_row_matmul else torch.nn.functional.linear
+        self._score_draft_head = self._draft_head_product(*self.draft_head[:2], use_few_row_matmul, use_packed_weights)
         # Kwargs merged into the loop's next forward: the prefill must return exit states, a verification reuses them.
         self.model_kwargs_overrides: dict[str, Any] = {"output_exit_hidden_states": True}
         self._first_verified_position = 0  # position of the first token of the last full forward
@@ -501,14 +564,26 @@ class KangarooCandidateGenerator(CandidateGenerator):
         With a reduced draft vocabulary the head scores only `draft_vocab_ids` (None means the full vocabulary);
         the scores are scattered back to the full vocabulary whenever logits processors or sampling need it.
         """
-        weight, bias, vocab_ids = self.draft_head
-        scores = self._head_product(hidden, weight, bias).float()
+        vocab_ids = self.draft_head[2]
+        scores = self._score_draft_head(hidden).float()
         if vocab_ids is not None and (self.do_sample or len(self.logits_processor)):
             full = torch.full((1, self.model.parts.lm_head.out_features), float("-inf"), device=scores.device)
             scores, vocab_ids = full.index_copy_(1, vocab_ids, scores), None
         if len(self.logits_processor):
             scores = self.logits_processor(candidate_ids, scores)
         return scores, vocab_ids
+
+    @staticmethod
+    def _draft_head_product(
+        weight: torch.Tensor, bias: torch.Tensor | None, use_few_row_matmul: bool, use_packed_weights: bool
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """hidden -> draft logits through the kernel the model's other products use in this generate() call."""
+        if use_few_row_matmul:
+            return lambda hidden: few_row_matmul(hidden, weight, bias)
+        if use_packed_weights:
+            packed = pack_weight(weight)
+            return lambda hidden: packed_matmul(hidden, packed, bias)
+        return lambda hidden: torch.nn.functional.linear(hidden, weight, bias)
 
     @staticmethod
     def _top1(scores: torch.Tensor, vocab_ids: torch.LongTensor | None) -> tuple[float, int]:
@@ -603,7 +678,7 @@ def warn_if_peft_differs(recorded_path: str | None, recorded_fingerprint: str | 
 import contextlib
 import copy
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -1104,6 +1179,23 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         weight = self.parts.lm_head.weight
         return self.config.cpu_few_row_matmul and weight.device.type == "cpu" and weight.dtype == torch.float32
 
+    def uses_packed_weights(self) -> bool:
+        """Whether Kangaroo decoding computes with weights packed for oneDNN (`packed_linear`): `cpu_packed_weights`
+        is on and the model runs in bfloat16 on CPU."""
+        return self.config.cpu_packed_weights and packed_weights_supported(self.parts.lm_head.weight)
+
+    def decoding_kernels(self, modules: Iterable[nn.Module] | None = None) -> contextlib.AbstractContextManager:
+        """The CPU kernel Kangaroo decoding runs its linear layers through, for `modules` (default: the base's
+        layers and LM head and the adapter): `few_row_linear` in float32, `packed_linear` in bfloat16, as the
+        `cpu_*` switches say; elsewhere nothing. `kangaroo-hf bench` runs plain decoding through it too, to tell
+        the kernel's share of the speed-up from speculation's."""
+        modules = [self.parts.layers, self.parts.lm_head, self.adapter] if modules is None else list(modules)
+        if self.uses_few_row_matmul():
+            return few_row_linear(modules)
+        if self.uses_packed_weights():
+            return packed_linear(modules)
+        return contextlib.nullcontext()
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1260,17 +1352,17 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
                 "Kangaroo decoding needs use_cache=True and a fresh DynamicCache (it writes the shallow layers' KV "
                 f"during drafting and crops after verification), got {type(cache).__name__}."
             )
-        few_rows = self.uses_few_row_matmul()
         generator = KangarooCandidateGenerator(
-            self, settings, generation_config, logits_processor, stopping_criteria, use_few_row_matmul=few_rows
+            self,
+            settings,
+            generation_config,
+            logits_processor,
+            stopping_criteria,
+            use_few_row_matmul=self.uses_few_row_matmul(),
+            use_packed_weights=self.uses_packed_weights(),
         )
-        # After the prefill the loop's forwards are short (drafting steps, verifications): the kernel's case.
-        kernels = (
-            few_row_linear([self.parts.layers, self.parts.lm_head, self.adapter])
-            if few_rows
-            else contextlib.nullcontext()
-        )
-        with self._scoped("_candidate_generator", generator), kernels:
+        # After the prefill the loop's forwards are short (drafting steps, verifications): the kernels' case.
+        with self._scoped("_candidate_generator", generator), self.decoding_kernels():
             output = self._assisted_decoding(input_ids, logits_processor, stopping_criteria, generation_config, **kw)
         self.last_generate_stats = generator.stats
         return output
@@ -1882,6 +1974,10 @@ __all__ = [
     "load_adapter_weights",
     "load_kangaroo",
     "load_peft_base",
+    "pack_weight",
+    "packed_linear",
+    "packed_matmul",
+    "packed_weights_supported",
     "peft_fingerprint",
     "push_folder",
     "push_kangaroo",
