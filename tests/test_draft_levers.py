@@ -190,16 +190,15 @@ def test_few_row_linear_matches_f_linear_and_restores_the_modules(rows):
     x = torch.randn(1, rows, 16)
     expected = block(x)
     used = []
-    original = backbone._few_row_linear_forward
-    with mock.patch.object(
-        backbone, "_few_row_linear_forward", lambda self, inp: used.append(self) or original(self, inp)
-    ):
-        with few_row_linear([block, hooked]):
+    original = backbone.few_row_matmul
+    with mock.patch.object(backbone, "few_row_matmul", lambda inp, w, b=None: used.append(w) or original(inp, w, b)):
+        with few_row_linear([block, hooked, block[0]]):  # a module reached twice is replaced once
             assert "forward" in block[0].__dict__ and "forward" not in block[2].__dict__
             actual = block(x)
             assert torch.equal(hooked(x[..., :8]), torch.zeros(1, rows, 8))
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
-    assert len(used) == 2  # the two plain Linears, not the subclass
+    # The two plain Linears, not the subclass; more than FEW_ROWS rows keep F.linear.
+    assert len(used) == (2 if rows <= backbone.FEW_ROWS else 0)
     assert "forward" not in block[0].__dict__ and "forward" not in block[1].__dict__  # restored
     with pytest.raises(RuntimeError, match="boom"), few_row_linear([block]):
         raise RuntimeError("boom")
@@ -229,14 +228,15 @@ def test_cpu_few_row_matmul_serves_the_float32_decoding_loop_losslessly(arch, mo
     monkeypatch.setattr(
         generation, "few_row_matmul", lambda x, w, b=None: head_products.append(tuple(w.shape)) or original(x, w, b)
     )
-    model = make_kangaroo(arch, draft_threshold=0.0, max_draft_tokens=3)
+    # The few-row kernel alone (with packed weights it takes only 1-2 rows; next test).
+    model = make_kangaroo(arch, draft_threshold=0.0, max_draft_tokens=3, cpu_packed_weights=False)
     prompt = _prompt(12, seed=4)
     expected = model.generate(prompt, do_sample=False, max_new_tokens=20, use_kangaroo=False)
     assert rows_seen == []  # plain decoding keeps F.linear
     assert torch.equal(model.generate(prompt, do_sample=False, max_new_tokens=20), expected)
-    # Every product of the loop is routed through it: the prefill's 12 rows (more than FEW_ROWS: F.linear inside),
-    # drafting steps (1 row: shallow layers, adapter, draft head) and verifications (1 + drafts rows).
-    assert {1, 4, 12} <= set(rows_seen) and max(rows_seen) == 12
+    # Drafting steps (1 row: shallow layers, adapter, draft head) and verifications (1 + drafts rows) go through it;
+    # the prefill's 12 rows (more than FEW_ROWS) keep F.linear.
+    assert {1, 4} <= set(rows_seen) and max(rows_seen) <= backbone.FEW_ROWS
     assert not any("forward" in module.__dict__ for module in model.modules())  # every Linear restored
     assert head_products and set(head_products) == {tuple(model.draft_head()[0].shape)}
     rows_seen.clear()
@@ -266,12 +266,12 @@ def test_packed_linear_is_bit_identical_and_restores_the_modules(rows):
     torch.manual_seed(0)
     block = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.Linear(24, 8, bias=False), _MarkedLinear(8, 8))
     block = block.to(torch.bfloat16)
-    float32_linear = torch.nn.Linear(8, 8)  # other dtypes keep F.linear
+    float64_linear = torch.nn.Linear(8, 8).double()  # other dtypes keep F.linear
     x = torch.randn(1, rows, 16, dtype=torch.bfloat16)
     expected = block(x)
-    with packed_linear([block, block[0], float32_linear]):  # a module reached twice is packed once
-        assert "forward" in vars(block[0]) and "forward" in vars(block[1])
-        assert "forward" not in vars(block[2]) and "forward" not in vars(float32_linear)
+    with packed_linear([block, block[0], float64_linear]):  # a module reached twice is packed once
+        assert "forward" in vars(block[0]) and "forward" in vars(block[1]) and "forward" not in vars(block[2])
+        assert float64_linear(torch.ones(1, 8, dtype=torch.float64)).dtype == torch.float64
         block[0].weight.data.zero_()  # packed on entry: a change inside the block is not seen
         with torch.no_grad():  # as in generate()
             actual = block(x)
@@ -314,9 +314,42 @@ def test_cpu_packed_weights_serve_the_bfloat16_decoding_loop_bit_identically(arc
     assert model.last_generate_stats.drafted_by_position == packed_stats.drafted_by_position
     assert model.last_generate_stats.accepted_by_position == packed_stats.accepted_by_position
     model.config.cpu_packed_weights = True
-    model.to(torch.float32)  # bfloat16 only: float32 has the few-row kernel instead
+    model.to(torch.float32)  # float32: packed weights from 3 rows on, the few-row kernel below
     model.generate(prompt, do_sample=False, max_new_tokens=8)
-    assert products == []
+    assert products and min(products) >= backbone.FLOAT32_PACKED_MIN_ROWS
+
+
+@needs_onednn
+def test_float32_splits_products_between_the_few_row_kernel_and_packed_weights(arch, monkeypatch):
+    few_row_rows: list[int] = []
+    packed_rows: list[int] = []
+    original_few_row, original_packed = backbone.few_row_matmul, backbone.packed_matmul
+
+    def few_row_spy(input, weight, bias=None):
+        few_row_rows.append(input.numel() // input.shape[-1])
+        return original_few_row(input, weight, bias)
+
+    def packed_spy(input, packed, bias=None):
+        packed_rows.append(input.numel() // input.shape[-1])
+        return original_packed(input, packed, bias)
+
+    monkeypatch.setattr(backbone, "few_row_matmul", few_row_spy)
+    monkeypatch.setattr(backbone, "packed_matmul", packed_spy)
+    model = make_kangaroo(arch, draft_threshold=0.0, max_draft_tokens=3)  # both switches on by default
+    prompt = _prompt(12, seed=4)
+    expected = model.generate(prompt, do_sample=False, max_new_tokens=20, use_kangaroo=False)
+    assert few_row_rows == packed_rows == []  # plain decoding keeps F.linear
+    assert torch.equal(model.generate(prompt, do_sample=False, max_new_tokens=20), expected)
+    # Drafting steps (1 row) take the few-row kernel; the prefill (12 rows) and 4-row verifications packed weights.
+    assert set(few_row_rows) <= {1, 2} and 1 in few_row_rows
+    assert {4, 12} <= set(packed_rows) and min(packed_rows) >= backbone.FLOAT32_PACKED_MIN_ROWS
+    assert not any("forward" in vars(module) for module in model.modules())
+    # Plain decoding through the kernels that pay for it (bench's vanilla_few_row): the few-row kernel alone.
+    few_row_rows.clear()
+    packed_rows.clear()
+    with model.decoding_kernels([model.get_base_model()], plain_decoding=True):
+        assert torch.equal(model.get_base_model().generate(prompt, do_sample=False, max_new_tokens=20), expected)
+    assert few_row_rows and packed_rows == []
 
 
 def test_cpu_packed_weights_must_be_a_bool():

@@ -50,7 +50,9 @@ def test_final_context_writes_count_as_adapter_time(monkeypatch):
 
 
 def test_no_kernel_timing_where_kangaroo_does_not_use_it():
-    model = make_kangaroo("mistral", draft_threshold=0.0, max_draft_tokens=2, cpu_few_row_matmul=False)
+    model = make_kangaroo(
+        "mistral", draft_threshold=0.0, max_draft_tokens=2, cpu_few_row_matmul=False, cpu_packed_weights=False
+    )
     input_ids = torch.randint(2, VOCAB, (1, 6), generator=torch.Generator().manual_seed(2))
     profile = profile_generation(model, input_ids, do_sample=False, max_new_tokens=8)
     assert profile.kernel_plain_step_s is None and "speculation over it" not in format_profile(profile)

@@ -2,7 +2,7 @@
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .backbone import few_row_linear
+from .backbone import cpu_linear, few_row_linear, packed_linear
 from .configuration import KangarooConfig
 from .default_model import load_default_model, load_embedded_base
 from .generation import DraftSettings, KangarooCandidateGenerator, KangarooStats
@@ -20,7 +20,9 @@ __all__ = [
     "KangarooForCausalLM",
     "KangarooStats",
     "__version__",
+    "cpu_linear",
     "few_row_linear",
     "load_default_model",
     "load_embedded_base",
+    "packed_linear",
 ]

@@ -12,9 +12,11 @@ Methods (the `METHODS` registry in `bench_methods.py`; add a runner there to add
 - `early_exit`: transformers' `assistant_early_exit` on the base, exiting at Kangaroo's `exit_layer`, with Kangaroo's
   `draft_threshold` and `max_draft_tokens` as confidence threshold and draft cap: Kangaroo without the adapter.
 - `kangaroo`: `model.generate(..., use_kangaroo=True)`.
-- `vanilla_few_row`, `pld_few_row` (not run by default): `vanilla` and `pld` through the CPU kernel Kangaroo decoding
-  uses (`model.decoding_kernels`: `cpu_few_row_matmul` in float32, `cpu_packed_weights` in bfloat16; the names date
-  from when float32 had the only one), to separate the kernel's share of Kangaroo's speed-up from speculation's.
+- `vanilla_few_row`, `pld_few_row` (not run by default): `vanilla` and `pld` through the CPU kernels Kangaroo
+  decoding uses (`model.decoding_kernels`; the names date from when the float32 few-row kernel was the only one), to
+  separate the kernels' share of Kangaroo's speed-up from speculation's. `vanilla_few_row` gets those that pay for
+  one-token steps (float32: the few-row kernel alone, as packing the weights pays only for products of 3+ rows;
+  bfloat16: packed weights), `pld_few_row` all of Kangaroo's (its verifications are multi-row).
 """
 
 from __future__ import annotations

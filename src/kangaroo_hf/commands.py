@@ -97,7 +97,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         )
         if model.uses_few_row_matmul() or model.uses_packed_weights():
             # Part of that speed-up is a CPU kernel that plain decoding could use too: show the split.
-            with model.decoding_kernels([model.get_base_model()]):
+            with model.decoding_kernels([model.get_base_model()], plain_decoding=True):
                 _, kernel_seconds = timed(False)
             kernel = "float32 few-row kernel" if model.uses_few_row_matmul() else "bfloat16 packed weights"
             print(

@@ -77,13 +77,16 @@ class KangarooConfig(PreTrainedConfig):
             a one-token forward of the whole model takes ~0.6x the time this way. Last-bit rounding may differ, as
             between any two kernels. Plain decoding (`use_kangaroo=False`) is not affected. `False` keeps `F.linear`.
         cpu_packed_weights (`bool`, *optional*, defaults to `True`):
-            On CPU in bfloat16, each `generate()` call with Kangaroo decoding first packs the weights of the base's
-            and the adapter's linear layers and of the draft head into oneDNN's blocked layout, and computes with
-            them. `F.linear` reorders every weight into that layout on each call, which for the few rows of drafting
-            steps and verifications costs about as much as the product: on the embedded SmolLM2 a one-token forward
-            takes ~0.75x the time this way, and the outputs are bit-identical. Costs a second copy of those weights
-            in memory during the call, and packing them (~0.15 s for SmolLM2-135M). Plain decoding
-            (`use_kangaroo=False`) is not affected. `False` keeps `F.linear`.
+            On CPU in float32 or bfloat16, each `generate()` call with Kangaroo decoding first packs the weights of the
+            base's and the adapter's linear layers (and the draft head's) into oneDNN's blocked layout, and computes
+            with them: in bfloat16 every product, in float32 the products of 3 or more rows (verifications, the
+            prefill), while 1-2 rows stay with `cpu_few_row_matmul`. `F.linear` reorders a bfloat16 weight into that
+            layout on every call, which for a few rows costs about as much as the product: on the embedded SmolLM2 a
+            one-token bfloat16 forward takes ~0.75x the time this way, with bit-identical results. In float32 a
+            12-token verification takes ~0.55x the few-row kernel's time (last bits may differ, as between any two
+            kernels). Costs a second copy of those weights in memory during the call and the time to pack them
+            (~0.15 s bfloat16 / ~0.3 s float32 for SmolLM2-135M). Plain decoding (`use_kangaroo=False`) is not
+            affected. `False` keeps `F.linear` (and the few-row kernel for up to 8 rows in float32).
         peft_adapter_name_or_path (`str`, *optional*):
             The PEFT (e.g. LoRA) adapter the base was tuned with when the Kangaroo adapter was trained.
         peft_adapter_revision (`str`, *optional*):
@@ -135,7 +138,7 @@ class KangarooConfig(PreTrainedConfig):
     lookup_trust_ngram: int = 0
     # CPU float32 BLAS is slow for 1-8 rows through F.linear; weight @ input.T is not (see `few_row_matmul`).
     cpu_few_row_matmul: bool = True
-    # CPU bfloat16 F.linear reorders its weight on every call; packing once per generate() call is bit-identical.
+    # CPU F.linear reorders a bfloat16 weight on every call; packing once per generate() call is bit-identical.
     cpu_packed_weights: bool = True
     # The PEFT adapter of a LoRA-tuned base, so loading rebuilds the same tuned model.
     peft_adapter_name_or_path: str | None = None

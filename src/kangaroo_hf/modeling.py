@@ -27,7 +27,7 @@ from transformers import (
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .backbone import DecoderParts, few_row_linear, packed_linear, packed_weights_supported
+from .backbone import FEW_ROWS, FLOAT32_PACKED_MIN_ROWS, DecoderParts, cpu_linear, packed_weights_supported
 from .configuration import KangarooConfig
 from .generation import DraftSettings, KangarooCandidateGenerator, KangarooStats
 from .peft_support import peft_fingerprint
@@ -519,20 +519,30 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         return self.config.cpu_few_row_matmul and weight.device.type == "cpu" and weight.dtype == torch.float32
 
     def uses_packed_weights(self) -> bool:
-        """Whether Kangaroo decoding computes with weights packed for oneDNN (`packed_linear`): `cpu_packed_weights`
-        is on and the model runs in bfloat16 on CPU."""
+        """Whether Kangaroo decoding computes with weights packed for oneDNN (`cpu_linear`): `cpu_packed_weights` is
+        on and the model runs in float32 or bfloat16 on CPU."""
         return self.config.cpu_packed_weights and packed_weights_supported(self.parts.lm_head.weight)
 
-    def decoding_kernels(self, modules: Iterable[nn.Module] | None = None) -> contextlib.AbstractContextManager:
-        """The CPU kernel Kangaroo decoding runs its linear layers through, for `modules` (default: the base's
-        layers and LM head and the adapter): `few_row_linear` in float32, `packed_linear` in bfloat16, as the
-        `cpu_*` switches say; elsewhere nothing. `kangaroo-hf bench` runs plain decoding through it too, to tell
-        the kernel's share of the speed-up from speculation's."""
+    def decoding_kernels(
+        self, modules: Iterable[nn.Module] | None = None, plain_decoding: bool = False
+    ) -> contextlib.AbstractContextManager:
+        """The CPU kernels Kangaroo decoding runs its linear layers through, for `modules` (default: the base's
+        layers and LM head and the adapter), as the `cpu_*` switches say: in float32 the few-row kernel for 1-2 rows
+        and packed weights from 3 rows on (the few-row kernel up to `FEW_ROWS` rows without packing); in bfloat16
+        packed weights. Elsewhere nothing.
+
+        `plain_decoding=True` gives what pays for plain decoding's one-token steps instead: in float32 the few-row
+        kernel alone, since packing the weights (about 0.3 s per call for SmolLM2-135M) pays only for products of 3
+        or more rows. `kangaroo-hf bench` runs plain decoding through that, to tell the kernels' share of the
+        speed-up from speculation's.
+        """
         modules = [self.parts.layers, self.parts.lm_head, self.adapter] if modules is None else list(modules)
+        few_rows, pack = 0, self.uses_packed_weights()
         if self.uses_few_row_matmul():
-            return few_row_linear(modules)
-        if self.uses_packed_weights():
-            return packed_linear(modules)
+            pack = pack and not plain_decoding
+            few_rows = FLOAT32_PACKED_MIN_ROWS - 1 if pack else FEW_ROWS
+        if few_rows or pack:
+            return cpu_linear(modules, few_rows=few_rows, pack=pack)
         return contextlib.nullcontext()
 
     def forward(

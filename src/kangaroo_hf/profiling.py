@@ -132,7 +132,7 @@ def plain_step_seconds(
     """Median time of one plain decoding step of the base (one new token, `context_length` cached); with `kernel`,
     its Linears go through the CPU kernel Kangaroo decoding uses (`model.decoding_kernels`)."""
     if kernel:
-        with model.decoding_kernels([model.get_base_model()]):
+        with model.decoding_kernels([model.get_base_model()], plain_decoding=True):
             return plain_step_seconds(model, context_length, repeats)
     base = model.get_base_model()
     device = model.device

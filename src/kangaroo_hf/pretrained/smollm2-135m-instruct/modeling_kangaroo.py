@@ -13,6 +13,7 @@ from .configuration_kangaroo import KangarooConfig, __version__, validate_draft_
 # kangaroo_hf/backbone.py
 # ------------------------------------------------------------------------------
 
+import contextlib
 import types
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -33,6 +34,10 @@ _REQUIRED_PARTS = ("model.embed_tokens", "model.layers", "model.norm", "model.ro
 # SmolLM2-135M forward over 1 / 2 / 4 / 5 / 8 new tokens takes about 0.6 / 0.7 / 0.85 / 1.0 / 1.1-1.5 of one
 # `F.linear` token this way, against 1.0 / 1.7 / 1.5 / 1.4 / 1.35-1.6; from ~11 rows the two are alike.
 FEW_ROWS = 8
+# With weights packed for oneDNN (`pack_weight`), float32 products of 3 or more rows are faster packed than through
+# `few_row_matmul` (whole SmolLM2 forwards over 6 / 8 / 12 new tokens: 46 / 49 / 54 ms against 62 / 68 / 98 ms; 3-4
+# rows level), 1-2 rows are not (44 / 54 ms against 35 / 41 ms).
+FLOAT32_PACKED_MIN_ROWS = 3
 
 
 def unwrap_causal_lm(base: nn.Module) -> PreTrainedModel:
@@ -141,37 +146,39 @@ def few_row_matmul(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return output.reshape(*input.shape[:-1], weight.shape[0])
 
 
-def _few_row_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
-    return few_row_matmul(input, self.weight, self.bias)
-
-
 def packed_weights_supported(weight: torch.Tensor) -> bool:
-    """Whether `pack_weight` applies: a bfloat16 weight on CPU, with PyTorch built with oneDNN."""
+    """Whether `pack_weight` applies: a float32 or bfloat16 weight on CPU, with PyTorch built with oneDNN."""
     return (
         weight.device.type == "cpu"
-        and weight.dtype == torch.bfloat16
+        and weight.dtype in (torch.float32, torch.bfloat16)
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     )
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """A copy of a (out, in) bfloat16 CPU weight in oneDNN's blocked layout, for `packed_matmul`."""
+    """A copy of a (out, in) CPU weight in oneDNN's blocked layout, for `packed_matmul`."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
 
 
 def packed_matmul(input: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(input, weight, bias)` with the weight as `pack_weight` returned it (no autograd).
 
-    Bit-identical to `F.linear` in bfloat16 on CPU, which runs the same oneDNN product but reorders the weight into
-    this layout on every call: for a few rows that reorder costs about as much as the product itself.
+    In bfloat16 bit-identical to `F.linear`, which runs the same oneDNN product but reorders the weight into this
+    layout on every call (for a few rows that costs about as much as the product itself). In float32 `F.linear`
+    runs another library's product: results can differ in the last bits, as between any two kernels.
     """
     return torch.ops.mkldnn._linear_pointwise(input, packed, bias, "none", [], "")
 
 
-def _packed_linear_forward(packed: torch.Tensor) -> Callable[[nn.Linear, torch.Tensor], torch.Tensor]:
+def _cpu_linear_forward(
+    few_rows: int, packed: torch.Tensor | None
+) -> Callable[[nn.Linear, torch.Tensor], torch.Tensor]:
     def forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and (input.requires_grad or self.weight.requires_grad):
+        rows = input.numel() // input.shape[-1] if input.shape[-1] else 0
+        if 1 <= rows <= few_rows:
+            return few_row_matmul(input, self.weight, self.bias)
+        if packed is None or (torch.is_grad_enabled() and (input.requires_grad or self.weight.requires_grad)):
             return F.linear(input, self.weight, self.bias)  # the packed product has no backward
         return packed_matmul(input, packed, self.bias)
 
@@ -189,11 +196,27 @@ def _plain_linears(modules: Iterable[nn.Module]) -> list[nn.Linear]:
 
 
 @contextmanager
-def _replaced_forwards(
-    linears: list[nn.Linear], make_forward: Callable[[nn.Linear], Callable[..., torch.Tensor]]
-) -> Iterator[None]:
+def cpu_linear(modules: Iterable[nn.Module], few_rows: int = 0, pack: bool = False) -> Iterator[None]:
+    """Within the block, the plain `nn.Linear`s in `modules` compute through faster CPU kernels.
+
+    Products of 1 to `few_rows` rows (at most `FEW_ROWS`) go through `few_row_matmul`. With `pack`, every weight
+    `packed_weights_supported` accepts is packed for oneDNN on entry (`pack_weight`) and the other products use it
+    (`packed_matmul`; under autograd the original weight). The packed copies (as large as the weights) live until
+    the block ends, so weights changed inside the block are not seen. Subclasses (quantized or LoRA layers; the plain
+    `base_layer` inside a LoRA layer is included) and modules whose `forward` is already replaced on the instance
+    (accelerate hooks) are left as they are. The replacement is on the module instances: another thread running the
+    same modules meanwhile uses it too (same math).
+    """
+    if not 0 <= few_rows <= FEW_ROWS:
+        raise ValueError(f"few_rows must be in [0, {FEW_ROWS}], got {few_rows}.")
+    linears = _plain_linears(modules)
+    packed = {
+        id(module): pack_weight(module.weight)
+        for module in linears
+        if pack and packed_weights_supported(module.weight)
+    }
     for module in linears:
-        module.forward = types.MethodType(make_forward(module), module)
+        module.forward = types.MethodType(_cpu_linear_forward(few_rows, packed.get(id(module))), module)
     try:
         yield
     finally:
@@ -201,34 +224,20 @@ def _replaced_forwards(
             del module.forward
 
 
-@contextmanager
-def few_row_linear(modules: Iterable[nn.Module]) -> Iterator[None]:
+def few_row_linear(modules: Iterable[nn.Module]) -> contextlib.AbstractContextManager:
     """Within the block, the plain `nn.Linear`s in `modules` compute 1 to `FEW_ROWS` rows with `few_row_matmul`.
 
     The same products as `F.linear` through another BLAS routine, which is much faster for so few rows in float32 on
-    CPUs; results can differ in the last bits, as between any two kernels. Subclasses (quantized or LoRA layers) and
-    modules whose `forward` is already replaced on the instance (accelerate hooks) are left as they are. The
-    replacement is on the module instances: another thread running the same modules meanwhile uses it too (same
-    math).
+    CPUs; results can differ in the last bits, as between any two kernels. `cpu_linear(modules, FEW_ROWS)`.
     """
-    with _replaced_forwards(_plain_linears(modules), lambda module: _few_row_linear_forward):
-        yield
+    return cpu_linear(modules, few_rows=FEW_ROWS)
 
 
-@contextmanager
-def packed_linear(modules: Iterable[nn.Module]) -> Iterator[None]:
-    """Within the block, the plain bfloat16 CPU `nn.Linear`s in `modules` compute with weights packed on entry.
-
-    Each weight is reordered once into oneDNN's blocked layout (`pack_weight`), which `F.linear` otherwise does on
-    every call; the products are bit-identical to `F.linear`'s. The packed copies (as large as the weights) live
-    until the block ends, so weights changed inside the block are not seen: pack again after changing them. Other
-    dtypes and devices, subclasses (quantized or LoRA layers; the plain `base_layer` inside a LoRA layer is packed)
-    and modules whose `forward` is already replaced are left as they are. Under autograd the original weight is used.
+def packed_linear(modules: Iterable[nn.Module]) -> contextlib.AbstractContextManager:
+    """Within the block, the plain float32 / bfloat16 CPU `nn.Linear`s in `modules` compute with weights packed for
+    oneDNN on entry: in bfloat16 bit-identical to `F.linear` and faster for few rows. `cpu_linear(modules, pack=True)`.
     """
-    linears = [module for module in _plain_linears(modules) if packed_weights_supported(module.weight)]
-    packed = {id(module): pack_weight(module.weight) for module in linears}
-    with _replaced_forwards(linears, lambda module: _packed_linear_forward(packed[id(module)])):
-        yield
+    return cpu_linear(modules, pack=True)
 
 
 def slice_masks(
@@ -1180,20 +1189,30 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         return self.config.cpu_few_row_matmul and weight.device.type == "cpu" and weight.dtype == torch.float32
 
     def uses_packed_weights(self) -> bool:
-        """Whether Kangaroo decoding computes with weights packed for oneDNN (`packed_linear`): `cpu_packed_weights`
-        is on and the model runs in bfloat16 on CPU."""
+        """Whether Kangaroo decoding computes with weights packed for oneDNN (`cpu_linear`): `cpu_packed_weights` is
+        on and the model runs in float32 or bfloat16 on CPU."""
         return self.config.cpu_packed_weights and packed_weights_supported(self.parts.lm_head.weight)
 
-    def decoding_kernels(self, modules: Iterable[nn.Module] | None = None) -> contextlib.AbstractContextManager:
-        """The CPU kernel Kangaroo decoding runs its linear layers through, for `modules` (default: the base's
-        layers and LM head and the adapter): `few_row_linear` in float32, `packed_linear` in bfloat16, as the
-        `cpu_*` switches say; elsewhere nothing. `kangaroo-hf bench` runs plain decoding through it too, to tell
-        the kernel's share of the speed-up from speculation's."""
+    def decoding_kernels(
+        self, modules: Iterable[nn.Module] | None = None, plain_decoding: bool = False
+    ) -> contextlib.AbstractContextManager:
+        """The CPU kernels Kangaroo decoding runs its linear layers through, for `modules` (default: the base's
+        layers and LM head and the adapter), as the `cpu_*` switches say: in float32 the few-row kernel for 1-2 rows
+        and packed weights from 3 rows on (the few-row kernel up to `FEW_ROWS` rows without packing); in bfloat16
+        packed weights. Elsewhere nothing.
+
+        `plain_decoding=True` gives what pays for plain decoding's one-token steps instead: in float32 the few-row
+        kernel alone, since packing the weights (about 0.3 s per call for SmolLM2-135M) pays only for products of 3
+        or more rows. `kangaroo-hf bench` runs plain decoding through that, to tell the kernels' share of the
+        speed-up from speculation's.
+        """
         modules = [self.parts.layers, self.parts.lm_head, self.adapter] if modules is None else list(modules)
+        few_rows, pack = 0, self.uses_packed_weights()
         if self.uses_few_row_matmul():
-            return few_row_linear(modules)
-        if self.uses_packed_weights():
-            return packed_linear(modules)
+            pack = pack and not plain_decoding
+            few_rows = FLOAT32_PACKED_MIN_ROWS - 1 if pack else FEW_ROWS
+        if few_rows or pack:
+            return cpu_linear(modules, few_rows=few_rows, pack=pack)
         return contextlib.nullcontext()
 
     def forward(
@@ -1955,6 +1974,7 @@ __all__ = [
     "DecoderParts",
     "DraftSettings",
     "FEW_ROWS",
+    "FLOAT32_PACKED_MIN_ROWS",
     "KangarooAdapter",
     "KangarooCandidateGenerator",
     "KangarooCausalLMOutput",
@@ -1965,6 +1985,7 @@ __all__ = [
     "TRAINING_ARGS_NAME",
     "add_push",
     "check_base_matches",
+    "cpu_linear",
     "decode_adapter_weights",
     "encode_adapter_weights",
     "few_row_linear",
