@@ -150,7 +150,8 @@ class KangarooConfig(PreTrainedConfig):
     lookup_trust_ngram: int = 0
     # CPU float32 BLAS is slow for 1-8 rows through F.linear; weight @ input.T is not (see `few_row_matmul`).
     cpu_few_row_matmul: bool = True
-    # CPU F.linear reorders a bfloat16 weight on every call; packing once per generate() call is bit-identical.
+    # CPU F.linear reorders a bfloat16 weight on every call; packing once per generate() call is bit-identical (and
+    # float32 products of 3+ rows are faster packed than through the few-row kernel).
     cpu_packed_weights: bool = True
     # The PEFT adapter of a LoRA-tuned base, so loading rebuilds the same tuned model.
     peft_adapter_name_or_path: str | None = None

@@ -16,7 +16,7 @@ import torch
 
 REFERENCE_METHOD = "vanilla"
 # Prompt lookup decoding: 10 proposed tokens (as in Spec-Bench's PLD runs), transformers' default n-gram size of 2;
-# `pld_few_row` is the same method through the float32 kernel, so it takes the same options.
+# `pld_few_row` is the same method through Kangaroo's CPU kernels, so it takes the same options.
 PLD_OPTIONS: dict[str, Any] = {"prompt_lookup_num_tokens": 10, "max_matching_ngram_size": 2}
 DEFAULT_METHOD_OPTIONS: dict[str, dict[str, Any]] = {"pld": PLD_OPTIONS, "pld_few_row": PLD_OPTIONS}
 

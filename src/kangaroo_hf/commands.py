@@ -99,7 +99,7 @@ def _run_generate(args: argparse.Namespace) -> int:
             # Part of that speed-up is a CPU kernel that plain decoding could use too: show the split.
             with model.decoding_kernels([model.get_base_model()], plain_decoding=True):
                 _, kernel_seconds = timed(False)
-            kernel = "float32 few-row kernel" if model.uses_few_row_matmul() else "bfloat16 packed weights"
+            kernel = f"{args.dtype} {'few-row kernel' if model.uses_few_row_matmul() else 'packed weights'}"
             print(
                 f"  of which the {kernel} (plain generate() through it: {kernel_seconds:.2f} s): "
                 f"{plain_seconds / kernel_seconds:.2f}x; speculation over it: {kernel_seconds / seconds:.2f}x"
