@@ -87,6 +87,23 @@ def make_kangaroo(
     return model
 
 
+def spy_product_rows(monkeypatch, name: str, *modules) -> list[int]:
+    """Replace the product `kangaroo_hf.backbone.<name>` (`few_row_matmul`, `packed_matmul`; also where `modules`
+    imported it) by a spy that records the row count of every call, and return that record."""
+    from kangaroo_hf import backbone
+
+    rows: list[int] = []
+    original = getattr(backbone, name)
+
+    def spy(input, weight, bias=None):
+        rows.append(input.numel() // input.shape[-1])
+        return original(input, weight, bias)
+
+    for module in (backbone, *modules):
+        monkeypatch.setattr(module, name, spy)
+    return rows
+
+
 @pytest.fixture(params=ARCHS)
 def arch(request) -> str:
     return request.param

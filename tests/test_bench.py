@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from conftest import make_kangaroo, tiny_tokenizer
-from kangaroo_hf import backbone, bench, bench_methods, commands
+from conftest import make_kangaroo, spy_product_rows, tiny_tokenizer
+from kangaroo_hf import bench, bench_methods, commands
 from kangaroo_hf.bench import (
     BenchSettings,
     LosslessnessError,
@@ -313,20 +313,8 @@ def test_bench_is_a_cli_subcommand():
     assert args.handler is bench._run_bench and args.max_new_tokens == 128 and args.dtype == "bfloat16"
 
 
-def _spy_kernel(monkeypatch, rows_seen: list[int]) -> None:
-    """Record the row count of every product that goes through `few_row_matmul`."""
-    original = backbone.few_row_matmul
-
-    def spy(input, weight, bias=None):
-        rows_seen.append(input.numel() // input.shape[-1])
-        return original(input, weight, bias)
-
-    monkeypatch.setattr(backbone, "few_row_matmul", spy)
-
-
 def test_vanilla_few_row_is_plain_decoding_through_the_float32_kernel(model, questions, monkeypatch):
-    rows_seen: list[int] = []
-    _spy_kernel(monkeypatch, rows_seen)
+    rows_seen = spy_product_rows(monkeypatch, "few_row_matmul")
     input_ids = commands.chat_input_ids(tiny_tokenizer(), questions[0].turns[0])
     kwargs = {"max_new_tokens": 10, "do_sample": False}
     reference, _ = bench_methods.run_vanilla(model, input_ids, kwargs)
@@ -342,14 +330,7 @@ def test_vanilla_few_row_is_plain_decoding_through_the_float32_kernel(model, que
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
 def test_vanilla_few_row_goes_through_packed_weights_in_bfloat16(model, questions, monkeypatch):
-    packed_rows: list[int] = []
-    original = backbone.packed_matmul
-
-    def spy(input, packed, bias=None):
-        packed_rows.append(input.numel() // input.shape[-1])
-        return original(input, packed, bias)
-
-    monkeypatch.setattr(backbone, "packed_matmul", spy)
+    packed_rows = spy_product_rows(monkeypatch, "packed_matmul")
     model.to(torch.bfloat16)
     input_ids = commands.chat_input_ids(tiny_tokenizer(), questions[0].turns[0])
     kwargs = {"max_new_tokens": 10, "do_sample": False}
@@ -360,8 +341,7 @@ def test_vanilla_few_row_goes_through_packed_weights_in_bfloat16(model, question
 
 
 def test_pld_few_row_is_prompt_lookup_through_the_float32_kernel(model, questions, monkeypatch):
-    rows_seen: list[int] = []
-    _spy_kernel(monkeypatch, rows_seen)
+    rows_seen = spy_product_rows(monkeypatch, "few_row_matmul")
     input_ids = commands.chat_input_ids(tiny_tokenizer(), questions[0].turns[0])
     kwargs = {"max_new_tokens": 10, "do_sample": False}
     tokens, counts = bench_methods.run_pld(model, input_ids, {**kwargs, **bench_methods.DEFAULT_METHOD_OPTIONS["pld"]})

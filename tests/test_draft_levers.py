@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import GenerationConfig, StoppingCriteriaList
 
-from conftest import VOCAB, make_kangaroo
+from conftest import VOCAB, make_kangaroo, spy_product_rows
 from kangaroo_hf import KangarooCandidateGenerator, KangarooConfig, backbone, generation
 from kangaroo_hf.backbone import few_row_linear, packed_linear
 from kangaroo_hf.generation import DraftSettings
@@ -216,14 +216,8 @@ def test_few_row_matmul_equals_f_linear(shape):
 
 
 def test_cpu_few_row_matmul_serves_the_float32_decoding_loop_losslessly(arch, monkeypatch):
-    rows_seen: list[int] = []
     original = backbone.few_row_matmul
-
-    def spy(input, weight, bias=None):
-        rows_seen.append(input.numel() // input.shape[-1])
-        return original(input, weight, bias)
-
-    monkeypatch.setattr(backbone, "few_row_matmul", spy)
+    rows_seen = spy_product_rows(monkeypatch, "few_row_matmul")
     head_products: list[tuple[int, ...]] = []  # the draft head calls the kernel directly, not through a Linear
     monkeypatch.setattr(
         generation, "few_row_matmul", lambda x, w, b=None: head_products.append(tuple(w.shape)) or original(x, w, b)
@@ -289,15 +283,7 @@ def test_packed_linear_is_bit_identical_and_restores_the_modules(rows):
 
 @needs_onednn
 def test_cpu_packed_weights_serve_the_bfloat16_decoding_loop_bit_identically(arch, monkeypatch):
-    products: list[int] = []
-    original = backbone.packed_matmul
-
-    def spy(input, packed, bias=None):
-        products.append(input.numel() // input.shape[-1])
-        return original(input, packed, bias)
-
-    monkeypatch.setattr(backbone, "packed_matmul", spy)
-    monkeypatch.setattr(generation, "packed_matmul", spy)  # the draft head calls it directly
+    products = spy_product_rows(monkeypatch, "packed_matmul", generation)  # the draft head calls it directly
     model = make_kangaroo(arch, draft_threshold=0.0, max_draft_tokens=3).to(torch.bfloat16)
     prompt = _prompt(12, seed=4)
     model.generate(prompt, do_sample=False, max_new_tokens=20, use_kangaroo=False)
@@ -321,20 +307,8 @@ def test_cpu_packed_weights_serve_the_bfloat16_decoding_loop_bit_identically(arc
 
 @needs_onednn
 def test_float32_splits_products_between_the_few_row_kernel_and_packed_weights(arch, monkeypatch):
-    few_row_rows: list[int] = []
-    packed_rows: list[int] = []
-    original_few_row, original_packed = backbone.few_row_matmul, backbone.packed_matmul
-
-    def few_row_spy(input, weight, bias=None):
-        few_row_rows.append(input.numel() // input.shape[-1])
-        return original_few_row(input, weight, bias)
-
-    def packed_spy(input, packed, bias=None):
-        packed_rows.append(input.numel() // input.shape[-1])
-        return original_packed(input, packed, bias)
-
-    monkeypatch.setattr(backbone, "few_row_matmul", few_row_spy)
-    monkeypatch.setattr(backbone, "packed_matmul", packed_spy)
+    few_row_rows = spy_product_rows(monkeypatch, "few_row_matmul")
+    packed_rows = spy_product_rows(monkeypatch, "packed_matmul")
     model = make_kangaroo(arch, draft_threshold=0.0, max_draft_tokens=3)  # both switches on by default
     prompt = _prompt(12, seed=4)
     expected = model.generate(prompt, do_sample=False, max_new_tokens=20, use_kangaroo=False)

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from conftest import VOCAB, make_kangaroo
+from conftest import VOCAB, make_kangaroo, spy_product_rows
 from kangaroo_hf.profiling import format_profile, profile_generation
 
 
@@ -61,18 +61,9 @@ def test_no_kernel_timing_where_kangaroo_does_not_use_it():
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
 def test_bfloat16_plain_step_is_also_timed_with_packed_weights(monkeypatch):
-    from kangaroo_hf import backbone
-
     model = make_kangaroo("llama", draft_threshold=0.0, max_draft_tokens=2).to(torch.bfloat16)
     input_ids = torch.randint(2, VOCAB, (1, 6), generator=torch.Generator().manual_seed(3))
-    packed_rows: list[int] = []
-    original = backbone.packed_matmul
-
-    def spy(input, packed, bias=None):
-        packed_rows.append(input.numel() // input.shape[-1])
-        return original(input, packed, bias)
-
-    monkeypatch.setattr(backbone, "packed_matmul", spy)
+    packed_rows = spy_product_rows(monkeypatch, "packed_matmul")
     profile = profile_generation(model, input_ids, do_sample=False, max_new_tokens=8)
     assert profile.kernel_plain_step_s > 0 and "speculation over it" in format_profile(profile) and packed_rows
     model.config.cpu_packed_weights = False
