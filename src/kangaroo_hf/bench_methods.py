@@ -186,19 +186,10 @@ def run_early_exit(
     return _new_tokens(output, input_ids), counts
 
 
-@contextlib.contextmanager
-def _kernels_like_kangaroo(model: Any, plain_decoding: bool) -> Iterator[None]:
-    """Give the base the CPU kernels Kangaroo decoding uses (`model.decoding_kernels`) for one call, where Kangaroo
-    would use them; elsewhere nothing changes, as for Kangaroo. `plain_decoding`: the ones that pay for one-token
-    steps (in float32 the few-row kernel without packed weights)."""
-    with model.decoding_kernels([model.get_base_model()], plain_decoding=plain_decoding):
-        yield
-
-
 def run_vanilla_few_row(model: Any, input_ids: torch.LongTensor, gen_kwargs: dict[str, Any]) -> tuple[list[int], None]:
     """`run_vanilla` through the CPU kernels that pay for plain decoding (float32: the few-row kernel; bfloat16:
-    packed weights): their share of Kangaroo's speed-up, apart."""
-    with _kernels_like_kangaroo(model, plain_decoding=True):
+    packed weights; `model.decoding_kernels(plain_decoding=True)`): their share of Kangaroo's speed-up, apart."""
+    with model.decoding_kernels([model.get_base_model()], plain_decoding=True):
         return run_vanilla(model, input_ids, gen_kwargs)
 
 
@@ -207,7 +198,7 @@ def run_pld_few_row(
 ) -> tuple[list[int], SpeculationCounts]:
     """`run_pld` through Kangaroo's CPU kernels (its verifications are multi-row, like Kangaroo's): prompt lookup on
     equal terms with Kangaroo."""
-    with _kernels_like_kangaroo(model, plain_decoding=False):
+    with model.decoding_kernels([model.get_base_model()]):
         return run_pld(model, input_ids, gen_kwargs)
 
 
