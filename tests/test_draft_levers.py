@@ -346,6 +346,47 @@ def test_trusted_lookup_matches_overrule_a_sure_adapter_and_stay_lossless(arch):
     assert rounds[1] > rounds[0]
 
 
+def test_lookup_hit_rate_learns_whether_the_context_predicted_the_emitted_token():
+    model = make_kangaroo("llama", lookup_num_tokens=2)
+    settings = DraftSettings(0.5, 3, lookup_num_tokens=2, lookup_hit_rate_decay=0.5)
+    generator = KangarooCandidateGenerator(
+        model, settings, GenerationConfig(max_length=64), None, StoppingCriteriaList()
+    )
+    sequence = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    rates = []
+    # (first token the context proposed, or None: no match; index of the round's first new token)
+    for proposed, round_start in [(7, 2), (8, 3), (4, 4), (None, 5), (10, 5)]:
+        generator._lookup_first_token, generator._round_start = proposed, round_start
+        generator._drafted_this_round = 0
+        generator.update_candidate_strategy(sequence, None, 0)
+        rates.append(generator._lookup_hit_rate)
+    # hit, hit, miss, (no match: unchanged), hit; averaged with decay 0.5 from 0
+    assert rates == [0.5, 0.75, 0.375, 0.375, 0.6875]
+
+
+def test_lookup_hit_rate_copies_over_a_sure_adapter_and_stays_lossless(arch):
+    # threshold 0 and no trusted matches: only agreement, or a hit rate above the adapter's confidence, copies.
+    model = make_kangaroo(arch, agreement="random", draft_threshold=0.0, max_draft_tokens=2, lookup_num_tokens=4)
+    rounds = {}
+    for decay in (0.0, 0.5):
+        model.config.lookup_hit_rate_decay = decay
+        rounds[decay] = 0
+        for seed in range(3):
+            input_ids = _repetitive_prompt(seed)
+            expected = model.get_base_model().generate(input_ids, do_sample=False, max_new_tokens=48)
+            assert model.generate(input_ids, do_sample=False, max_new_tokens=48).tolist() == expected.tolist()
+            rounds[decay] += model.last_generate_stats.lookup_rounds
+    assert rounds[0.5] > rounds[0.0]  # tiny random bases fall into loops within 48 tokens: the context predicts them
+
+
+@pytest.mark.parametrize("decay", [1.0, -0.1, True, "0.5"])
+def test_lookup_hit_rate_decay_must_be_in_zero_one(decay):
+    with pytest.raises(ValueError, match=r"lookup_hit_rate_decay must be a number in \[0, 1\) \(0 = off\)"):
+        make_kangaroo("llama", lookup_num_tokens=3, lookup_hit_rate_decay=decay)
+    with pytest.raises(ValueError, match="lookup_hit_rate_decay"):
+        DraftSettings(0.5, 3, lookup_num_tokens=3, lookup_hit_rate_decay=decay)
+
+
 def test_trusted_lookup_length_must_be_reachable():
     with pytest.raises(ValueError, match=r"lookup_trust_ngram must be 0 \(off\) or an int in \[1, lookup_max_ngram\]"):
         make_kangaroo("llama", lookup_num_tokens=3, lookup_max_ngram=2, lookup_trust_ngram=3)

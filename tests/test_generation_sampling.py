@@ -10,7 +10,7 @@ from scipy.stats import chi2
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from conftest import tiny_base
-from kangaroo_hf import KangarooForCausalLM
+from kangaroo_hf import KangarooCandidateGenerator, KangarooForCausalLM
 
 VOCAB = 10
 NEW_TOKENS = 3
@@ -106,6 +106,34 @@ def test_sampling_with_copied_drafts_and_a_reduced_draft_vocabulary(model_and_pr
         model.set_draft_vocab(None)
     assert accepted > SAMPLES // 10
     assert p_value > 1e-3
+
+
+def test_sampling_with_copies_chosen_by_the_lookup_hit_rate(model_and_prompt, monkeypatch):
+    """Copies made because the context's hit rate beats the adapter's confidence (here from the first round: the
+    rate starts at 1) are one-hot proposals too, whatever the adapter drafted: the base's distribution holds."""
+    model, _ = model_and_prompt
+    prompt = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8, 9, 4]])  # every token but 0 and 1 has an earlier occurrence
+    monkeypatch.setattr(model.config, "lookup_num_tokens", 2)
+    monkeypatch.setattr(model.config, "lookup_hit_rate_decay", 0.9)
+    original_init = KangarooCandidateGenerator.__init__
+
+    def init_with_a_high_rate(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self._lookup_hit_rate = 1.0
+
+    monkeypatch.setattr(KangarooCandidateGenerator, "__init__", init_with_a_high_rate)
+    lookup_rounds = []
+    original_update = KangarooCandidateGenerator.update_candidate_strategy
+
+    def count_copies(self, *args):
+        lookup_rounds.append(self._copied_this_round)
+        return original_update(self, *args)
+
+    monkeypatch.setattr(KangarooCandidateGenerator, "update_candidate_strategy", count_copies)
+    p_value, accepted = _min_p_value_at_drafted_positions(model, prompt)
+    assert sum(lookup_rounds) > SAMPLES // 2  # most generations copied
+    assert accepted > SAMPLES // 20  # copies were accepted too, not only rejected and resampled
+    assert p_value > 1e-3, p_value
 
 
 @pytest.mark.parametrize("adapter_context, adapter_num_layers", [("exit", 2), ("final", 1)])

@@ -443,6 +443,18 @@ def test_model_card_metadata_and_body(tmp_path):
     assert "$" not in card.split("---", 2)[2]  # every template placeholder was filled
 
 
+def test_model_card_describes_the_prompt_lookup_rules(tmp_path):
+    lookup = dict(lookup_num_tokens=6, lookup_max_tokens=12, lookup_trust_ngram=3, lookup_hit_rate_decay=0.8)
+    make_kangaroo("llama", **lookup).save_pretrained(tmp_path)
+    assert (
+        "| Prompt lookup | up to 6 context tokens copied per round, growing to 12 while copies are accepted (n-grams "
+        "up to 3; matches of 3+ tokens copied even over a sure adapter; copied whenever the context's recent hit rate "
+        "(decay 0.8) beats the adapter's confidence) |"
+    ) in (tmp_path / "README.md").read_text()
+    make_kangaroo("llama").save_pretrained(tmp_path)
+    assert "| Prompt lookup | off |" in (tmp_path / "README.md").read_text()
+
+
 def test_model_card_of_a_local_base_has_no_hub_base_model(checkpoint):
     _, folder = checkpoint
     metadata = metadata_load(folder / "README.md")

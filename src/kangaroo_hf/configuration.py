@@ -69,6 +69,13 @@ class KangarooConfig(PreTrainedConfig):
             When > 0, a context match of at least this many tokens (at most `lookup_max_ngram`) is copied even when
             the adapter is sure of another first token; shorter matches are copied only as `lookup_num_tokens`
             says. 0 never overrules a sure adapter.
+        lookup_hit_rate_decay (`float`, *optional*, defaults to 0.0):
+            When > 0, each `generate()` call keeps a running rate of how often the context's continuation had the
+            right first token (an exponential moving average over the rounds that found a match, with this decay,
+            starting at 0), and copies whenever that rate exceeds the adapter's confidence in its own first draft.
+            Copy-heavy answers (extraction, quoting) then copy even where a sure adapter disagrees, while answers whose
+            matches miss keep the adapter's drafts. The rate is checked against the token the base actually emits,
+            whatever was proposed. 0 turns this off; must be in [0, 1).
         cpu_few_row_matmul (`bool`, *optional*, defaults to `True`):
             On CPU in float32, Kangaroo decoding computes the linear layers of its 1-8 token forwards (drafting
             steps, draft head, verifications; not the prefill) as `weight @ input.T` (one row as two) instead of
@@ -136,6 +143,7 @@ class KangarooConfig(PreTrainedConfig):
     lookup_max_ngram: int = 3
     lookup_max_tokens: int = 0
     lookup_trust_ngram: int = 0
+    lookup_hit_rate_decay: float = 0.0
     # CPU float32 BLAS is slow for 1-8 rows through F.linear; weight @ input.T is not (see `few_row_matmul`).
     cpu_few_row_matmul: bool = True
     # CPU F.linear reorders a bfloat16 weight on every call; packing once per generate() call is bit-identical (and
@@ -181,7 +189,13 @@ class KangarooConfig(PreTrainedConfig):
                 f"draft_vocab_size must be an int in [0, {vocab_size}] (0 = full vocabulary), "
                 f"got {self.draft_vocab_size!r}."
             )
-        validate_lookup(self.lookup_num_tokens, self.lookup_max_ngram, self.lookup_max_tokens, self.lookup_trust_ngram)
+        validate_lookup(
+            self.lookup_num_tokens,
+            self.lookup_max_ngram,
+            self.lookup_max_tokens,
+            self.lookup_trust_ngram,
+            self.lookup_hit_rate_decay,
+        )
 
     def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> PreTrainedConfig:
         """The base's config: caches, masks and generation are sized by the wrapped model."""
@@ -199,9 +213,11 @@ def validate_draft_settings(draft_threshold: float, max_draft_tokens: int, first
         raise ValueError(f"max_draft_tokens must be an int >= 1, got {max_draft_tokens!r}.")
 
 
-def validate_lookup(num_tokens: int, max_ngram: int, max_tokens: int = 0, trust_ngram: int = 0) -> None:
-    """Raise `ValueError` for a negative lookup length, an n-gram size below 1, a growth cap below the length, or a
-    trusted match length that no match can reach."""
+def validate_lookup(
+    num_tokens: int, max_ngram: int, max_tokens: int = 0, trust_ngram: int = 0, hit_rate_decay: float = 0.0
+) -> None:
+    """Raise `ValueError` for a negative lookup length, an n-gram size below 1, a growth cap below the length, a
+    trusted match length that no match can reach, or a hit-rate decay outside [0, 1)."""
     if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
         raise ValueError(f"lookup_num_tokens must be an int >= 0 (0 disables it), got {num_tokens!r}.")
     if isinstance(max_ngram, bool) or not isinstance(max_ngram, int) or max_ngram < 1:
@@ -220,6 +236,8 @@ def validate_lookup(num_tokens: int, max_ngram: int, max_tokens: int = 0, trust_
             f"lookup_trust_ngram must be 0 (off) or an int in [1, lookup_max_ngram] ([1, {max_ngram}]), "
             f"got {trust_ngram!r}."
         )
+    if isinstance(hit_rate_decay, bool) or not isinstance(hit_rate_decay, (int, float)) or not 0 <= hit_rate_decay < 1:
+        raise ValueError(f"lookup_hit_rate_decay must be a number in [0, 1) (0 = off), got {hit_rate_decay!r}.")
 
 
 __all__ = ["KangarooConfig", "validate_draft_settings", "validate_lookup"]

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 class DraftSettings:
     """How one round drafts: stop at confidence below `draft_threshold` or after `max_draft_tokens`; optionally
     propose up to `lookup_num_tokens` tokens copied from the context (0 = never), growing up to `lookup_max_tokens`
-    while copies are accepted in full."""
+    while copies are accepted in full, and copied whenever the context's recent hit rate (averaged with
+    `lookup_hit_rate_decay`, 0 = off) beats the adapter's confidence."""
 
     draft_threshold: float
     max_draft_tokens: int
@@ -36,10 +37,17 @@ class DraftSettings:
     first_draft_threshold: float = 0.0
     lookup_max_tokens: int = 0
     lookup_trust_ngram: int = 0
+    lookup_hit_rate_decay: float = 0.0
 
     def __post_init__(self) -> None:
         validate_draft_settings(self.draft_threshold, self.max_draft_tokens, self.first_draft_threshold)
-        validate_lookup(self.lookup_num_tokens, self.lookup_max_ngram, self.lookup_max_tokens, self.lookup_trust_ngram)
+        validate_lookup(
+            self.lookup_num_tokens,
+            self.lookup_max_ngram,
+            self.lookup_max_tokens,
+            self.lookup_trust_ngram,
+            self.lookup_hit_rate_decay,
+        )
 
     @property
     def longest_lookup(self) -> int:
@@ -152,6 +160,10 @@ class KangarooCandidateGenerator(CandidateGenerator):
         self._drafted_this_round = 0
         self._lookup_length = settings.lookup_num_tokens  # grows while copied drafts are accepted in full
         self._copied_this_round = False
+        # How often the context's continuation had the right first token lately (`lookup_hit_rate_decay`).
+        self._lookup_hit_rate = 0.0
+        self._lookup_first_token: int | None = None  # this round's lookup proposal's first token, if any
+        self._round_start = 0  # index of this round's first new token in the sequence
 
     def get_candidates(
         self,
@@ -174,6 +186,7 @@ class KangarooCandidateGenerator(CandidateGenerator):
         self._sync_adapter(model_outputs, cache, model_kwargs)
         self._first_verified_position = cache.get_seq_length(exit_layer)
         self._copied_this_round = False
+        self._round_start = input_ids.shape[1]
         candidate_ids, draft_scores, exit_states = self._draft(input_ids, cache, model_kwargs)
         self._drafted_this_round = candidate_ids.shape[1] - input_ids.shape[1]
         self.model_kwargs_overrides = {"exit_hidden_states": exit_states}
@@ -185,9 +198,15 @@ class KangarooCandidateGenerator(CandidateGenerator):
         """Record how many of this round's drafts the base accepted (after the loop's EOS / length trimming).
 
         After a lookup round the lookup length doubles (up to `lookup_max_tokens`) if every copy was accepted, and
-        falls back to `lookup_num_tokens` otherwise.
+        falls back to `lookup_num_tokens` otherwise. Whenever the context had a continuation this round, copied or
+        not, the hit rate learns whether its first token is the one the base emitted (`input_ids` ends with this
+        round's accepted tokens and the base's own).
         """
         self.stats.record_step(self._drafted_this_round, int(num_matches))
+        decay = self.settings.lookup_hit_rate_decay
+        if decay and self._lookup_first_token is not None:
+            hit = int(input_ids[0, self._round_start]) == self._lookup_first_token
+            self._lookup_hit_rate = decay * self._lookup_hit_rate + (1.0 - decay) * hit
         if self._copied_this_round:
             if int(num_matches) == self._drafted_this_round == self._lookup_length:
                 self._lookup_length = min(2 * self._lookup_length, self.settings.longest_lookup)
@@ -228,6 +247,7 @@ class KangarooCandidateGenerator(CandidateGenerator):
         attention_mask = model_kwargs.get("attention_mask")
         lookup, match_length = self._lookup(input_ids) if self.settings.lookup_num_tokens else (None, 0)
         trust_match = 0 < self.settings.lookup_trust_ngram <= match_length
+        self._lookup_first_token = None if lookup is None else int(lookup[0])
         candidate_ids = input_ids
         exit_states = [self.model.shallow_forward(input_ids[:, -1:], position, cache, attention_mask)]
         draft_scores: list[torch.Tensor] = []
@@ -241,10 +261,16 @@ class KangarooCandidateGenerator(CandidateGenerator):
             if (
                 step == 0
                 and lookup is not None
-                and (trust_match or top_token == lookup[0] or confidence < self.settings.draft_threshold)
+                and (
+                    trust_match
+                    or top_token == self._lookup_first_token
+                    or confidence < self.settings.draft_threshold
+                    or confidence < self._lookup_hit_rate
+                )
             ):
-                # The context's continuation agrees with the adapter, the adapter is unsure, or the match is long
-                # enough to trust over the adapter: copy it instead.
+                # The context's continuation agrees with the adapter, the adapter is unsure, the match is long
+                # enough to trust over the adapter, or the context has lately been right more often than the
+                # adapter is sure now: copy it instead.
                 return self._copy_drafts(lookup[:budget], input_ids, exit_states[0], position, cache, attention_mask)
             if step == 0 and confidence < self.settings.first_draft_threshold:
                 break  # an unsure first draft is not worth a two-token verification: a plain step this round

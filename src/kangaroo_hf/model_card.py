@@ -105,8 +105,14 @@ def _describe_lookup(config: dict[str, Any]) -> str:
     grows = f", growing to {growth} while copies are accepted" if growth > lookup else ""
     trust = config.get("lookup_trust_ngram", 0)
     trusted = f"; matches of {trust}+ tokens copied even over a sure adapter" if trust else ""
+    decay = config.get("lookup_hit_rate_decay", 0.0)
+    by_rate = (
+        f"; copied whenever the context's recent hit rate (decay {decay}) beats the adapter's confidence"
+        if decay
+        else ""
+    )
     ngrams = config.get("lookup_max_ngram", 3)
-    return f"up to {lookup} context tokens copied per round{grows} (n-grams up to {ngrams}{trusted})"
+    return f"up to {lookup} context tokens copied per round{grows} (n-grams up to {ngrams}{trusted}{by_rate})"
 
 
 def render_model_card(folder: str | os.PathLike, repo_id: str | None = None) -> str:

@@ -665,6 +665,7 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
                     config.first_draft_threshold if first_draft_threshold is None else first_draft_threshold
                 ),
                 lookup_trust_ngram=config.lookup_trust_ngram,
+                lookup_hit_rate_decay=config.lookup_hit_rate_decay,
             )
         self.last_generate_stats = None
         with self._scoped("_draft_settings", settings):
