@@ -387,7 +387,9 @@ class KangarooCandidateGenerator(CandidateGenerator):
     `i == max_draft_tokens` or `c_i < draft_threshold`, else adapter -> head -> `d_{i+1}`. The shallow cache then
     holds `N + k` tokens, the deep one `N - 1`; the loop's verification forward runs the deep layers on the `k + 1`
     exit states handed over in `model_kwargs_overrides`, and its crop brings every layer back to the accepted length.
-    The adapter's own cache is re-synchronised from the verified exit states at the start of the next round.
+    A round that copies `k` tokens from the context runs the shallow layers on them in one call; a trusted match
+    (`lookup_trust_ngram`) skips the adapter, and `x` goes through the shallow layers with the copies. The adapter's
+    own cache is re-synchronised from the verified exit states at the start of the next round (feeding `x` then).
     """
 
     requires_model_outputs = True
@@ -504,8 +506,10 @@ class KangarooCandidateGenerator(CandidateGenerator):
         position = model_kwargs["position_ids"][:, -1:]  # (1, 1): position of the last accepted token
         attention_mask = model_kwargs.get("attention_mask")
         lookup, match_length = self._lookup(input_ids) if self.settings.lookup_num_tokens else (None, 0)
-        trust_match = 0 < self.settings.lookup_trust_ngram <= match_length
         self._lookup_first_token = None if lookup is None else int(lookup[0])
+        if lookup is not None and 0 < self.settings.lookup_trust_ngram <= match_length:
+            # A match long enough to trust is copied whatever the adapter would draft: no drafting step this round.
+            return self._copy_drafts(lookup[:budget], input_ids, position, cache, attention_mask)
         candidate_ids = input_ids
         exit_states = [self.model.shallow_forward(input_ids[:, -1:], position, cache, attention_mask)]
         draft_scores: list[torch.Tensor] = []
@@ -520,16 +524,14 @@ class KangarooCandidateGenerator(CandidateGenerator):
                 step == 0
                 and lookup is not None
                 and (
-                    trust_match
-                    or top_token == self._lookup_first_token
+                    top_token == self._lookup_first_token
                     or confidence < self.settings.draft_threshold
                     or confidence < self._lookup_hit_rate
                 )
             ):
-                # The context's continuation agrees with the adapter, the adapter is unsure, the match is long
-                # enough to trust over the adapter, or the context has lately been right more often than the
-                # adapter is sure now: copy it instead.
-                return self._copy_drafts(lookup[:budget], input_ids, exit_states[0], position, cache, attention_mask)
+                # The context's continuation agrees with the adapter, the adapter is unsure, or the context has lately
+                # been right more often than the adapter is sure now: copy it instead.
+                return self._copy_drafts(lookup[:budget], input_ids, position, cache, attention_mask, exit_states[0])
             if step == 0 and confidence < self.settings.first_draft_threshold:
                 break  # an unsure first draft is not worth a two-token verification: a plain step this round
             token = self._choose(scores, vocab_ids)
@@ -552,12 +554,13 @@ class KangarooCandidateGenerator(CandidateGenerator):
         self,
         tokens: torch.LongTensor,
         input_ids: torch.LongTensor,
-        first_exit_state: torch.Tensor,
         position: torch.LongTensor,
         cache: Cache,
         attention_mask: torch.Tensor | None,
+        last_exit_state: torch.Tensor | None = None,
     ) -> tuple[torch.LongTensor, list[torch.Tensor], torch.Tensor]:
-        """Propose `tokens` copied from the context: known in advance, so the shallow layers see them in one call."""
+        """Propose `tokens` copied from the context: known in advance, so the shallow layers see them in one call
+        (together with the last accepted token when its exit state, `last_exit_state`, is not computed yet)."""
         candidate_ids = input_ids
         for token in tokens.view(-1, 1, 1):
             extended = torch.cat([candidate_ids, token], dim=-1)
@@ -566,18 +569,25 @@ class KangarooCandidateGenerator(CandidateGenerator):
             candidate_ids = extended
         drafts = candidate_ids[:, input_ids.shape[1] :]  # (1, k)
         count = drafts.shape[1]
+        mask = _extend_mask(attention_mask, count)
+        if last_exit_state is None:  # the last accepted token goes through the shallow layers with the copies
+            positions = position + torch.arange(count + 1, device=position.device)
+            exit_states = self.model.shallow_forward(torch.cat([input_ids[:, -1:], drafts], 1), positions, cache, mask)
+        elif count:
+            positions = position + torch.arange(1, count + 1, device=position.device)
+            exit_states = torch.cat([last_exit_state, self.model.shallow_forward(drafts, positions, cache, mask)], 1)
+        else:
+            exit_states = last_exit_state
         if count == 0:
-            return input_ids, [], first_exit_state
+            return input_ids, [], exit_states
         self.stats.lookup_rounds += 1
         self._copied_this_round = True
-        positions = position + torch.arange(1, count + 1, device=position.device)
-        exit_states = self.model.shallow_forward(drafts, positions, cache, _extend_mask(attention_mask, count))
         # A copied draft is a deterministic proposal: q is one-hot on it, so speculative sampling accepts it with
         # probability p(d) and, on rejection, resamples from p with d's mass removed.
         vocab_size = self.model.parts.lm_head.out_features
         one_hot = torch.full((count, vocab_size), float("-inf"), device=drafts.device)
         one_hot[torch.arange(count), drafts[0]] = 0.0
-        return candidate_ids, list(one_hot.unsqueeze(1)), torch.cat([first_exit_state, exit_states], dim=1)
+        return candidate_ids, list(one_hot.unsqueeze(1)), exit_states
 
     def _lookup(self, input_ids: torch.LongTensor) -> tuple[torch.LongTensor | None, int]:
         """Prompt lookup: the tokens that followed the latest earlier occurrence of the context's longest matching

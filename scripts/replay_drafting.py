@@ -3,6 +3,7 @@
     python scripts/replay_drafting.py --per-category 1
     python scripts/replay_drafting.py --per-category 1 --trust-ngram 3   # as config.lookup_trust_ngram=3
     python scripts/replay_drafting.py --per-category 1 --tree 0.0.0.0,1.0,0.1,2   # a static draft tree instead
+    python scripts/replay_drafting.py --validation 397   # held-out training-style answers instead of Spec-Bench
 
 Greedy Kangaroo drafts only along the base's own answer until a draft is rejected, so the draft's teacher-forced
 predictions along that answer (one shallow + adapter pass over prompt + answer) decide every round: the adapter's chain
@@ -18,13 +19,17 @@ end (no stop strings in Spec-Bench) and `first_draft_threshold` (off in the ship
 from __future__ import annotations
 
 import argparse
+import gzip
+import json
 from dataclasses import dataclass
 
 import torch
-from evaluate_adapters import reference_answers  # this folder's: the same Spec-Bench answers
+from evaluate_adapters import VALIDATION_SIZE, reference_answers  # this folder's: the same Spec-Bench answers
 
 from kangaroo_hf import KangarooForCausalLM, load_default_model
-from kangaroo_hf.data import EncodedConversation
+from kangaroo_hf.data import EncodedConversation, encode_conversation
+
+SELF_DISTILLED = "docs/adapter_search/self_distilled_answers.jsonl.gz"  # its first 397 conversations are held out
 
 TOP_RANKS = 8  # ranks recorded per position, enough for any tree below
 
@@ -72,6 +77,25 @@ def teacher_forced(model: KangarooForCausalLM, references: list[EncodedConversat
     return answers
 
 
+def validation_answers(tokenizer, count: int, max_new_tokens: int) -> list[EncodedConversation]:
+    """The base's own answers to the first `count` held-out prompts (at most `VALIDATION_SIZE`), cut at
+    `max_new_tokens` answer tokens, with ids `validation-<source family>-<index>`: drafting rules can be compared on
+    training-style prompts that no adapter was trained on and no rule was chosen on."""
+    if not 0 < count <= VALIDATION_SIZE:
+        raise SystemExit(f"--validation must be in [1, {VALIDATION_SIZE}] (the held-out split), got {count}")
+    with gzip.open(SELF_DISTILLED, "rt", encoding="utf-8") as handle:
+        rows = [json.loads(line) for _, line in zip(range(count), handle, strict=False)]
+    sequences = []
+    for index, row in enumerate(rows):
+        encoded = encode_conversation(tokenizer, row["messages"][:2])
+        end = encoded.assistant_mask.index(1) + max_new_tokens
+        family = row["id"].rsplit("-", 1)[0].split("/")[0].replace("-", "_")
+        sequences.append(
+            EncodedConversation(encoded.input_ids[:end], encoded.assistant_mask[:end], f"validation-{family}-{index}")
+        )
+    return sequences
+
+
 def lookup(sequence: list[int], max_ngram: int, length: int) -> tuple[list[int], int]:
     """What the generator's prompt lookup proposes: the continuation of the latest earlier occurrence of the longest
     matching final n-gram, and that n-gram's length (0: none)."""
@@ -103,9 +127,13 @@ def replay(
     max_ngram: int,
     trust_ngram: int,
     lookup_max_tokens: int = 0,
+    hit_rate_decay: float = 0.0,
     tree: frozenset[tuple[int, ...]] | None = None,
 ):
     """(tau, verification rows per round) of greedy Kangaroo decoding on `answers`.
+
+    `hit_rate_decay` replays `lookup_hit_rate_decay`: a copy is also taken when the running rate of context matches
+    whose first token was the answer's beats the adapter's confidence.
 
     With `tree` (`parse_tree`), rounds that do not copy verify that static draft tree instead of the adapter's chain:
     every node is drafted whatever its confidence. Along the base's answer the teacher-forced ranks are exact (a
@@ -118,12 +146,18 @@ def replay(
         length = len(item.answer)
         steps, tokens, i = steps + 1, tokens + 1, 1  # the prefill gives the first token
         copy_length = lookup_tokens  # grows up to lookup_max_tokens while copies are accepted in full
+        hit_rate = 0.0
         while i < length:
             copy, size = lookup(item.prompt + item.answer[:i], max_ngram, copy_length) if lookup_tokens else ([], 0)
             copy = copy[: max(0, length - 1 - i)]  # the answer's last token (end of turn) is left to the base
             take_copy = bool(copy) and (
-                item.top[i] == copy[0] or item.confidence[i] < threshold or (trust_ngram and size >= trust_ngram)
+                item.top[i] == copy[0]
+                or item.confidence[i] < threshold
+                or (trust_ngram and size >= trust_ngram)
+                or item.confidence[i] < hit_rate
             )
+            if copy and hit_rate_decay:
+                hit_rate = hit_rate_decay * hit_rate + (1 - hit_rate_decay) * (copy[0] == item.answer[i])
             if take_copy:
                 drafted, accepted = len(copy), 0
                 while accepted < drafted and copy[accepted] == item.answer[i + accepted]:
@@ -153,6 +187,9 @@ def replay(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-category", type=int, default=1)
+    parser.add_argument(
+        "--validation", type=int, default=0, help="replay the first N held-out self-distilled answers instead"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--adapter", default=None, help="adapter folder (default: the shipped one)")
     parser.add_argument("--threshold", type=float, default=None, help="default: the adapter's draft_threshold")
@@ -166,6 +203,12 @@ def main() -> None:
         type=int,
         default=None,
         help="default: the adapter's lookup_max_tokens (0: fixed length)",
+    )
+    parser.add_argument(
+        "--hit-rate-decay",
+        type=float,
+        default=None,
+        help="default: the adapter's lookup_hit_rate_decay (0: off)",
     )
     parser.add_argument(
         "--tree",
@@ -185,8 +228,12 @@ def main() -> None:
         config.lookup_max_ngram,
         config.lookup_trust_ngram if args.trust_ngram is None else args.trust_ngram,
         config.lookup_max_tokens if args.lookup_max_tokens is None else args.lookup_max_tokens,
+        config.lookup_hit_rate_decay if args.hit_rate_decay is None else args.hit_rate_decay,
     )
-    references = reference_answers(model.get_base_model(), tokenizer, args.per_category, args.max_new_tokens)
+    if args.validation:
+        references = validation_answers(tokenizer, args.validation, args.max_new_tokens)
+    else:
+        references = reference_answers(model.get_base_model(), tokenizer, args.per_category, args.max_new_tokens)
     answers = teacher_forced(model, references)
     tree = parse_tree(args.tree) if args.tree else None
     if tree:

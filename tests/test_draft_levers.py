@@ -387,6 +387,44 @@ def test_lookup_hit_rate_decay_must_be_in_zero_one(decay):
         DraftSettings(0.5, 3, lookup_num_tokens=3, lookup_hit_rate_decay=decay)
 
 
+def test_trusted_lookup_rounds_skip_the_adapter(arch, monkeypatch):
+    """A trusted match is copied whatever the adapter drafts, so its round runs no drafting step: the shallow layers
+    take the last accepted token and the copies in one call; other rounds still draft."""
+    model = make_kangaroo(arch, agreement="random", draft_threshold=0.0, max_draft_tokens=2, lookup_num_tokens=4)
+    model.config.lookup_trust_ngram = 1
+    rounds: list[dict] = []
+    original_lookup = KangarooCandidateGenerator._lookup
+    original_scores = KangarooCandidateGenerator._draft_scores
+    original_shallow = type(model).shallow_forward
+
+    def lookup(self, input_ids):
+        proposal, match_length = original_lookup(self, input_ids)
+        rounds.append({"trusted": proposal is not None and match_length >= 1, "head_calls": 0, "shallow": []})
+        return proposal, match_length
+
+    def draft_scores(self, hidden, candidate_ids):
+        rounds[-1]["head_calls"] += 1
+        return original_scores(self, hidden, candidate_ids)
+
+    def shallow_forward(self, input_ids, *args, **kwargs):
+        if rounds:
+            rounds[-1]["shallow"].append(input_ids.shape[1])
+        return original_shallow(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(KangarooCandidateGenerator, "_lookup", lookup)
+    monkeypatch.setattr(KangarooCandidateGenerator, "_draft_scores", draft_scores)
+    monkeypatch.setattr(type(model), "shallow_forward", shallow_forward)
+    input_ids = _repetitive_prompt(0)
+    expected = model.get_base_model().generate(input_ids, do_sample=False, max_new_tokens=24)
+    assert model.generate(input_ids, do_sample=False, max_new_tokens=24).tolist() == expected.tolist()
+    trusted = [r for r in rounds if r["trusted"]]
+    assert trusted and len(trusted) < len(rounds)
+    assert all(r["head_calls"] == 0 and len(r["shallow"]) == 1 for r in trusted)
+    assert sum(r["shallow"][0] for r in trusted) > len(trusted)  # last token and copies together
+    # (the last round has no budget left to draft)
+    assert all(r["head_calls"] >= 1 for r in rounds[:-1] if not r["trusted"])
+
+
 def test_trusted_lookup_length_must_be_reachable():
     with pytest.raises(ValueError, match=r"lookup_trust_ngram must be 0 \(off\) or an int in \[1, lookup_max_ngram\]"):
         make_kangaroo("llama", lookup_num_tokens=3, lookup_max_ngram=2, lookup_trust_ngram=3)
