@@ -424,6 +424,8 @@ class KangarooCandidateGenerator(CandidateGenerator):
         self._lookup_hit_rate = 0.0
         self._lookup_first_token: int | None = None  # this round's lookup proposal's first token, if any
         self._round_start = 0  # index of this round's first new token in the sequence
+        # Verified states the adapter has not seen yet (rounds that copy a trusted match skip the adapter).
+        self._unfed_states: torch.Tensor | None = None
 
     def get_candidates(
         self,
@@ -447,7 +449,7 @@ class KangarooCandidateGenerator(CandidateGenerator):
         self._first_verified_position = cache.get_seq_length(exit_layer)
         self._copied_this_round = False
         self._round_start = input_ids.shape[1]
-        candidate_ids, draft_scores, exit_states = self._draft(input_ids, cache, model_kwargs)
+        candidate_ids, draft_scores, exit_states = self._round(input_ids, cache, model_kwargs)
         self._drafted_this_round = candidate_ids.shape[1] - input_ids.shape[1]
         self.model_kwargs_overrides = {"exit_hidden_states": exit_states}
         # Only sampling reads the draft distribution (speculative sampling); greedy compares tokens.
@@ -474,42 +476,72 @@ class KangarooCandidateGenerator(CandidateGenerator):
                 self._lookup_length = self.settings.lookup_num_tokens
 
     def _sync_adapter(self, model_outputs: Any, cache: Cache, model_kwargs: dict[str, Any]) -> None:
-        """Make the adapter cache hold exactly the verified tokens: crop what is stale, feed what is missing.
+        """Bring the adapter up to the verified tokens: crop what is stale, and collect the states of what it has not
+        seen in `_unfed_states` (fed by `_feed_adapter` before the adapter next drafts).
 
         The last full forward processed tokens from `_first_verified_position` on; its exit (and final) states are in
         `model_outputs`. With `adapter_context="exit"` the drafted tokens' entries stay valid once accepted: crop the
-        rejected ones, and feed what the adapter never saw (the prompt after a prefill; the last draft after an
-        all-accepted round). With `"final"` every token of the last forward is re-entered from its final state.
+        rejected ones, and collect what the adapter never saw (the prompt after a prefill; the last draft after an
+        all-accepted round; everything a round that copied a trusted match verified). With `"final"` every token of
+        the last forward is re-entered from its final state.
         """
         verified = cache.get_seq_length(self.model.config.exit_layer)  # every accepted token but the last
         offset = self._first_verified_position
         final_context = self.model.config.adapter_context == "final"
-        kept = offset if final_context else min(self.adapter_cache.get_seq_length(), verified)
-        self.adapter_cache.crop(kept - self.adapter_cache.get_seq_length())
-        if kept == verified:
-            return
-        attention_mask = model_kwargs.get("attention_mask")
+        fed = self.adapter_cache.get_seq_length()
+        kept = min(fed, offset if final_context else verified)
+        self.adapter_cache.crop(kept - fed)
         states = model_outputs.final_hidden_states if final_context else model_outputs.exit_hidden_states
+        if self._unfed_states is not None:  # they hold tokens `kept .. offset - 1`, verified by earlier forwards
+            self._unfed_states = torch.cat([self._unfed_states, states[:, : verified - offset]], dim=1)
+        elif kept < verified:
+            self._unfed_states = states[:, kept - offset : verified - offset]
+
+    def _feed_adapter(self, model_kwargs: dict[str, Any]) -> None:
+        """Feed the collected verified states to the adapter, so that its cache holds every verified token."""
+        if self._unfed_states is None:
+            return
+        start = self.adapter_cache.get_seq_length()
+        verified = start + self._unfed_states.shape[1]
+        attention_mask = model_kwargs.get("attention_mask")
+        final_context = self.model.config.adapter_context == "final"
         feed = self.model.adapter_add_context if final_context else self.model.adapter_forward
         feed(
-            states[:, kept - offset : verified - offset],
-            position_ids=model_kwargs["position_ids"][:, kept:verified],
+            self._unfed_states,
+            position_ids=model_kwargs["position_ids"][:, start:verified],
             adapter_cache=self.adapter_cache,
             attention_mask=None if attention_mask is None else attention_mask[:, :verified],
         )
+        self._unfed_states = None
 
-    def _draft(
+    def _round(
         self, input_ids: torch.LongTensor, cache: Cache, model_kwargs: dict[str, Any]
     ) -> tuple[torch.LongTensor, list[torch.Tensor], torch.Tensor]:
-        """The drafting loop of one round; returns candidate ids, per-draft scores and (1, k + 1, D) exit states."""
-        budget = self.max_length - input_ids.shape[1] - 1
-        position = model_kwargs["position_ids"][:, -1:]  # (1, 1): position of the last accepted token
-        attention_mask = model_kwargs.get("attention_mask")
+        """One round's proposal: a trusted context match copied without drafting, or the adapter's drafting loop
+        (which may still copy the context); returns candidate ids, per-draft scores and (1, k + 1, D) exit states."""
         lookup, match_length = self._lookup(input_ids) if self.settings.lookup_num_tokens else (None, 0)
         self._lookup_first_token = None if lookup is None else int(lookup[0])
         if lookup is not None and 0 < self.settings.lookup_trust_ngram <= match_length:
-            # A match long enough to trust is copied whatever the adapter would draft: no drafting step this round.
-            return self._copy_drafts(lookup[:budget], input_ids, position, cache, attention_mask)
+            # A match long enough to trust is copied whatever the adapter would draft: no drafting step this round,
+            # and the adapter's unseen context waits for the next round that drafts.
+            budget = self.max_length - input_ids.shape[1] - 1
+            position = model_kwargs["position_ids"][:, -1:]
+            return self._copy_drafts(lookup[:budget], input_ids, position, cache, model_kwargs.get("attention_mask"))
+        self._feed_adapter(model_kwargs)
+        return self._draft(input_ids, cache, model_kwargs, lookup)
+
+    def _draft(
+        self,
+        input_ids: torch.LongTensor,
+        cache: Cache,
+        model_kwargs: dict[str, Any],
+        lookup: torch.LongTensor | None = None,
+    ) -> tuple[torch.LongTensor, list[torch.Tensor], torch.Tensor]:
+        """The adapter's drafting loop, which copies the context's continuation `lookup` instead when the rules say
+        so; returns candidate ids, per-draft scores and (1, k + 1, D) exit states."""
+        budget = self.max_length - input_ids.shape[1] - 1
+        position = model_kwargs["position_ids"][:, -1:]  # (1, 1): position of the last accepted token
+        attention_mask = model_kwargs.get("attention_mask")
         candidate_ids = input_ids
         exit_states = [self.model.shallow_forward(input_ids[:, -1:], position, cache, attention_mask)]
         draft_scores: list[torch.Tensor] = []

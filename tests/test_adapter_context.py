@@ -34,18 +34,26 @@ def test_final_context_greedy_is_lossless(arch):
     assert 0 < stats.accepted_drafts < stats.drafted_tokens
 
 
-def test_final_context_adapter_cache_holds_final_states_of_the_verified_context(monkeypatch):
-    model = _final_context_model("qwen2", draft_threshold=0.0, max_draft_tokens=3)
+@pytest.mark.parametrize("trust_ngram", [0, 1])
+def test_final_context_adapter_cache_holds_final_states_of_the_verified_context(monkeypatch, trust_ngram):
+    """Also when rounds that copy a trusted context match skip the adapter: it catches up before it next drafts."""
+    lookup = dict(lookup_num_tokens=4, lookup_trust_ngram=trust_ngram) if trust_ngram else {}
+    model = _final_context_model("qwen2", draft_threshold=0.0, max_draft_tokens=3, **lookup)
     snapshots = []
     original = KangarooCandidateGenerator._draft
 
-    def spy(self, input_ids, cache, model_kwargs):
+    def spy(self, input_ids, cache, model_kwargs, *args):
         snapshots.append((input_ids.clone(), self.adapter_cache.layers[0].keys.clone()))
-        return original(self, input_ids, cache, model_kwargs)
+        return original(self, input_ids, cache, model_kwargs, *args)
 
     monkeypatch.setattr(KangarooCandidateGenerator, "_draft", spy)
-    model.generate(_prompt(6, 1), do_sample=False, max_new_tokens=25)
-    assert len(snapshots) == model.last_generate_stats.verify_steps - 1
+    phrase = _prompt(5, 1)
+    input_ids = torch.cat([phrase, _prompt(2, 2), phrase, _prompt(1, 3), phrase[:, :2]], dim=1)
+    output = model.generate(input_ids, do_sample=False, max_new_tokens=25)
+    assert output.tolist() == model.get_base_model().generate(input_ids, do_sample=False, max_new_tokens=25).tolist()
+    stats = model.last_generate_stats
+    skipped = stats.verify_steps - 1 - len(snapshots)  # rounds that copied a trusted match without drafting
+    assert skipped > 0 if trust_ngram else skipped == 0
     with torch.no_grad():
         for input_ids, keys in snapshots:
             context = input_ids[:, :-1]

@@ -306,11 +306,50 @@ def test_settings_are_validated():
         BenchSettings(tie_tolerance=-1.0)
 
 
+def test_repeats_time_each_method_several_times_and_report_the_median(model, questions, tmp_path, monkeypatch):
+    calls: list[str] = []
+    fake_times = iter([5.0, 1.0, 3.0] * 100)  # per method and prompt: three runs whose median is 3.0
+
+    def fake_timed(runner, model_, input_ids, gen_kwargs):
+        calls.append(runner.__name__)
+        return MethodRun(tokens=[7, 8], time_s=next(fake_times), counts=None)
+
+    monkeypatch.setattr(bench, "_timed", fake_timed)
+    results = run_benchmark(
+        model, tiny_tokenizer(), questions[:2], tmp_path, _settings(methods=("vanilla",), repeats=3)
+    )
+    assert calls == ["run_vanilla"] * 6  # 2 prompts x 3 repeats
+    assert [record["runs"]["vanilla"]["time_s"] for record in results["per_prompt"]] == [3.0, 3.0]
+    assert results["settings"]["repeats"] == 3 and "median of 3 timed runs" in results["settings"]["order"]
+    with pytest.raises(ValueError, match="repeats must be an int >= 1, got 0"):
+        _settings(repeats=0)
+
+
+def test_repeats_rotate_the_method_order_and_keep_the_first_output(model, questions, tmp_path, monkeypatch, caplog):
+    order: list[str] = []
+    outputs = iter([[1, 2], [1, 3]] * 100)  # a method whose output changes between repeats is reported
+
+    def fake_timed(runner, model_, input_ids, gen_kwargs):
+        order.append(runner.__name__)
+        tokens = next(outputs) if runner.__name__ == "run_kangaroo" else [1, 2]
+        return MethodRun(tokens=tokens, time_s=1.0, counts=None)
+
+    monkeypatch.setattr(bench, "_timed", fake_timed)
+    with caplog.at_level("WARNING", logger=bench.logger.name):
+        results = run_benchmark(
+            model, tiny_tokenizer(), questions[:1], tmp_path, _settings(methods=("vanilla", "kangaroo"), repeats=2)
+        )
+    assert order == ["run_vanilla", "run_kangaroo", "run_kangaroo", "run_vanilla"]
+    assert "run_kangaroo" not in caplog.text and "kangaroo gave different outputs on repeats" in caplog.text
+    assert results["per_prompt"][0]["runs"]["kangaroo"]["identical"] is True  # the first output, [1, 2]
+
+
 def test_bench_is_a_cli_subcommand():
     from kangaroo_hf.cli import build_parser
 
     args = build_parser().parse_args(["bench", "--methods", "vanilla,kangaroo", "--dtype", "bfloat16"])
     assert args.handler is bench._run_bench and args.max_new_tokens == 128 and args.dtype == "bfloat16"
+    assert args.repeats == 1 and build_parser().parse_args(["bench", "--repeats", "3"]).repeats == 3
 
 
 def test_vanilla_few_row_is_plain_decoding_through_the_float32_kernel(model, questions, monkeypatch):

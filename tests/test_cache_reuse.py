@@ -98,10 +98,10 @@ def _record_adapter_cache_at_round_start(monkeypatch) -> list[tuple[torch.Tensor
     snapshots = []
     original = KangarooCandidateGenerator._draft
 
-    def spy(self, input_ids, cache, model_kwargs):
+    def spy(self, input_ids, cache, model_kwargs, *args):
         assert self.adapter_cache.get_seq_length() == cache.get_seq_length(self.model.config.exit_layer)
         snapshots.append((input_ids.clone(), self.adapter_cache.layers[0].keys.clone()))
-        return original(self, input_ids, cache, model_kwargs)
+        return original(self, input_ids, cache, model_kwargs, *args)
 
     monkeypatch.setattr(KangarooCandidateGenerator, "_draft", spy)
     return snapshots
@@ -125,6 +125,30 @@ def test_adapter_cache_is_synchronised_after_every_round(monkeypatch, agreement)
     input_ids = torch.randint(2, VOCAB, (1, 6), generator=torch.Generator().manual_seed(3))
     model.generate(input_ids, do_sample=False, max_new_tokens=30)
     assert len(snapshots) == model.last_generate_stats.verify_steps - 1
+    _assert_adapter_cache_holds_the_verified_context(model, snapshots)
+
+
+def test_rounds_that_copy_a_trusted_match_skip_the_adapter_and_it_catches_up(monkeypatch):
+    """Copying a trusted context match needs no drafting step; the adapter is fed every verified token it missed
+    before it next drafts, so its cache then equals a fresh pass over the verified context."""
+    snapshots = _record_adapter_cache_at_round_start(monkeypatch)
+    fed_rows = []
+    original_feed = KangarooCandidateGenerator._feed_adapter
+
+    def feed(self, model_kwargs):
+        fed_rows.append(0 if self._unfed_states is None else self._unfed_states.shape[1])
+        original_feed(self, model_kwargs)
+
+    monkeypatch.setattr(KangarooCandidateGenerator, "_feed_adapter", feed)
+    model = make_kangaroo("llama", draft_threshold=0.0, max_draft_tokens=3, lookup_num_tokens=4, lookup_trust_ngram=1)
+    phrase = torch.randint(2, VOCAB, (1, 6), generator=torch.Generator().manual_seed(5))
+    input_ids = torch.cat([phrase, phrase[:, :3] + 1, phrase, phrase[:, :2]], dim=1)
+    output = model.generate(input_ids, do_sample=False, max_new_tokens=30)
+    assert output.tolist() == model.get_base_model().generate(input_ids, do_sample=False, max_new_tokens=30).tolist()
+    skipped = model.last_generate_stats.verify_steps - 1 - len(snapshots)
+    assert skipped > 0 and len(fed_rows) == len(snapshots)
+    # After a skipped round the adapter takes several rounds' tokens at once; otherwise it takes one round's.
+    assert max(fed_rows) > model.config.max_draft_tokens + 1
     _assert_adapter_cache_holds_the_verified_context(model, snapshots)
 
 

@@ -29,8 +29,8 @@ def _spy_drafts(monkeypatch) -> list[list[int]]:
     drafted: list[list[int]] = []
     original = KangarooCandidateGenerator._draft
 
-    def spy(self, input_ids, cache, model_kwargs):
-        candidate_ids, scores, states = original(self, input_ids, cache, model_kwargs)
+    def spy(self, input_ids, cache, model_kwargs, *args):
+        candidate_ids, scores, states = original(self, input_ids, cache, model_kwargs, *args)
         drafted.append(candidate_ids[0, input_ids.shape[1] :].tolist())
         return candidate_ids, scores, states
 

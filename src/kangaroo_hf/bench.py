@@ -26,9 +26,10 @@ import copy
 import json
 import logging
 import os
+import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,7 @@ class BenchSettings:
     temperature: float = 1.0
     seed: int = 0
     warmup: int = 1
+    repeats: int = 1  # timed runs per method and prompt; the median time is reported
     tie_tolerance: float | None = None
     strict: bool = False
     method_options: dict[str, dict[str, Any]] = field(default_factory=lambda: copy.deepcopy(DEFAULT_METHOD_OPTIONS))
@@ -122,6 +124,8 @@ class BenchSettings:
             raise ValueError(f"methods must include {REFERENCE_METHOD!r} (the speedup reference), got {self.methods}.")
         if self.max_new_tokens < 1 or self.warmup < 0:
             raise ValueError(f"Need max_new_tokens >= 1 and warmup >= 0, got {self.max_new_tokens}, {self.warmup}.")
+        if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or self.repeats < 1:
+            raise ValueError(f"repeats must be an int >= 1, got {self.repeats!r}.")
         if self.tie_tolerance is not None and self.tie_tolerance < 0:
             raise ValueError(f"tie_tolerance must be >= 0, got {self.tie_tolerance}.")
 
@@ -322,17 +326,27 @@ def run_benchmark(
 
     def run_all(index: int, record: PromptRecord | None) -> None:
         input_ids = prompts[index]
-        shift = index % len(settings.methods)  # rotate the order so no method always runs first
-        for name in settings.methods[shift:] + settings.methods[:shift]:
-            gen_kwargs = {
-                **common,
-                "attention_mask": torch.ones_like(input_ids),
-                **settings.method_options.get(name, {}),
-            }
-            torch.manual_seed(settings.seed + index)
-            run = _timed(METHODS[name], model, input_ids, gen_kwargs)
-            if record is not None:
-                record.runs[name] = run
+        runs: dict[str, list[MethodRun]] = {name: [] for name in settings.methods}
+        for repeat in range(settings.repeats if record is not None else 1):
+            shift = (index + repeat) % len(settings.methods)  # rotate the order so no method always runs first
+            for name in settings.methods[shift:] + settings.methods[:shift]:
+                gen_kwargs = {
+                    **common,
+                    "attention_mask": torch.ones_like(input_ids),
+                    **settings.method_options.get(name, {}),
+                }
+                torch.manual_seed(settings.seed + index)
+                runs[name].append(_timed(METHODS[name], model, input_ids, gen_kwargs))
+        if record is not None:
+            for name, repeated in runs.items():
+                if any(run.tokens != repeated[0].tokens for run in repeated[1:]):
+                    logger.warning(
+                        "%s gave different outputs on repeats of question %d; the first is compared.",
+                        name,
+                        questions[index].question_id,
+                    )
+                median_time = statistics.median(run.time_s for run in repeated)
+                record.runs[name] = replace(repeated[0], time_s=median_time)
 
     for index in range(min(settings.warmup, len(questions))):
         logger.info("Warm-up %d/%d", index + 1, settings.warmup)
@@ -371,10 +385,12 @@ def run_benchmark(
         "temperature": settings.temperature if settings.do_sample else None,
         "seed": settings.seed,
         "warmup": settings.warmup,
+        "repeats": settings.repeats,
         "methods": list(settings.methods),
         "method_options": settings.method_options,
         "tie_tolerance": tolerance,
-        "order": "interleaved per prompt, method order rotated by one each prompt",
+        "order": "interleaved per prompt, method order rotated by one each prompt"
+        + (f"; median of {settings.repeats} timed runs, rotated again each run" if settings.repeats > 1 else ""),
         "exit_layer": model.config.exit_layer,
         "draft_threshold": model.config.draft_threshold,
         "max_draft_tokens": model.config.max_draft_tokens,
@@ -406,6 +422,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         seed=args.seed,
         warmup=args.warmup,
+        repeats=args.repeats,
         tie_tolerance=args.tie_tolerance,
         strict=args.strict,
         method_options=options,
@@ -449,6 +466,9 @@ def add_bench(subparsers: Any) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--warmup", type=int, default=1, help="untimed prompts run by every method first")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="timed runs per method and prompt; each prompt's time is their median"
+    )
     parser.add_argument(
         "--tie-tolerance",
         type=float,
