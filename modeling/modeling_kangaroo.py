@@ -389,7 +389,8 @@ class KangarooCandidateGenerator(CandidateGenerator):
     exit states handed over in `model_kwargs_overrides`, and its crop brings every layer back to the accepted length.
     A round that copies `k` tokens from the context runs the shallow layers on them in one call; a trusted match
     (`lookup_trust_ngram`) skips the adapter, and `x` goes through the shallow layers with the copies. The adapter's
-    own cache is re-synchronised from the verified exit states at the start of the next round (feeding `x` then).
+    own cache is cropped to the verified tokens at the start of the next round and fed the verified exit states it
+    has not seen (collected over the rounds that skipped it) just before it next drafts.
     """
 
     requires_model_outputs = True
