@@ -201,13 +201,7 @@ class KangarooConfig(PreTrainedConfig):
                 f"draft_vocab_size must be an int in [0, {vocab_size}] (0 = full vocabulary), "
                 f"got {self.draft_vocab_size!r}."
             )
-        validate_lookup(
-            self.lookup_num_tokens,
-            self.lookup_max_ngram,
-            self.lookup_max_tokens,
-            self.lookup_trust_ngram,
-            self.lookup_hit_rate_decay,
-        )
+        validate_lookup(*(getattr(self, name) for name in LOOKUP_FIELDS))
 
     def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> PreTrainedConfig:
         """The base's config: caches, masks and generation are sized by the wrapped model."""
@@ -223,6 +217,16 @@ def validate_draft_settings(draft_threshold: float, max_draft_tokens: int, first
             raise ValueError(f"{name} must be in [0, 1], got {value}.")
     if isinstance(max_draft_tokens, bool) or not isinstance(max_draft_tokens, int) or max_draft_tokens < 1:
         raise ValueError(f"max_draft_tokens must be an int >= 1, got {max_draft_tokens!r}.")
+
+
+# The prompt-lookup settings, in `validate_lookup`'s order (config fields, and `DraftSettings` fields).
+LOOKUP_FIELDS = (
+    "lookup_num_tokens",
+    "lookup_max_ngram",
+    "lookup_max_tokens",
+    "lookup_trust_ngram",
+    "lookup_hit_rate_decay",
+)
 
 
 def validate_lookup(

@@ -32,6 +32,7 @@ def measured_block(results: dict[str, Any]) -> dict[str, Any]:
             f"first turns, {per_category} question{'s' if per_category > 1 else ''} per category, "
             f"{settings['max_new_tokens']} new tokens, greedy, batch 1, {settings['dtype']} on {machine['cpu_model']} "
             f"({machine['usable_cpus']} cores, torch {machine['torch']}), {machine['date'][:10]}"
+            + (f", median of {settings['repeats']} timings per prompt" if settings.get("repeats", 1) > 1 else "")
         ),
         "speedup_over_plain": round(kangaroo["overall"]["speedup"], 3),
         "mean_accepted_tokens": round(kangaroo["overall"]["mean_accepted_tokens"], 3),

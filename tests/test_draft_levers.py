@@ -331,18 +331,25 @@ def test_cpu_packed_weights_must_be_a_bool():
         make_kangaroo("llama", cpu_packed_weights=1)
 
 
-def test_trusted_lookup_matches_overrule_a_sure_adapter_and_stay_lossless(arch):
-    # threshold 0: the adapter always counts as sure, so only a trusted match (or agreement) gets copied.
+def _lookup_rounds_by_setting(arch: str, field: str, values: tuple, max_new_tokens: int) -> dict:
+    """Copied rounds on repetitive prompts for each value of a lookup setting, checking every output is the base's.
+    Threshold 0: the adapter always counts as sure, so only agreement or the setting under test makes it copy."""
     model = make_kangaroo(arch, agreement="random", draft_threshold=0.0, max_draft_tokens=2, lookup_num_tokens=4)
     rounds = {}
-    for trust in (0, 1):
-        model.config.lookup_trust_ngram = trust
-        rounds[trust] = 0
+    for value in values:
+        setattr(model.config, field, value)
+        rounds[value] = 0
         for seed in range(3):
             input_ids = _repetitive_prompt(seed)
-            expected = model.get_base_model().generate(input_ids, do_sample=False, max_new_tokens=24)
-            assert model.generate(input_ids, do_sample=False, max_new_tokens=24).tolist() == expected.tolist()
-            rounds[trust] += model.last_generate_stats.lookup_rounds
+            expected = model.get_base_model().generate(input_ids, do_sample=False, max_new_tokens=max_new_tokens)
+            output = model.generate(input_ids, do_sample=False, max_new_tokens=max_new_tokens)
+            assert output.tolist() == expected.tolist()
+            rounds[value] += model.last_generate_stats.lookup_rounds
+    return rounds
+
+
+def test_trusted_lookup_matches_overrule_a_sure_adapter_and_stay_lossless(arch):
+    rounds = _lookup_rounds_by_setting(arch, "lookup_trust_ngram", (0, 1), max_new_tokens=24)
     assert rounds[1] > rounds[0]
 
 
@@ -365,17 +372,7 @@ def test_lookup_hit_rate_learns_whether_the_context_predicted_the_emitted_token(
 
 
 def test_lookup_hit_rate_copies_over_a_sure_adapter_and_stays_lossless(arch):
-    # threshold 0 and no trusted matches: only agreement, or a hit rate above the adapter's confidence, copies.
-    model = make_kangaroo(arch, agreement="random", draft_threshold=0.0, max_draft_tokens=2, lookup_num_tokens=4)
-    rounds = {}
-    for decay in (0.0, 0.5):
-        model.config.lookup_hit_rate_decay = decay
-        rounds[decay] = 0
-        for seed in range(3):
-            input_ids = _repetitive_prompt(seed)
-            expected = model.get_base_model().generate(input_ids, do_sample=False, max_new_tokens=48)
-            assert model.generate(input_ids, do_sample=False, max_new_tokens=48).tolist() == expected.tolist()
-            rounds[decay] += model.last_generate_stats.lookup_rounds
+    rounds = _lookup_rounds_by_setting(arch, "lookup_hit_rate_decay", (0.0, 0.5), max_new_tokens=48)
     assert rounds[0.5] > rounds[0.0]  # tiny random bases fall into loops within 48 tokens: the context predicts them
 
 

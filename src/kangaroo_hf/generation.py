@@ -17,7 +17,7 @@ from transformers import Cache, DynamicCache, GenerationConfig, LogitsProcessorL
 from transformers.generation.candidate_generator import CandidateGenerator
 
 from .backbone import few_row_matmul, pack_weight, packed_matmul
-from .configuration import validate_draft_settings, validate_lookup
+from .configuration import LOOKUP_FIELDS, validate_draft_settings, validate_lookup
 
 if TYPE_CHECKING:
     from .modeling import KangarooForCausalLM
@@ -41,13 +41,7 @@ class DraftSettings:
 
     def __post_init__(self) -> None:
         validate_draft_settings(self.draft_threshold, self.max_draft_tokens, self.first_draft_threshold)
-        validate_lookup(
-            self.lookup_num_tokens,
-            self.lookup_max_ngram,
-            self.lookup_max_tokens,
-            self.lookup_trust_ngram,
-            self.lookup_hit_rate_decay,
-        )
+        validate_lookup(*(getattr(self, name) for name in LOOKUP_FIELDS))
 
     @property
     def longest_lookup(self) -> int:

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from .configuration_kangaroo import KangarooConfig, __version__, validate_draft_settings, validate_lookup
+from .configuration_kangaroo import KangarooConfig, LOOKUP_FIELDS, __version__, validate_draft_settings, validate_lookup
 
 
 # ------------------------------------------------------------------------------
@@ -299,13 +299,7 @@ class DraftSettings:
 
     def __post_init__(self) -> None:
         validate_draft_settings(self.draft_threshold, self.max_draft_tokens, self.first_draft_threshold)
-        validate_lookup(
-            self.lookup_num_tokens,
-            self.lookup_max_ngram,
-            self.lookup_max_tokens,
-            self.lookup_trust_ngram,
-            self.lookup_hit_rate_decay,
-        )
+        validate_lookup(*(getattr(self, name) for name in LOOKUP_FIELDS))
 
     @property
     def longest_lookup(self) -> int:
