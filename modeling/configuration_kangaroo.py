@@ -79,8 +79,8 @@ class KangarooConfig(PreTrainedConfig):
             verification cheap. 0 (or `lookup_num_tokens`) keeps the length fixed.
         lookup_trust_ngram (`int`, *optional*, defaults to 0):
             When > 0, a context match of at least this many tokens (at most `lookup_max_ngram`) is copied even when
-            the adapter is sure of another first token; shorter matches are copied only as `lookup_num_tokens`
-            says. 0 never overrules a sure adapter.
+            the adapter is sure of another first token, and such a round runs no drafting step; shorter matches are
+            copied only as `lookup_num_tokens` says. 0 never overrules a sure adapter.
         lookup_hit_rate_decay (`float`, *optional*, defaults to 0.0):
             When > 0, each `generate()` call keeps a running rate of how often the context's continuation had the
             right first token (an exponential moving average over the rounds that found a match, with this decay,
