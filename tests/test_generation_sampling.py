@@ -122,16 +122,16 @@ def test_sampling_with_copies_chosen_by_the_lookup_hit_rate(model_and_prompt, mo
         self._lookup_hit_rate = 1.0
 
     monkeypatch.setattr(KangarooCandidateGenerator, "__init__", init_with_a_high_rate)
-    lookup_rounds = []
+    copied_rounds = []
     original_update = KangarooCandidateGenerator.update_candidate_strategy
 
     def count_copies(self, *args):
-        lookup_rounds.append(self._copied_this_round)
+        copied_rounds.append(self._copied_this_round)
         return original_update(self, *args)
 
     monkeypatch.setattr(KangarooCandidateGenerator, "update_candidate_strategy", count_copies)
     p_value, accepted = _min_p_value_at_drafted_positions(model, prompt)
-    assert sum(lookup_rounds) > SAMPLES // 2  # most generations copied
+    assert sum(copied_rounds) > SAMPLES // 2  # most generations copied
     assert accepted > SAMPLES // 20  # copies were accepted too, not only rejected and resampled
     assert p_value > 1e-3, p_value
 
