@@ -125,9 +125,10 @@ def test_growing_lookup_is_lossless_and_copies_longer_runs(arch, monkeypatch):
     copied = []
     original = KangarooCandidateGenerator._copy_drafts
 
-    def spy(self, tokens, *args):
-        copied.append(tokens.numel())
-        return original(self, tokens, *args)
+    def spy(self, tokens, input_ids, *args):
+        candidate_ids, scores, exit_states = original(self, tokens, input_ids, *args)
+        copied.append(candidate_ids.shape[1] - input_ids.shape[1])  # copies proposed, within the length budget
+        return candidate_ids, scores, exit_states
 
     monkeypatch.setattr(KangarooCandidateGenerator, "_copy_drafts", spy)
     model = make_kangaroo(arch, agreement="random", draft_threshold=0.5, max_draft_tokens=2, lookup_num_tokens=2)

@@ -163,6 +163,7 @@ class KangarooCandidateGenerator(CandidateGenerator):
         self._round_start = 0  # index of this round's first new token in the sequence
         # Verified states the adapter has not seen yet (rounds that copy a trusted match skip the adapter).
         self._unfed_states: torch.Tensor | None = None
+        self._final_context = model.config.adapter_context == "final"  # adapter context: verified final states
 
     def get_candidates(
         self,
@@ -224,11 +225,10 @@ class KangarooCandidateGenerator(CandidateGenerator):
         """
         verified = cache.get_seq_length(self.model.config.exit_layer)  # every accepted token but the last
         offset = self._first_verified_position
-        final_context = self.model.config.adapter_context == "final"
         fed = self.adapter_cache.get_seq_length()
-        kept = min(fed, offset if final_context else verified)
+        kept = min(fed, offset if self._final_context else verified)
         self.adapter_cache.crop(kept - fed)
-        states = model_outputs.final_hidden_states if final_context else model_outputs.exit_hidden_states
+        states = model_outputs.final_hidden_states if self._final_context else model_outputs.exit_hidden_states
         if self._unfed_states is not None:  # they hold tokens `kept .. offset - 1`, verified by earlier forwards
             self._unfed_states = torch.cat([self._unfed_states, states[:, : verified - offset]], dim=1)
         elif kept < verified:
@@ -241,8 +241,7 @@ class KangarooCandidateGenerator(CandidateGenerator):
         start = self.adapter_cache.get_seq_length()
         verified = start + self._unfed_states.shape[1]
         attention_mask = model_kwargs.get("attention_mask")
-        final_context = self.model.config.adapter_context == "final"
-        feed = self.model.adapter_add_context if final_context else self.model.adapter_forward
+        feed = self.model.adapter_add_context if self._final_context else self.model.adapter_forward
         feed(
             self._unfed_states,
             position_ids=model_kwargs["position_ids"][:, start:verified],
@@ -261,9 +260,7 @@ class KangarooCandidateGenerator(CandidateGenerator):
         if lookup is not None and 0 < self.settings.lookup_trust_ngram <= match_length:
             # A match long enough to trust is copied whatever the adapter would draft: no drafting step this round,
             # and the adapter's unseen context waits for the next round that drafts.
-            budget = self.max_length - input_ids.shape[1] - 1
-            position = model_kwargs["position_ids"][:, -1:]
-            return self._copy_drafts(lookup[:budget], input_ids, position, cache, model_kwargs.get("attention_mask"))
+            return self._copy_drafts(lookup, input_ids, cache, model_kwargs)
         self._feed_adapter(model_kwargs)
         return self._draft(input_ids, cache, model_kwargs, lookup)
 
@@ -300,7 +297,7 @@ class KangarooCandidateGenerator(CandidateGenerator):
             ):
                 # The context's continuation agrees with the adapter, the adapter is unsure, or the context has lately
                 # been right more often than the adapter is sure now: copy it instead.
-                return self._copy_drafts(lookup[:budget], input_ids, position, cache, attention_mask, exit_states[0])
+                return self._copy_drafts(lookup, input_ids, cache, model_kwargs, exit_states[0])
             if step == 0 and confidence < self.settings.first_draft_threshold:
                 break  # an unsure first draft is not worth a two-token verification: a plain step this round
             token = self._choose(scores, vocab_ids)
@@ -323,15 +320,17 @@ class KangarooCandidateGenerator(CandidateGenerator):
         self,
         tokens: torch.LongTensor,
         input_ids: torch.LongTensor,
-        position: torch.LongTensor,
         cache: Cache,
-        attention_mask: torch.Tensor | None,
+        model_kwargs: dict[str, Any],
         last_exit_state: torch.Tensor | None = None,
     ) -> tuple[torch.LongTensor, list[torch.Tensor], torch.Tensor]:
-        """Propose `tokens` copied from the context: known in advance, so the shallow layers see them in one call
-        (together with the last accepted token when its exit state, `last_exit_state`, is not computed yet)."""
+        """Propose `tokens` copied from the context (as many as the length budget allows): known in advance, so the
+        shallow layers see them in one call (together with the last accepted token when its exit state,
+        `last_exit_state`, is not computed yet)."""
+        position = model_kwargs["position_ids"][:, -1:]  # (1, 1): position of the last accepted token
+        attention_mask = model_kwargs.get("attention_mask")
         candidate_ids = input_ids
-        for token in tokens.view(-1, 1, 1):
+        for token in tokens[: self.max_length - input_ids.shape[1] - 1].view(-1, 1, 1):
             extended = torch.cat([candidate_ids, token], dim=-1)
             if self.stopping_criteria(extended, None).any():
                 break
