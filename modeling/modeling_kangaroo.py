@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from .configuration_kangaroo import KangarooConfig, LOOKUP_FIELDS, __version__, validate_draft_settings, validate_lookup
+from .configuration_kangaroo import GenerationHooks, KangarooConfig, LOOKUP_FIELDS, LoopCandidateGenerator, __version__, check_settings, create_causal_mask, create_sliding_window_causal_mask, validate_draft_settings, validate_lookup
 
 
 # ------------------------------------------------------------------------------
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import Cache, PreTrainedConfig, PreTrainedModel
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
 
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
@@ -278,7 +278,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import Cache, DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteriaList
-from transformers.generation.candidate_generator import CandidateGenerator
 
 
 @dataclass(frozen=True)
@@ -373,7 +372,7 @@ def _extend_mask(attention_mask: torch.Tensor | None, extra: int) -> torch.Tenso
     return torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], extra))], dim=-1)
 
 
-class KangarooCandidateGenerator(CandidateGenerator):
+class KangarooCandidateGenerator(LoopCandidateGenerator):
     """Drafts with the shallow layers + adapter of a [`KangarooForCausalLM`] (double early exit).
 
     Round bookkeeping, with `N` accepted tokens of which the last, `x`, is not yet in any cache:
@@ -386,8 +385,6 @@ class KangarooCandidateGenerator(CandidateGenerator):
     own cache is cropped to the verified tokens at the start of the next round and fed the verified exit states it
     has not seen (collected over the rounds that skipped it) just before it next drafts.
     """
-
-    requires_model_outputs = True
 
     def __init__(
         self,
@@ -407,10 +404,11 @@ class KangarooCandidateGenerator(CandidateGenerator):
         self.stopping_criteria = stopping_criteria
         self.adapter_cache = DynamicCache()
         self.stats = KangarooStats(max_draft_tokens=settings.longest_draft)
+        self.max_drafting_tokens = settings.longest_draft
         self.draft_head = model.draft_head()
         self._score_draft_head = self._draft_head_product(*self.draft_head[:2], use_few_row_matmul, use_packed_weights)
         # Kwargs merged into the loop's next forward: the prefill must return exit states, a verification reuses them.
-        self.model_kwargs_overrides: dict[str, Any] = {"output_exit_hidden_states": True}
+        self.set_forward_overrides({"output_exit_hidden_states": True})
         self._first_verified_position = 0  # position of the first token of the last full forward
         self._drafted_this_round = 0
         self._lookup_length = settings.lookup_num_tokens  # grows while copied drafts are accepted in full
@@ -438,7 +436,7 @@ class KangarooCandidateGenerator(CandidateGenerator):
             # The loop's first forward is the prefill: no drafts yet, it must return the prompt's exit states.
             self._first_verified_position = cache.get_seq_length(exit_layer)
             self._drafted_this_round = 0
-            self.model_kwargs_overrides = {"output_exit_hidden_states": True}
+            self.set_forward_overrides({"output_exit_hidden_states": True})
             return input_ids, None
 
         self._sync_adapter(model_outputs, cache, model_kwargs)
@@ -447,7 +445,7 @@ class KangarooCandidateGenerator(CandidateGenerator):
         self._round_start = input_ids.shape[1]
         candidate_ids, draft_scores, exit_states = self._round(input_ids, cache, model_kwargs)
         self._drafted_this_round = candidate_ids.shape[1] - input_ids.shape[1]
-        self.model_kwargs_overrides = {"exit_hidden_states": exit_states}
+        self.set_forward_overrides({"exit_hidden_states": exit_states})
         # Only sampling reads the draft distribution (speculative sampling); greedy compares tokens.
         candidate_logits = torch.stack(draft_scores, dim=1) if draft_scores and self.do_sample else None  # (1, k, V)
         return candidate_ids, candidate_logits
@@ -761,9 +759,11 @@ from transformers import (
     DynamicCache,
     GenerationConfig,
     GenerationMixin,
+    LogitsProcessorList,
     PreTrainedModel,
+    StoppingCriteriaList,
 )
-from transformers.masking_utils import create_causal_mask
+from transformers.generation import GenerationMode
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 
@@ -888,7 +888,7 @@ class KangarooPreTrainedModel(PreTrainedModel):
             nn.init.ones_(module.weight)  # RMSNorm
 
 
-class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
+class KangarooForCausalLM(KangarooPreTrainedModel, GenerationHooks, GenerationMixin):
     r"""
     A LLaMA-family causal LM with Kangaroo self-speculative decoding.
 
@@ -931,7 +931,6 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         self.generation_config = GenerationConfig.from_dict(unwrap_generation_config(base).to_dict())
         self.last_generate_stats: KangarooStats | None = None
         self._draft_settings: DraftSettings | None = None
-        self._candidate_generator: KangarooCandidateGenerator | None = None
 
     @classmethod
     def from_base(
@@ -958,6 +957,7 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
             peft_adapter_name_or_path: for a `PeftModel` base, the folder or repo id of its PEFT adapter, recorded so
                 that `from_pretrained` can rebuild the same tuned base.
         """
+        check_settings(config_kwargs, "KangarooForCausalLM.from_base")
         parts = DecoderParts.from_base(base)
         fingerprint = peft_fingerprint(base)
         if fingerprint is not None and peft_adapter_name_or_path is None:
@@ -968,7 +968,7 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         config = KangarooConfig(
             # A copy: `PreTrainedModel.__init__` rewrites attributes of the config it is given.
             base_config=copy.deepcopy(parts.config),
-            base_model_name_or_path=base_model_name_or_path or getattr(parts.config, "_name_or_path", None) or None,
+            base_model_name_or_path=base_model_name_or_path or parts.config.name_or_path or None,
             exit_layer=exit_layer,
             draft_threshold=draft_threshold,
             max_draft_tokens=max_draft_tokens,
@@ -1400,8 +1400,34 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
                 lookup_hit_rate_decay=config.lookup_hit_rate_decay,
             )
         self.last_generate_stats = None
+        if settings is not None:
+            self._check_decoding_mode(generation_config, kwargs)
         with self._scoped("_draft_settings", settings):
             return super().generate(inputs, generation_config, **kwargs)
+
+    def _check_decoding_mode(self, generation_config: GenerationConfig | None, kwargs: dict[str, Any]) -> None:
+        """Refuse arguments that would make transformers decode without Kangaroo (beam search, another assistant,
+        contrastive search, ...): Kangaroo runs greedy search and sampling only, and must not be switched off
+        silently."""
+        merged = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
+        merged.update(**{key: value for key, value in kwargs.items() if hasattr(merged, key)})
+        assistant_model = kwargs.get("assistant_model")
+        mode = merged.get_generation_mode(assistant_model)
+        if mode in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
+            return
+        defaults = GenerationConfig()
+        culprits = [
+            f"{name}={getattr(merged, name)!r}"
+            for name in _NON_KANGAROO_MODE_FIELDS
+            if getattr(merged, name, None) != getattr(defaults, name, None)
+        ]
+        if assistant_model is not None:
+            culprits.append(f"assistant_model={type(assistant_model).__name__}")
+        raise ValueError(
+            f"Kangaroo decoding runs greedy search and sampling only, but {', '.join(culprits) or 'this call'} "
+            f"asks for {mode.value.replace('_', ' ')}. Drop {'them' if len(culprits) > 1 else 'it'}, or pass "
+            "use_kangaroo=False to decode with the base alone."
+        )
 
     @contextlib.contextmanager
     def _scoped(self, name: str, value: Any) -> Iterator[None]:
@@ -1413,11 +1439,19 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         finally:
             setattr(self, name, previous)
 
-    def _sample(self, input_ids: torch.LongTensor, logits_processor, stopping_criteria, generation_config, **kw):
-        """Greedy search and sampling: Kangaroo's draft/verify loop when enabled, the base's decoding otherwise."""
+    def candidate_generator_for(
+        self,
+        input_ids: torch.LongTensor,
+        logits_processor: LogitsProcessorList,
+        stopping_criteria: StoppingCriteriaList,
+        generation_config: GenerationConfig,
+        model_kwargs: dict[str, Any],
+    ) -> KangarooCandidateGenerator | None:
+        """The candidate generator greedy search and sampling run with (`compat.GenerationHooks`): Kangaroo's when
+        enabled for this call, else None (the base's own decoding)."""
         settings = self._draft_settings
         if settings is None:
-            return super()._sample(input_ids, logits_processor, stopping_criteria, generation_config, **kw)
+            return None
         if input_ids.shape[0] != 1:
             raise ValueError(
                 f"Kangaroo decoding supports one sequence at a time, got a batch of {input_ids.shape[0]}; "
@@ -1428,7 +1462,7 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
                 "assistant_ensemble_weight relaxes verification (lossy); Kangaroo decoding is lossless and does not "
                 f"support it (got {generation_config.assistant_ensemble_weight})."
             )
-        cache = kw.get("cache")
+        cache = model_kwargs.get("cache")
         if not isinstance(cache, DynamicCache) or cache.get_seq_length() > 0:
             raise ValueError(
                 "Kangaroo decoding needs use_cache=True and a fresh DynamicCache (it writes the shallow layers' KV "
@@ -1443,16 +1477,26 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
             use_few_row_matmul=self.uses_few_row_matmul(),
             use_packed_weights=self.uses_packed_weights(),
         )
-        # After the prefill the loop's forwards are short (drafting steps, verifications): the kernels' case.
-        with self._scoped("_candidate_generator", generator), self.decoding_kernels():
-            output = self._assisted_decoding(input_ids, logits_processor, stopping_criteria, generation_config, **kw)
         self.last_generate_stats = generator.stats
-        return output
+        return generator
 
-    def _get_candidate_generator(self, *args: Any, **kwargs: Any):
-        if self._candidate_generator is not None:
-            return self._candidate_generator
-        return super()._get_candidate_generator(*args, **kwargs)
+    def decoding_context(self, generator: KangarooCandidateGenerator) -> contextlib.AbstractContextManager:
+        """After the prefill the loop's forwards are short (drafting steps, verifications): the kernels' case."""
+        return self.decoding_kernels()
+
+
+# Generation-config fields that select a decoding mode other than greedy search or sampling.
+_NON_KANGAROO_MODE_FIELDS = (
+    "num_beams",
+    "num_beam_groups",
+    "penalty_alpha",
+    "constraints",
+    "force_words_ids",
+    "prompt_lookup_num_tokens",
+    "assistant_early_exit",
+    "use_mtp",
+    "dola_layers",
+)
 
 
 def _context_training_mask(
@@ -1687,16 +1731,40 @@ def decode_adapter_weights(
 
 
 def load_adapter_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read and decode `kangaroo_adapter.safetensors` from `folder`; pickles are refused, a damaged file is named."""
+    """Read and decode `kangaroo_adapter.safetensors` from `folder`; pickles are refused, a damaged file (unreadable,
+    or holding NaN / infinite weights) is named."""
     tensors, metadata = read_adapter_file(folder)
-    return decode_adapter_weights(tensors, metadata, str(Path(folder) / ADAPTER_WEIGHTS_NAME))
+    source = str(Path(folder) / ADAPTER_WEIGHTS_NAME)
+    weights = decode_adapter_weights(tensors, metadata, source)
+    damaged = [
+        f"{name} ({int((~torch.isfinite(tensor)).sum())} of {tensor.numel()} values)"
+        for name, tensor in weights.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+    if damaged:
+        raise ValueError(f"{source} is damaged: NaN or infinite weights in {', '.join(damaged)}.")
+    return weights
+
+
+def check_kangaroo_folder(folder: Path) -> None:
+    """Raise when `folder` has no `config.json`, one that is not JSON, or one of another model type (each named)."""
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"No {CONFIG_NAME} in {folder}: not a Kangaroo checkpoint.")
+    try:
+        values = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_path} is not a valid JSON file ({error}); the checkpoint is damaged.") from error
+    model_type = values.get("model_type") if isinstance(values, dict) else None
+    if model_type != KangarooConfig.model_type:
+        raise ValueError(f"{config_path} has model_type {model_type!r}, expected {KangarooConfig.model_type!r}.")
 
 
 def check_base_matches(config: KangarooConfig, base: nn.Module, base_source: str | None = None) -> None:
     """Raise `ValueError` naming each field where the actual base differs from the base the adapter was saved for."""
     actual = DecoderParts.from_base(base).config
     recorded = config.base_config
-    source = base_source or getattr(actual, "_name_or_path", None) or type(unwrap_causal_lm(base)).__name__
+    source = base_source or actual.name_or_path or type(unwrap_causal_lm(base)).__name__
     if recorded.model_type != actual.model_type:
         raise ValueError(
             f"This Kangaroo adapter was saved for a {recorded.model_type!r} base "
@@ -1782,13 +1850,8 @@ def load_kangaroo(
         kwargs.pop(name, None)
     hub_kwargs = {name: kwargs.pop(name) for name in _HUB_KWARGS if name in kwargs}
     folder = resolve_checkpoint(pretrained_model_name_or_path, revision, subfolder, **hub_kwargs)
-    config_path = folder / CONFIG_NAME
     if config is None:
-        if not config_path.is_file():
-            raise FileNotFoundError(f"No {CONFIG_NAME} in {folder}: not a Kangaroo checkpoint.")
-        model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
-        if model_type != KangarooConfig.model_type:
-            raise ValueError(f"{config_path} has model_type {model_type!r}, expected {KangarooConfig.model_type!r}.")
+        check_kangaroo_folder(folder)
         config = model_class.config_class.from_pretrained(folder)
     # Read (and validate) the small adapter file before the possibly large base.
     state_dict = load_adapter_weights(folder)
@@ -1922,12 +1985,7 @@ def save_kangaroo(
 def upload_file_list(folder: str | os.PathLike) -> list[str]:
     """The files of a checkpoint folder that a push uploads (hidden files and caches excluded); checks the folder."""
     folder = Path(folder)
-    config_path = folder / CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"No {CONFIG_NAME} in {folder}: not a Kangaroo checkpoint folder.")
-    model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
-    if model_type != KangarooConfig.model_type:
-        raise ValueError(f"{config_path} has model_type {model_type!r}, expected {KangarooConfig.model_type!r}.")
+    check_kangaroo_folder(folder)
     load_adapter_weights(folder)  # refuses pickles, names a missing or damaged adapter file
     files = []
     for path in sorted(folder.rglob("*")):

@@ -72,3 +72,41 @@ def test_config_rejects_impossible_values_directly():
 def test_kangaroo_needs_a_cache():
     with pytest.raises(ValueError, match="needs use_cache=True"):
         make_kangaroo("llama").generate(torch.tensor([[3, 4, 5]]), max_new_tokens=3, use_cache=False)
+
+
+def test_misspelled_setting_is_refused_naming_the_nearest_field():
+    with pytest.raises(ValueError, match=r"'draft_treshold' \(did you mean 'draft_threshold'\?\)"):
+        KangarooForCausalLM.from_base(tiny_base("llama"), draft_treshold=0.1)
+    with pytest.raises(ValueError, match=r"unknown setting 'max_draft_token'; did you mean 'max_draft_tokens'"):
+        KangarooConfig(base_config=tiny_base("llama").config, max_draft_token=3)
+    with pytest.raises(ValueError, match=r"unknown Kangaroo settings: 'colour'"):
+        KangarooForCausalLM.from_base(tiny_base("llama"), colour="blue")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        ({"num_beams": 2}, "num_beams=2"),
+        ({"prompt_lookup_num_tokens": 5}, "prompt_lookup_num_tokens=5"),
+    ],
+)
+def test_arguments_that_would_switch_kangaroo_off_are_refused(arguments, named):
+    model = make_kangaroo("llama")
+    with pytest.raises(ValueError, match=rf"greedy search and sampling only, but {named}.*use_kangaroo=False"):
+        model.generate(torch.tensor([[3, 4, 5]]), max_new_tokens=3, **arguments)
+    # Decoding with the base alone still takes them.
+    model.generate(torch.tensor([[3, 4, 5]]), max_new_tokens=3, use_kangaroo=False, **arguments)
+
+
+def test_another_assistant_model_is_refused():
+    model = make_kangaroo("llama")
+    with pytest.raises(ValueError, match=r"assistant_model=LlamaForCausalLM asks for assisted generation"):
+        model.generate(torch.tensor([[3, 4, 5]]), max_new_tokens=3, assistant_model=tiny_base("llama", seed=1))
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_booleans_are_not_layer_indices(value):
+    with pytest.raises(ValueError, match=f"exit_layer must be an int.*got {value}"):
+        KangarooForCausalLM.from_base(tiny_base("llama"), exit_layer=value)
+    with pytest.raises(ValueError, match=f"adapter_num_layers must be an int >= 1, got {value}"):
+        KangarooConfig(base_config=tiny_base("llama").config, adapter_num_layers=value)

@@ -24,6 +24,7 @@ def _assert_same_as_base(model, input_ids, draft_threshold=None, max_draft_token
     return actual
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("agreement", ["mixed", "random"])
 def test_greedy_identical_across_settings(arch, agreement):
     model = make_kangaroo(arch, exit_layer=2, agreement=agreement)

@@ -9,7 +9,7 @@ import transformers.generation.utils as generation_utils
 from scipy.stats import chi2
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from conftest import tiny_base
+from conftest import ARCHS, tiny_base
 from kangaroo_hf import KangarooCandidateGenerator, KangarooForCausalLM
 
 VOCAB = 10
@@ -18,8 +18,8 @@ SAMPLES = 1500
 SAMPLING = dict(do_sample=True, temperature=0.8, top_k=8, top_p=0.95)
 
 
-def _small_model() -> KangarooForCausalLM:
-    base = tiny_base("llama", seed=3, vocab_size=VOCAB, num_hidden_layers=2, hidden_size=32, initializer_range=0.3)
+def _small_model(arch: str = "llama") -> KangarooForCausalLM:
+    base = tiny_base(arch, seed=3, vocab_size=VOCAB, num_hidden_layers=2, hidden_size=32, initializer_range=0.3)
     return KangarooForCausalLM.from_base(base, exit_layer=1, draft_threshold=0.0, max_draft_tokens=NEW_TOKENS).eval()
 
 
@@ -87,8 +87,10 @@ def model_and_prompt():
     return _small_model(), torch.tensor([[1, 4, 7, 2]])
 
 
-def test_sampling_matches_the_base_distribution(model_and_prompt):
-    model, prompt = model_and_prompt
+@pytest.mark.compat
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sampling_matches_the_base_distribution(model_and_prompt, arch):
+    model, prompt = model_and_prompt if arch == "llama" else (_small_model(arch), model_and_prompt[1])
     p_value, accepted = _min_p_value_at_drafted_positions(model, prompt)
     assert accepted > SAMPLES // 10  # drafts were really accepted, not only resampled
     assert p_value > 1e-3
@@ -171,6 +173,7 @@ def _resample_from_p_not_residual(candidate_input_ids, candidate_logits, candida
     return torch.cat([drafts[:, :accepted], token], dim=-1), accepted
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("broken_rule", [_accept_every_draft, _resample_from_p_not_residual])
 def test_a_wrong_acceptance_rule_is_detected(model_and_prompt, monkeypatch, broken_rule):
     """The statistical test above has teeth: it rejects the distribution a wrong rule produces."""

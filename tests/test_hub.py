@@ -127,6 +127,7 @@ def test_safe_serialization_false_is_refused(tmp_path):
 # -- load ---------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_round_trip_reproduces_generation_token_for_token(tmp_path, arch):
     model = _kangaroo_over_saved_base(tmp_path, arch, draft_threshold=0.2, max_draft_tokens=4)
@@ -270,6 +271,7 @@ def offline_cache(tmp_path, monkeypatch) -> Path:
     return cache
 
 
+@pytest.mark.compat
 def test_repo_ids_resolve_through_the_offline_hf_cache(tmp_path, offline_cache):
     model = make_kangaroo("llama", base_model_name_or_path="tiny-org/tiny-llama", draft_threshold=0.2)
     model.get_base_model().save_pretrained(tmp_path / "base")
@@ -587,3 +589,24 @@ def test_peft_tuned_base_is_rebuilt_on_load_and_a_different_base_is_flagged(tmp_
     with caplog.at_level("WARNING"):
         KangarooForCausalLM.from_pretrained(tmp_path / "kangaroo", base_model=tiny_base("llama"))
     assert "but the base carries no PEFT adapter" in caplog.text
+
+
+def test_adapter_file_with_overwritten_tensor_bytes_is_refused_naming_the_tensor(tmp_path):
+    model = make_kangaroo("llama", base_model_name_or_path="tiny-org/tiny-llama")
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "kangaroo_adapter.safetensors"
+    raw = bytearray(path.read_bytes())
+    header_length = int.from_bytes(raw[:8], "little")
+    data_start = 8 + header_length
+    raw[data_start:] = b"\xff" * (len(raw) - data_start)  # every tensor byte overwritten, header intact: NaN floats
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"kangaroo_adapter.safetensors is damaged: NaN or infinite weights in adapter"):
+        KangarooForCausalLM.from_pretrained(tmp_path, base_model=model.get_base_model())
+
+
+def test_config_that_is_not_json_is_named(tmp_path):
+    model = make_kangaroo("llama", base_model_name_or_path="tiny-org/tiny-llama")
+    model.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "kangaroo", "exit_layer": 2,')  # cut off mid-write
+    with pytest.raises(ValueError, match=r"config.json is not a valid JSON file"):
+        KangarooForCausalLM.from_pretrained(tmp_path, base_model=model.get_base_model())

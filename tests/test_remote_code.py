@@ -129,6 +129,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("weights_dtype", [None, "int8"])
 def test_trust_remote_code_loads_without_the_package(tmp_path, weights_dtype):
     model = make_kangaroo("qwen2", draft_threshold=0.2, max_draft_tokens=4)

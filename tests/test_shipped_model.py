@@ -31,6 +31,7 @@ def test_shipped_checkpoint_is_small_and_records_its_training():
     assert set(measured["mean_accepted_tokens_by_category"]) >= {"writing", "coding", "rag"}
 
 
+@pytest.mark.compat
 @pytest.mark.smollm2
 def test_shipped_model_greedy_output_is_the_bases():
     if importlib.util.find_spec(default_model.GGUF_PACKAGE) is None:

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import Cache, PreTrainedConfig, PreTrainedModel
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from .compat import create_causal_mask, create_sliding_window_causal_mask
 
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from .compat import observe_candidate_generators
+
 REFERENCE_METHOD = "vanilla"
 # Prompt lookup decoding: 10 proposed tokens (as in Spec-Bench's PLD runs), transformers' default n-gram size of 2;
 # `pld_few_row` is the same method through Kangaroo's CPU kernels, so it takes the same options.
@@ -111,10 +113,8 @@ def _record_candidate_steps(base: torch.nn.Module) -> Iterator[SpeculationCounts
     and only for the duration of the call.
     """
     counts = SpeculationCounts()
-    original = base._get_candidate_generator
 
-    def recording_candidate_generator(*args: Any, **kwargs: Any) -> Any:
-        generator = original(*args, **kwargs)
+    def record(generator: Any) -> None:
         update = generator.update_candidate_strategy
 
         def recording_update(input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int) -> None:
@@ -122,13 +122,9 @@ def _record_candidate_steps(base: torch.nn.Module) -> Iterator[SpeculationCounts
             update(input_ids, scores, num_matches)
 
         generator.update_candidate_strategy = recording_update
-        return generator
 
-    base._get_candidate_generator = recording_candidate_generator
-    try:
+    with observe_candidate_generators(base, record):
         yield counts
-    finally:
-        del base._get_candidate_generator  # the instance attribute; the class's method shows through again
 
 
 @contextlib.contextmanager

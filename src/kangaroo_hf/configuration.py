@@ -5,12 +5,14 @@ Reference: Liu et al., "Kangaroo: Lossless Self-Speculative Decoding via Double 
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
 
+from .compat import SubConfigSpec
 from .version import __version__
 
 ADAPTER_CONTEXTS = ("exit", "final")
@@ -158,6 +160,10 @@ class KangarooConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
+        for key in kwargs:
+            nearest = nearest_setting(key)
+            if nearest is not None:
+                raise ValueError(f"KangarooConfig got an unknown setting {key!r}; did you mean {nearest!r}?")
         super().__post_init__(**kwargs)
         self.kangaroo_hf_version = __version__
         self.validate_kangaroo()
@@ -165,14 +171,14 @@ class KangarooConfig(PreTrainedConfig):
     def validate_kangaroo(self) -> None:
         """Raise `ValueError` naming the bad value when a Kangaroo setting is impossible for the base."""
         num_layers = self.base_config.num_hidden_layers
-        if not isinstance(self.exit_layer, int) or not 1 <= self.exit_layer < num_layers:
+        if not _is_int(self.exit_layer) or not 1 <= self.exit_layer < num_layers:
             raise ValueError(
                 f"exit_layer must be an int in [1, {num_layers - 1}] for a base with {num_layers} layers "
                 f"(the draft needs at least one shallow layer and verification at least one deep layer), "
                 f"got {self.exit_layer!r}."
             )
         validate_draft_settings(self.draft_threshold, self.max_draft_tokens, self.first_draft_threshold)
-        if not isinstance(self.adapter_num_layers, int) or self.adapter_num_layers < 1:
+        if not _is_int(self.adapter_num_layers) or self.adapter_num_layers < 1:
             raise ValueError(f"adapter_num_layers must be an int >= 1, got {self.adapter_num_layers!r}.")
         for switch in ("cpu_few_row_matmul", "cpu_packed_weights"):
             if not isinstance(getattr(self, switch), bool):
@@ -184,7 +190,7 @@ class KangarooConfig(PreTrainedConfig):
         if self.adapter_context == "final" and self.adapter_num_layers != 1:
             raise ValueError(f"adapter_context='final' needs adapter_num_layers=1, got {self.adapter_num_layers}.")
         vocab_size = self.base_config.vocab_size
-        if not isinstance(self.draft_vocab_size, int) or not 0 <= self.draft_vocab_size <= vocab_size:
+        if not _is_int(self.draft_vocab_size) or not 0 <= self.draft_vocab_size <= vocab_size:
             raise ValueError(
                 f"draft_vocab_size must be an int in [0, {vocab_size}] (0 = full vocabulary), "
                 f"got {self.draft_vocab_size!r}."
@@ -194,6 +200,40 @@ class KangarooConfig(PreTrainedConfig):
     def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> PreTrainedConfig:
         """The base's config: caches, masks and generation are sized by the wrapped model."""
         return self.base_config
+
+
+def _is_int(value: Any) -> bool:
+    """An int that is not a bool (`True` is an int to Python, but never a layer index or a count here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def kangaroo_settings() -> tuple[str, ...]:
+    """The settings `KangarooConfig` adds to transformers' `PreTrainedConfig` (what `from_base` accepts)."""
+    inherited = {field.name for field in dataclasses.fields(PreTrainedConfig)}
+    return tuple(field.name for field in dataclasses.fields(KangarooConfig) if field.name not in inherited)
+
+
+def nearest_setting(name: str, cutoff: float = 0.8) -> str | None:
+    """The Kangaroo setting `name` most resembles (`difflib` similarity at least `cutoff`), unless it is one."""
+    settings = kangaroo_settings()
+    if name in settings:
+        return None
+    matches = difflib.get_close_matches(name, settings, n=1, cutoff=cutoff)
+    return matches[0] if matches else None
+
+
+def check_settings(names: Any, caller: str) -> None:
+    """Raise `ValueError` for any of `names` that is not a Kangaroo setting, naming the nearest valid one."""
+    settings = kangaroo_settings()
+    hints = [
+        f"{name!r} (did you mean {nearest!r}?)" if (nearest := nearest_setting(name, cutoff=0.6)) else repr(name)
+        for name in names
+        if name not in settings
+    ]
+    if hints:
+        raise ValueError(
+            f"{caller} got unknown Kangaroo settings: {', '.join(hints)}. Valid settings: {', '.join(settings)}."
+        )
 
 
 def validate_draft_settings(draft_threshold: float, max_draft_tokens: int, first_draft_threshold: float = 0.0) -> None:
@@ -244,4 +284,4 @@ def validate_lookup(
         raise ValueError(f"lookup_hit_rate_decay must be a number in [0, 1) (0 = off), got {hit_rate_decay!r}.")
 
 
-__all__ = ["KangarooConfig", "validate_draft_settings", "validate_lookup"]
+__all__ = ["KangarooConfig", "check_settings", "kangaroo_settings", "validate_draft_settings", "validate_lookup"]

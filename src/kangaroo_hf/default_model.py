@@ -57,7 +57,7 @@ def _convert_once(gguf: Path, target: Path) -> None:
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config._name_or_path = EMBEDDED_BASE_ID
+    config.name_or_path = EMBEDDED_BASE_ID
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
     model.generation_config = quantized.generation_config
@@ -95,7 +95,7 @@ def load_embedded_base(
     """Load SmolLM2-135M-Instruct (a `LlamaForCausalLM`, 30 layers) and its chat tokenizer from the embedded GGUF."""
     folder = _converted_folder()
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
-    base.config._name_or_path = EMBEDDED_BASE_ID
+    base.config.name_or_path = EMBEDDED_BASE_ID
     return base, AutoTokenizer.from_pretrained(folder)
 
 

@@ -59,7 +59,7 @@ def _fingerprint(
     digest = hashlib.sha256()
     config = model.parts.config
     described = [
-        getattr(config, "_name_or_path", ""),
+        config.name_or_path,
         config.num_hidden_layers,
         config.hidden_size,
         layers,
@@ -324,7 +324,7 @@ class FeatureCache:
             index = {
                 "format": FORMAT,
                 "fingerprint": fingerprint,
-                "base": getattr(model.parts.config, "_name_or_path", None),
+                "base": model.parts.config.name_or_path or None,
                 "layers": layers,
                 "storage_dtype": storage_dtype,
                 "hidden_size": model.parts.config.hidden_size,

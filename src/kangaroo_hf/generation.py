@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import Cache, DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteriaList
-from transformers.generation.candidate_generator import CandidateGenerator
 
 from .backbone import few_row_matmul, pack_weight, packed_matmul
+from .compat import LoopCandidateGenerator
 from .configuration import LOOKUP_FIELDS, validate_draft_settings, validate_lookup
 
 if TYPE_CHECKING:
@@ -115,7 +115,7 @@ def _extend_mask(attention_mask: torch.Tensor | None, extra: int) -> torch.Tenso
     return torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], extra))], dim=-1)
 
 
-class KangarooCandidateGenerator(CandidateGenerator):
+class KangarooCandidateGenerator(LoopCandidateGenerator):
     """Drafts with the shallow layers + adapter of a [`KangarooForCausalLM`] (double early exit).
 
     Round bookkeeping, with `N` accepted tokens of which the last, `x`, is not yet in any cache:
@@ -128,8 +128,6 @@ class KangarooCandidateGenerator(CandidateGenerator):
     own cache is cropped to the verified tokens at the start of the next round and fed the verified exit states it
     has not seen (collected over the rounds that skipped it) just before it next drafts.
     """
-
-    requires_model_outputs = True
 
     def __init__(
         self,
@@ -149,10 +147,11 @@ class KangarooCandidateGenerator(CandidateGenerator):
         self.stopping_criteria = stopping_criteria
         self.adapter_cache = DynamicCache()
         self.stats = KangarooStats(max_draft_tokens=settings.longest_draft)
+        self.max_drafting_tokens = settings.longest_draft
         self.draft_head = model.draft_head()
         self._score_draft_head = self._draft_head_product(*self.draft_head[:2], use_few_row_matmul, use_packed_weights)
         # Kwargs merged into the loop's next forward: the prefill must return exit states, a verification reuses them.
-        self.model_kwargs_overrides: dict[str, Any] = {"output_exit_hidden_states": True}
+        self.set_forward_overrides({"output_exit_hidden_states": True})
         self._first_verified_position = 0  # position of the first token of the last full forward
         self._drafted_this_round = 0
         self._lookup_length = settings.lookup_num_tokens  # grows while copied drafts are accepted in full
@@ -180,7 +179,7 @@ class KangarooCandidateGenerator(CandidateGenerator):
             # The loop's first forward is the prefill: no drafts yet, it must return the prompt's exit states.
             self._first_verified_position = cache.get_seq_length(exit_layer)
             self._drafted_this_round = 0
-            self.model_kwargs_overrides = {"output_exit_hidden_states": True}
+            self.set_forward_overrides({"output_exit_hidden_states": True})
             return input_ids, None
 
         self._sync_adapter(model_outputs, cache, model_kwargs)
@@ -189,7 +188,7 @@ class KangarooCandidateGenerator(CandidateGenerator):
         self._round_start = input_ids.shape[1]
         candidate_ids, draft_scores, exit_states = self._round(input_ids, cache, model_kwargs)
         self._drafted_this_round = candidate_ids.shape[1] - input_ids.shape[1]
-        self.model_kwargs_overrides = {"exit_hidden_states": exit_states}
+        self.set_forward_overrides({"exit_hidden_states": exit_states})
         # Only sampling reads the draft distribution (speculative sampling); greedy compares tokens.
         candidate_logits = torch.stack(draft_scores, dim=1) if draft_scores and self.do_sample else None  # (1, k, V)
         return candidate_ids, candidate_logits

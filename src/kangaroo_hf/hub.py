@@ -209,16 +209,40 @@ def decode_adapter_weights(
 
 
 def load_adapter_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read and decode `kangaroo_adapter.safetensors` from `folder`; pickles are refused, a damaged file is named."""
+    """Read and decode `kangaroo_adapter.safetensors` from `folder`; pickles are refused, a damaged file (unreadable,
+    or holding NaN / infinite weights) is named."""
     tensors, metadata = read_adapter_file(folder)
-    return decode_adapter_weights(tensors, metadata, str(Path(folder) / ADAPTER_WEIGHTS_NAME))
+    source = str(Path(folder) / ADAPTER_WEIGHTS_NAME)
+    weights = decode_adapter_weights(tensors, metadata, source)
+    damaged = [
+        f"{name} ({int((~torch.isfinite(tensor)).sum())} of {tensor.numel()} values)"
+        for name, tensor in weights.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+    if damaged:
+        raise ValueError(f"{source} is damaged: NaN or infinite weights in {', '.join(damaged)}.")
+    return weights
+
+
+def check_kangaroo_folder(folder: Path) -> None:
+    """Raise when `folder` has no `config.json`, one that is not JSON, or one of another model type (each named)."""
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"No {CONFIG_NAME} in {folder}: not a Kangaroo checkpoint.")
+    try:
+        values = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_path} is not a valid JSON file ({error}); the checkpoint is damaged.") from error
+    model_type = values.get("model_type") if isinstance(values, dict) else None
+    if model_type != KangarooConfig.model_type:
+        raise ValueError(f"{config_path} has model_type {model_type!r}, expected {KangarooConfig.model_type!r}.")
 
 
 def check_base_matches(config: KangarooConfig, base: nn.Module, base_source: str | None = None) -> None:
     """Raise `ValueError` naming each field where the actual base differs from the base the adapter was saved for."""
     actual = DecoderParts.from_base(base).config
     recorded = config.base_config
-    source = base_source or getattr(actual, "_name_or_path", None) or type(unwrap_causal_lm(base)).__name__
+    source = base_source or actual.name_or_path or type(unwrap_causal_lm(base)).__name__
     if recorded.model_type != actual.model_type:
         raise ValueError(
             f"This Kangaroo adapter was saved for a {recorded.model_type!r} base "
@@ -304,13 +328,8 @@ def load_kangaroo(
         kwargs.pop(name, None)
     hub_kwargs = {name: kwargs.pop(name) for name in _HUB_KWARGS if name in kwargs}
     folder = resolve_checkpoint(pretrained_model_name_or_path, revision, subfolder, **hub_kwargs)
-    config_path = folder / CONFIG_NAME
     if config is None:
-        if not config_path.is_file():
-            raise FileNotFoundError(f"No {CONFIG_NAME} in {folder}: not a Kangaroo checkpoint.")
-        model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
-        if model_type != KangarooConfig.model_type:
-            raise ValueError(f"{config_path} has model_type {model_type!r}, expected {KangarooConfig.model_type!r}.")
+        check_kangaroo_folder(folder)
         config = model_class.config_class.from_pretrained(folder)
     # Read (and validate) the small adapter file before the possibly large base.
     state_dict = load_adapter_weights(folder)
@@ -444,12 +463,7 @@ def save_kangaroo(
 def upload_file_list(folder: str | os.PathLike) -> list[str]:
     """The files of a checkpoint folder that a push uploads (hidden files and caches excluded); checks the folder."""
     folder = Path(folder)
-    config_path = folder / CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"No {CONFIG_NAME} in {folder}: not a Kangaroo checkpoint folder.")
-    model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
-    if model_type != KangarooConfig.model_type:
-        raise ValueError(f"{config_path} has model_type {model_type!r}, expected {KangarooConfig.model_type!r}.")
+    check_kangaroo_folder(folder)
     load_adapter_weights(folder)  # refuses pickles, names a missing or damaged adapter file
     files = []
     for path in sorted(folder.rglob("*")):

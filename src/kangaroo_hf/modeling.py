@@ -22,13 +22,16 @@ from transformers import (
     DynamicCache,
     GenerationConfig,
     GenerationMixin,
+    LogitsProcessorList,
     PreTrainedModel,
+    StoppingCriteriaList,
 )
-from transformers.masking_utils import create_causal_mask
+from transformers.generation import GenerationMode
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .backbone import FEW_ROWS, FLOAT32_PACKED_MIN_ROWS, DecoderParts, cpu_linear, packed_weights_supported
-from .configuration import KangarooConfig
+from .compat import GenerationHooks, create_causal_mask
+from .configuration import KangarooConfig, check_settings
 from .generation import DraftSettings, KangarooCandidateGenerator, KangarooStats
 from .peft_support import peft_fingerprint
 
@@ -153,7 +156,7 @@ class KangarooPreTrainedModel(PreTrainedModel):
             nn.init.ones_(module.weight)  # RMSNorm
 
 
-class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
+class KangarooForCausalLM(KangarooPreTrainedModel, GenerationHooks, GenerationMixin):
     r"""
     A LLaMA-family causal LM with Kangaroo self-speculative decoding.
 
@@ -196,7 +199,6 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         self.generation_config = GenerationConfig.from_dict(unwrap_generation_config(base).to_dict())
         self.last_generate_stats: KangarooStats | None = None
         self._draft_settings: DraftSettings | None = None
-        self._candidate_generator: KangarooCandidateGenerator | None = None
 
     @classmethod
     def from_base(
@@ -223,6 +225,7 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
             peft_adapter_name_or_path: for a `PeftModel` base, the folder or repo id of its PEFT adapter, recorded so
                 that `from_pretrained` can rebuild the same tuned base.
         """
+        check_settings(config_kwargs, "KangarooForCausalLM.from_base")
         parts = DecoderParts.from_base(base)
         fingerprint = peft_fingerprint(base)
         if fingerprint is not None and peft_adapter_name_or_path is None:
@@ -233,7 +236,7 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         config = KangarooConfig(
             # A copy: `PreTrainedModel.__init__` rewrites attributes of the config it is given.
             base_config=copy.deepcopy(parts.config),
-            base_model_name_or_path=base_model_name_or_path or getattr(parts.config, "_name_or_path", None) or None,
+            base_model_name_or_path=base_model_name_or_path or parts.config.name_or_path or None,
             exit_layer=exit_layer,
             draft_threshold=draft_threshold,
             max_draft_tokens=max_draft_tokens,
@@ -668,8 +671,34 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
                 lookup_hit_rate_decay=config.lookup_hit_rate_decay,
             )
         self.last_generate_stats = None
+        if settings is not None:
+            self._check_decoding_mode(generation_config, kwargs)
         with self._scoped("_draft_settings", settings):
             return super().generate(inputs, generation_config, **kwargs)
+
+    def _check_decoding_mode(self, generation_config: GenerationConfig | None, kwargs: dict[str, Any]) -> None:
+        """Refuse arguments that would make transformers decode without Kangaroo (beam search, another assistant,
+        contrastive search, ...): Kangaroo runs greedy search and sampling only, and must not be switched off
+        silently."""
+        merged = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
+        merged.update(**{key: value for key, value in kwargs.items() if hasattr(merged, key)})
+        assistant_model = kwargs.get("assistant_model")
+        mode = merged.get_generation_mode(assistant_model)
+        if mode in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
+            return
+        defaults = GenerationConfig()
+        culprits = [
+            f"{name}={getattr(merged, name)!r}"
+            for name in _NON_KANGAROO_MODE_FIELDS
+            if getattr(merged, name, None) != getattr(defaults, name, None)
+        ]
+        if assistant_model is not None:
+            culprits.append(f"assistant_model={type(assistant_model).__name__}")
+        raise ValueError(
+            f"Kangaroo decoding runs greedy search and sampling only, but {', '.join(culprits) or 'this call'} "
+            f"asks for {mode.value.replace('_', ' ')}. Drop {'them' if len(culprits) > 1 else 'it'}, or pass "
+            "use_kangaroo=False to decode with the base alone."
+        )
 
     @contextlib.contextmanager
     def _scoped(self, name: str, value: Any) -> Iterator[None]:
@@ -681,11 +710,19 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
         finally:
             setattr(self, name, previous)
 
-    def _sample(self, input_ids: torch.LongTensor, logits_processor, stopping_criteria, generation_config, **kw):
-        """Greedy search and sampling: Kangaroo's draft/verify loop when enabled, the base's decoding otherwise."""
+    def candidate_generator_for(
+        self,
+        input_ids: torch.LongTensor,
+        logits_processor: LogitsProcessorList,
+        stopping_criteria: StoppingCriteriaList,
+        generation_config: GenerationConfig,
+        model_kwargs: dict[str, Any],
+    ) -> KangarooCandidateGenerator | None:
+        """The candidate generator greedy search and sampling run with (`compat.GenerationHooks`): Kangaroo's when
+        enabled for this call, else None (the base's own decoding)."""
         settings = self._draft_settings
         if settings is None:
-            return super()._sample(input_ids, logits_processor, stopping_criteria, generation_config, **kw)
+            return None
         if input_ids.shape[0] != 1:
             raise ValueError(
                 f"Kangaroo decoding supports one sequence at a time, got a batch of {input_ids.shape[0]}; "
@@ -696,7 +733,7 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
                 "assistant_ensemble_weight relaxes verification (lossy); Kangaroo decoding is lossless and does not "
                 f"support it (got {generation_config.assistant_ensemble_weight})."
             )
-        cache = kw.get("cache")
+        cache = model_kwargs.get("cache")
         if not isinstance(cache, DynamicCache) or cache.get_seq_length() > 0:
             raise ValueError(
                 "Kangaroo decoding needs use_cache=True and a fresh DynamicCache (it writes the shallow layers' KV "
@@ -711,16 +748,26 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
             use_few_row_matmul=self.uses_few_row_matmul(),
             use_packed_weights=self.uses_packed_weights(),
         )
-        # After the prefill the loop's forwards are short (drafting steps, verifications): the kernels' case.
-        with self._scoped("_candidate_generator", generator), self.decoding_kernels():
-            output = self._assisted_decoding(input_ids, logits_processor, stopping_criteria, generation_config, **kw)
         self.last_generate_stats = generator.stats
-        return output
+        return generator
 
-    def _get_candidate_generator(self, *args: Any, **kwargs: Any):
-        if self._candidate_generator is not None:
-            return self._candidate_generator
-        return super()._get_candidate_generator(*args, **kwargs)
+    def decoding_context(self, generator: KangarooCandidateGenerator) -> contextlib.AbstractContextManager:
+        """After the prefill the loop's forwards are short (drafting steps, verifications): the kernels' case."""
+        return self.decoding_kernels()
+
+
+# Generation-config fields that select a decoding mode other than greedy search or sampling.
+_NON_KANGAROO_MODE_FIELDS = (
+    "num_beams",
+    "num_beam_groups",
+    "penalty_alpha",
+    "constraints",
+    "force_words_ids",
+    "prompt_lookup_num_tokens",
+    "assistant_early_exit",
+    "use_mtp",
+    "dola_layers",
+)
 
 
 def _context_training_mask(
