@@ -1,5 +1,5 @@
-# GENERATED FILE, DO NOT EDIT. `python -m kangaroo_hf.remote_code` built it from the sources of
-# kangaroo_hf 0.1.0: kangaroo_hf/version.py, kangaroo_hf/compat.py, kangaroo_hf/configuration.py. Edit those and regenerate.
+# GENERATED FILE, DO NOT EDIT. `python -m kangaroo_hf.hub.remote_code` built it from the sources of
+# kangaroo_hf 0.1.0: kangaroo_hf/core/version.py, kangaroo_hf/core/compat.py, kangaroo_hf/core/configuration.py. Edit those and regenerate.
 # ruff: noqa
 """Kangaroo self-speculative decoding (arXiv 2404.18911), `configuration_kangaroo.py` for loading with
 `trust_remote_code=True` where the `kangaroo_hf` package is not installed."""
@@ -8,14 +8,14 @@ from __future__ import annotations
 
 
 # ------------------------------------------------------------------------------
-# kangaroo_hf/version.py
+# kangaroo_hf/core/version.py
 # ------------------------------------------------------------------------------
 
 __version__ = "0.1.0"
 
 
 # ------------------------------------------------------------------------------
-# kangaroo_hf/compat.py
+# kangaroo_hf/core/compat.py
 # ------------------------------------------------------------------------------
 
 import contextlib
@@ -186,7 +186,7 @@ warn_if_unsupported_transformers()
 
 
 # ------------------------------------------------------------------------------
-# kangaroo_hf/configuration.py
+# kangaroo_hf/core/configuration.py
 # ------------------------------------------------------------------------------
 
 import dataclasses
@@ -198,6 +198,8 @@ from transformers import AutoConfig, PreTrainedConfig
 
 
 ADAPTER_CONTEXTS = ("exit", "final")
+# Config keys of earlier versions that describe the machine, not the model: read from old checkpoints, never written.
+RUNTIME_KEYS = ("cpu_few_row_matmul", "cpu_packed_weights")
 
 
 @strict
@@ -260,24 +262,6 @@ class KangarooConfig(PreTrainedConfig):
             Copy-heavy answers (extraction, quoting) then copy even where a sure adapter disagrees, while answers whose
             matches miss keep the adapter's drafts. The rate is checked against the token the base actually emits,
             whatever was proposed. 0 turns this off; must be in [0, 1).
-        cpu_few_row_matmul (`bool`, *optional*, defaults to `True`):
-            On CPU in float32, Kangaroo decoding computes the linear layers of its 1-8 token forwards (drafting
-            steps, draft head, verifications; not the prefill) as `weight @ input.T` (one row as two) instead of
-            `F.linear`. With PyTorch's CPU BLAS `F.linear` streams the weights of a one-row product at about a third
-            of the speed of a 2-column matrix product, and costs 1.4-2x one row for 2-8 rows; on the embedded SmolLM2
-            a one-token forward of the whole model takes ~0.6x the time this way. Last-bit rounding may differ, as
-            between any two kernels. Plain decoding (`use_kangaroo=False`) is not affected. `False` keeps `F.linear`.
-        cpu_packed_weights (`bool`, *optional*, defaults to `True`):
-            On CPU in float32 or bfloat16, each `generate()` call with Kangaroo decoding first packs the weights of the
-            base's and the adapter's linear layers (and the draft head's) into oneDNN's blocked layout, and computes
-            with them: in bfloat16 every product, in float32 the products of 3 or more rows (verifications, the
-            prefill), while 1-2 rows stay with `cpu_few_row_matmul`. `F.linear` reorders a bfloat16 weight into that
-            layout on every call, which for a few rows costs about as much as the product: on the embedded SmolLM2 a
-            one-token bfloat16 forward takes ~0.75x the time this way, with bit-identical results. In float32 a
-            12-token verification takes ~0.55x the few-row kernel's time (last bits may differ, as between any two
-            kernels). Costs a second copy of those weights in memory during the call and the time to pack them
-            (~0.15 s bfloat16 / ~0.3 s float32 for SmolLM2-135M). Plain decoding (`use_kangaroo=False`) is not
-            affected. `False` keeps `F.linear` (and the few-row kernel for up to 8 rows in float32).
         peft_adapter_name_or_path (`str`, *optional*):
             The PEFT (e.g. LoRA) adapter the base was tuned with when the Kangaroo adapter was trained.
         peft_adapter_revision (`str`, *optional*):
@@ -328,11 +312,6 @@ class KangarooConfig(PreTrainedConfig):
     lookup_max_tokens: int = 0
     lookup_trust_ngram: int = 0
     lookup_hit_rate_decay: float = 0.0
-    # CPU float32 BLAS is slow for 1-8 rows through F.linear; weight @ input.T is not (see `few_row_matmul`).
-    cpu_few_row_matmul: bool = True
-    # CPU F.linear reorders a bfloat16 weight on every call; packing once per generate() call is bit-identical (and
-    # float32 products of 3+ rows are faster packed than through the few-row kernel).
-    cpu_packed_weights: bool = True
     # The PEFT adapter of a LoRA-tuned base, so loading rebuilds the same tuned model.
     peft_adapter_name_or_path: str | None = None
     peft_adapter_revision: str | None = None
@@ -342,6 +321,9 @@ class KangarooConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
+        # Saved by earlier versions; the CPU kernels are runtime options now (`KangarooForCausalLM.cpu_kernels`).
+        for key in RUNTIME_KEYS:
+            kwargs.pop(key, None)
         for key in kwargs:
             nearest = nearest_setting(key)
             if nearest is not None:
@@ -362,9 +344,6 @@ class KangarooConfig(PreTrainedConfig):
         validate_draft_settings(self.draft_threshold, self.max_draft_tokens, self.first_draft_threshold)
         if not _is_int(self.adapter_num_layers) or self.adapter_num_layers < 1:
             raise ValueError(f"adapter_num_layers must be an int >= 1, got {self.adapter_num_layers!r}.")
-        for switch in ("cpu_few_row_matmul", "cpu_packed_weights"):
-            if not isinstance(getattr(self, switch), bool):
-                raise ValueError(f"{switch} must be a bool, got {getattr(self, switch)!r}.")
         if not isinstance(self.adapter_mlp, bool):
             raise ValueError(f"adapter_mlp must be a bool, got {self.adapter_mlp!r}.")
         if self.adapter_context not in ADAPTER_CONTEXTS:

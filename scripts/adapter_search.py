@@ -43,7 +43,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kangaroo_hf import load_embedded_base
-from kangaroo_hf.data import (
+from kangaroo_hf.default_model import SHIPPED_ADAPTER
+from kangaroo_hf.training import TrainingArguments, prepare_model, train_adapter
+from kangaroo_hf.training.data import (
     EncodedConversation,
     SelfDistillArguments,
     encode_conversations,
@@ -51,10 +53,8 @@ from kangaroo_hf.data import (
     self_distill,
     split_validation,
 )
-from kangaroo_hf.default_model import SHIPPED_ADAPTER
-from kangaroo_hf.distillation import evaluate_adapter
-from kangaroo_hf.features import OnlineFeatures
-from kangaroo_hf.training import TrainingArguments, prepare_model, train_adapter
+from kangaroo_hf.training.features import OnlineFeatures
+from kangaroo_hf.training.loss import evaluate_adapter
 
 logger = logging.getLogger("adapter_search")
 

@@ -5,7 +5,7 @@
         runs/search3/e2_exit_mlp2:0.5:3:3 runs/search3/e2_exit_mlp2:0.5:3:10:0:off
 
 Each candidate is `folder:draft_threshold:max_draft_tokens:lookup_num_tokens[:lookup_max_tokens[:off]]` (`off` disables
-`cpu_few_row_matmul`), optionally followed by `:field=value` overrides of other config fields, e.g.
+`CpuKernels.few_row_matmul`), optionally followed by `:field=value` overrides of other config fields, e.g.
 `...:0.3:3:3:lookup_max_tokens=12:lookup_trust_ngram=3`. All candidates share one base; every prompt runs plain
 decoding and each candidate, in an order rotated per prompt; the speed-up is total plain time over total candidate
 time, with tau and how many outputs equal plain decoding's. This produced the A/B tables in
@@ -22,8 +22,8 @@ import time
 
 import torch
 
-from kangaroo_hf import KangarooForCausalLM, load_embedded_base
-from kangaroo_hf.commands import chat_input_ids
+from kangaroo_hf import CpuKernels, KangarooForCausalLM, load_embedded_base
+from kangaroo_hf.loading import chat_input_ids
 
 
 def main() -> None:
@@ -45,7 +45,7 @@ def main() -> None:
         rest = [part for part in rest if "=" not in part]
         model = KangarooForCausalLM.from_pretrained(folder, base_model=base).eval()
         model.config.lookup_max_tokens = int(rest[0]) if rest else 0
-        model.config.cpu_few_row_matmul = not (len(rest) > 1 and rest[1] == "off")
+        model.cpu_kernels = CpuKernels(few_row_matmul=not (len(rest) > 1 and rest[1] == "off"))
         for field, value in overrides.items():
             if not hasattr(model.config, field):
                 raise SystemExit(f"{spec}: the config has no field {field!r}")

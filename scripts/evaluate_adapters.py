@@ -28,12 +28,12 @@ import torch
 from safetensors.torch import load_file
 
 from kangaroo_hf import KangarooForCausalLM, load_embedded_base
-from kangaroo_hf.bench import find_questions_file, load_questions
-from kangaroo_hf.commands import chat_input_ids
-from kangaroo_hf.data import EncodedConversation, encode_conversations
+from kangaroo_hf.bench.runner import find_questions_file, load_questions
 from kangaroo_hf.default_model import SHIPPED_ADAPTER
-from kangaroo_hf.distillation import evaluate_adapter
-from kangaroo_hf.features import FeatureCache
+from kangaroo_hf.loading import chat_input_ids
+from kangaroo_hf.training.data import EncodedConversation, encode_conversations
+from kangaroo_hf.training.features import FeatureCache
+from kangaroo_hf.training.loss import evaluate_adapter
 
 VALIDATION_SIZE = 397
 REPORTED = ("top1_agreement", "expected_acceptance", "simulated_tau", "tokens")

@@ -27,7 +27,8 @@ import torch
 from evaluate_adapters import VALIDATION_SIZE, reference_answers  # this folder's: the same Spec-Bench answers
 
 from kangaroo_hf import KangarooForCausalLM, load_default_model
-from kangaroo_hf.data import EncodedConversation, encode_conversation
+from kangaroo_hf.core.lookup import PromptLookup
+from kangaroo_hf.training.data import EncodedConversation, encode_conversation
 
 SELF_DISTILLED = "docs/adapter_search/self_distilled_answers.jsonl.gz"  # its first 397 conversations are held out
 
@@ -96,17 +97,6 @@ def validation_answers(tokenizer, count: int, max_new_tokens: int) -> list[Encod
     return sequences
 
 
-def lookup(sequence: list[int], max_ngram: int, length: int) -> tuple[list[int], int]:
-    """What the generator's prompt lookup proposes: the continuation of the latest earlier occurrence of the longest
-    matching final n-gram, and that n-gram's length (0: none)."""
-    for size in range(min(max_ngram, len(sequence) - 1), 0, -1):
-        tail = sequence[-size:]
-        for start in range(len(sequence) - 1 - size, -1, -1):
-            if sequence[start : start + size] == tail:
-                return sequence[start + size : start + size + length], size
-    return [], 0
-
-
 def parse_tree(spec: str) -> frozenset[tuple[int, ...]]:
     """A static draft tree from rank paths, e.g. "0.0.0,1,0.1": the top-1 chain of 3, the second-ranked first
     draft, and the second-ranked draft after the top-1 first; every prefix of a path is in the tree."""
@@ -145,27 +135,18 @@ def replay(
     for item in answers:
         length = len(item.answer)
         steps, tokens, i = steps + 1, tokens + 1, 1  # the prefill gives the first token
-        copy_length = lookup_tokens  # grows up to lookup_max_tokens while copies are accepted in full
-        hit_rate = 0.0
+        # The generator's own lookup rules, fresh for each answer as for each generate() call.
+        rules = PromptLookup(lookup_tokens, max_ngram, lookup_max_tokens, trust_ngram, hit_rate_decay)
         while i < length:
-            copy, size = lookup(item.prompt + item.answer[:i], max_ngram, copy_length) if lookup_tokens else ([], 0)
-            copy = copy[: max(0, length - 1 - i)]  # the answer's last token (end of turn) is left to the base
+            copy, size = rules.propose(torch.tensor(item.prompt + item.answer[:i])) if lookup_tokens else (None, 0)
+            copy = [] if copy is None else copy.tolist()[: max(0, length - 1 - i)]  # the last token is the base's
             take_copy = bool(copy) and (
-                item.top[i] == copy[0]
-                or item.confidence[i] < threshold
-                or (trust_ngram and size >= trust_ngram)
-                or item.confidence[i] < hit_rate
+                rules.trusts(size) or rules.prefers_copy(copy[0], item.top[i], item.confidence[i], threshold)
             )
-            if copy and hit_rate_decay:
-                hit_rate = hit_rate_decay * hit_rate + (1 - hit_rate_decay) * (copy[0] == item.answer[i])
             if take_copy:
                 drafted, accepted = len(copy), 0
                 while accepted < drafted and copy[accepted] == item.answer[i + accepted]:
                     accepted += 1
-                if accepted == drafted == copy_length:
-                    copy_length = min(2 * copy_length, max(lookup_max_tokens, lookup_tokens))
-                elif accepted < drafted:
-                    copy_length = lookup_tokens
             elif tree:
                 path: tuple[int, ...] = ()
                 while len(path) < depth and i + len(path) < length - 1 and path + (item.rank[i + len(path)],) in tree:
@@ -180,6 +161,7 @@ def replay(
                 accepted = 0
                 while accepted < drafted and item.correct[i + accepted]:
                     accepted += 1
+            rules.record_round(copy[0] if copy else None, item.answer[i], take_copy, drafted, accepted)
             steps, tokens, rows, i = steps + 1, tokens + accepted + 1, rows + 1 + drafted, i + accepted + 1
     return tokens / steps, rows / steps
 

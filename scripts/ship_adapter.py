@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from kangaroo_hf import KangarooForCausalLM, load_embedded_base
+from kangaroo_hf.core.checkpoint import WEIGHTS_DTYPES
 from kangaroo_hf.default_model import SHIPPED_ADAPTER
-from kangaroo_hf.hub import WEIGHTS_DTYPES
 
 
 def frequent_tokens(tokenizer, data_glob: str, size: int, answers_per_file: int) -> list[int]:

@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kangaroo_hf.hub import METRICS_NAME
-from kangaroo_hf.model_card import write_model_card
+from kangaroo_hf.core.checkpoint import METRICS_NAME
+from kangaroo_hf.hub.model_card import write_model_card
 
 OTHER_METHODS = ("pld", "early_exit", "vanilla_few_row", "pld_few_row")
 

@@ -19,7 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from kangaroo_hf import load_embedded_base
-from kangaroo_hf.backbone import few_row_linear
+from kangaroo_hf.core.kernels import few_row_linear
 
 
 def main() -> None:

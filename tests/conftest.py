@@ -88,9 +88,9 @@ def make_kangaroo(
 
 
 def spy_product_rows(monkeypatch, name: str, *modules) -> list[int]:
-    """Replace the product `kangaroo_hf.backbone.<name>` (`few_row_matmul`, `packed_matmul`; also where `modules`
+    """Replace the product `kangaroo_hf.core.kernels.<name>` (`few_row_matmul`, `packed_matmul`; also where `modules`
     imported it) by a spy that records the row count of every call, and return that record."""
-    from kangaroo_hf import backbone
+    from kangaroo_hf.core import kernels as backbone
 
     rows: list[int] = []
     original = getattr(backbone, name)

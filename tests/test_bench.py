@@ -8,8 +8,11 @@ import pytest
 import torch
 
 from conftest import make_kangaroo, spy_product_rows, tiny_tokenizer
-from kangaroo_hf import bench, bench_methods, commands
-from kangaroo_hf.bench import (
+from kangaroo_hf import CpuKernels, loading
+from kangaroo_hf.bench import methods as bench_methods
+from kangaroo_hf.bench import runner as bench
+from kangaroo_hf.bench.methods import SpeculationCounts
+from kangaroo_hf.bench.runner import (
     BenchSettings,
     LosslessnessError,
     MethodRun,
@@ -23,7 +26,6 @@ from kangaroo_hf.bench import (
     load_questions,
     run_benchmark,
 )
-from kangaroo_hf.bench_methods import SpeculationCounts
 
 SPECULATIVE = ("pld", "early_exit", "kangaroo")
 SUMMARY_KEYS = {"speedup", "tokens_per_second", "new_tokens", "time_s", "prompts", "identical_fraction"}
@@ -140,7 +142,7 @@ def test_cli_main_runs_and_strict_exit_code(model, tmp_path, monkeypatch, capsys
         loaded.append((name, dtype, device))
         return model, tiny_tokenizer()
 
-    monkeypatch.setattr(commands, "load_model", fake_load_model)
+    monkeypatch.setattr(loading, "load_model", fake_load_model)
     argv = ["--questions", str(path), "--categories", "math,rag", "--limit-per-category", "1", "--max-new-tokens", "8"]
     argv += ["--methods", "vanilla,pld,kangaroo", "--warmup", "0", "--output", str(tmp_path / "cli")]
     assert bench.main(argv) == 0
@@ -173,7 +175,7 @@ def test_cli_loads_a_saved_kangaroo_folder(model, tmp_path):
 
 
 def test_runner_up_token_counts_as_a_tie_only_within_tolerance(model, questions):
-    input_ids = commands.chat_input_ids(tiny_tokenizer(), questions[0].turns[0])
+    input_ids = loading.chat_input_ids(tiny_tokenizer(), questions[0].turns[0])
     kwargs = {"max_new_tokens": 10, "do_sample": False}
     reference, _ = bench_methods.run_vanilla(model, input_ids, kwargs)
     position = 5
@@ -192,7 +194,7 @@ def test_runner_up_token_counts_as_a_tie_only_within_tolerance(model, questions)
             runs={"vanilla": MethodRun(reference, 1.0, None), "kangaroo": MethodRun(planted, 1.0, None)},
         )
 
-    probe = bench._GapProbe(model.get_base_model())
+    probe = bench.GapProbe(model.get_base_model())
     (tie,) = check_against_reference(record(), input_ids, probe, tolerance=gap + 1e-4)
     assert tie.tie and tie.position == position and tie.method_token == int(top2.indices[1])
     assert tie.logit_gap == pytest.approx(gap, abs=1e-4) and tie.top2_gap == pytest.approx(gap, abs=1e-4)
@@ -246,7 +248,7 @@ def test_sampling_skips_the_comparison(model, questions, tmp_path):
 def test_helper_runners_leave_the_base_unchanged(model, questions):
     base = model.get_base_model()
     before = base.generation_config.to_dict()
-    input_ids = commands.chat_input_ids(tiny_tokenizer(), questions[0].turns[0])
+    input_ids = loading.chat_input_ids(tiny_tokenizer(), questions[0].turns[0])
     kwargs = {"max_new_tokens": 10, "do_sample": False}
     reference, _ = bench_methods.run_vanilla(model, input_ids, kwargs)
     tokens, counts = bench_methods.run_early_exit(model, input_ids, kwargs)
@@ -354,40 +356,45 @@ def test_bench_is_a_cli_subcommand():
 
 def test_vanilla_few_row_is_plain_decoding_through_the_float32_kernel(model, questions, monkeypatch):
     rows_seen = spy_product_rows(monkeypatch, "few_row_matmul")
-    input_ids = commands.chat_input_ids(tiny_tokenizer(), questions[0].turns[0])
+    input_ids = loading.chat_input_ids(tiny_tokenizer(), questions[0].turns[0])
     kwargs = {"max_new_tokens": 10, "do_sample": False}
     reference, _ = bench_methods.run_vanilla(model, input_ids, kwargs)
     assert rows_seen == []
-    tokens, counts = bench_methods.run_vanilla_few_row(model, input_ids, kwargs)
+    tokens, counts = bench_methods.run_vanilla_cpu_kernels(model, input_ids, kwargs)
     assert tokens == reference and counts is None and 1 in rows_seen
     assert not any("forward" in module.__dict__ for module in model.modules())
     rows_seen.clear()
-    model.config.cpu_few_row_matmul = False  # the switch governs the comparison as it governs Kangaroo
-    assert bench_methods.run_vanilla_few_row(model, input_ids, kwargs)[0] == reference and rows_seen == []
-    assert "vanilla_few_row" in bench_methods.METHODS and "vanilla_few_row" not in bench.BenchSettings().methods
+    model.cpu_kernels = CpuKernels(few_row_matmul=False)  # the switch governs the comparison as it governs Kangaroo
+    assert bench_methods.run_vanilla_cpu_kernels(model, input_ids, kwargs)[0] == reference and rows_seen == []
+    assert "vanilla_cpu_kernels" in bench_methods.METHODS
+    assert "vanilla_cpu_kernels" not in bench.BenchSettings().methods
+    # The earlier name still selects it, and the report says which kernels each method ran through.
+    settings = bench.BenchSettings(methods=("vanilla", "vanilla_few_row"))
+    assert settings.methods == ("vanilla", "vanilla_cpu_kernels")
+    assert bench_methods.method_kernels("vanilla", model) == "F.linear"
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
 def test_vanilla_few_row_goes_through_packed_weights_in_bfloat16(model, questions, monkeypatch):
     packed_rows = spy_product_rows(monkeypatch, "packed_matmul")
     model.to(torch.bfloat16)
-    input_ids = commands.chat_input_ids(tiny_tokenizer(), questions[0].turns[0])
+    input_ids = loading.chat_input_ids(tiny_tokenizer(), questions[0].turns[0])
     kwargs = {"max_new_tokens": 10, "do_sample": False}
     reference, _ = bench_methods.run_vanilla(model, input_ids, kwargs)
     assert packed_rows == []
-    assert bench_methods.run_vanilla_few_row(model, input_ids, kwargs)[0] == reference and 1 in packed_rows
+    assert bench_methods.run_vanilla_cpu_kernels(model, input_ids, kwargs)[0] == reference and 1 in packed_rows
     assert not any("forward" in module.__dict__ for module in model.modules())
 
 
 def test_pld_few_row_is_prompt_lookup_through_the_float32_kernel(model, questions, monkeypatch):
     rows_seen = spy_product_rows(monkeypatch, "few_row_matmul")
-    input_ids = commands.chat_input_ids(tiny_tokenizer(), questions[0].turns[0])
+    input_ids = loading.chat_input_ids(tiny_tokenizer(), questions[0].turns[0])
     kwargs = {"max_new_tokens": 10, "do_sample": False}
     tokens, counts = bench_methods.run_pld(model, input_ids, {**kwargs, **bench_methods.DEFAULT_METHOD_OPTIONS["pld"]})
     assert rows_seen == [] and sum(counts.drafted_by_position) > 0  # it really looked up
-    # The benchmark hands each method its own options: pld_few_row gets the same lookup as pld.
-    options = bench_methods.DEFAULT_METHOD_OPTIONS["pld_few_row"]
-    kernel_tokens, kernel_counts = bench_methods.run_pld_few_row(model, input_ids, {**kwargs, **options})
+    # The benchmark hands each method its own options: pld_cpu_kernels gets the same lookup as pld.
+    options = bench_methods.DEFAULT_METHOD_OPTIONS["pld_cpu_kernels"]
+    kernel_tokens, kernel_counts = bench_methods.run_pld_cpu_kernels(model, input_ids, {**kwargs, **options})
     assert kernel_tokens == tokens and kernel_counts.verify_steps == counts.verify_steps and rows_seen
     with pytest.raises(ValueError, match="prompt lookup needs prompt_lookup_num_tokens"):
         bench_methods.run_pld(model, input_ids, kwargs)  # without it generate() would quietly decode plainly
@@ -395,7 +402,7 @@ def test_pld_few_row_is_prompt_lookup_through_the_float32_kernel(model, question
 
 def test_speedup_is_per_token_when_output_lengths_differ():
     """A method whose output ends earlier (a bfloat16 near-tie, say) is not credited with the tokens it never made."""
-    from kangaroo_hf.bench_report import build_results
+    from kangaroo_hf.bench.report import build_results
 
     def record(qid: int, reference_tokens: int, method_tokens: int) -> PromptRecord:
         runs = {
@@ -414,8 +421,8 @@ def test_speedup_is_per_token_when_output_lengths_differ():
 
 
 def test_prompt_lookup_flags_set_both_prompt_lookup_methods(monkeypatch, tmp_path):
-    """`pld_few_row` is `pld` through the kernel: `--pld-*` must reach it too, or it would run other options."""
-    from kangaroo_hf import commands as commands_module
+    """`pld_cpu_kernels` is `pld` through the kernel: `--pld-*` must reach it too, or it would run other options."""
+    from kangaroo_hf import loading as commands_module
     from kangaroo_hf.cli import build_parser
 
     seen = {}
@@ -432,4 +439,4 @@ def test_prompt_lookup_flags_set_both_prompt_lookup_methods(monkeypatch, tmp_pat
     args = build_parser().parse_args(argv + ["--pld-num-tokens", "3", "--pld-max-ngram", "3"])
     assert args.handler(args) == 1
     expected = {"prompt_lookup_num_tokens": 3, "max_matching_ngram_size": 3}
-    assert seen["options"]["pld"] == seen["options"]["pld_few_row"] == expected
+    assert seen["options"]["pld"] == seen["options"]["pld_cpu_kernels"] == expected

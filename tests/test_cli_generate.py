@@ -5,14 +5,15 @@ from __future__ import annotations
 import pytest
 
 from conftest import make_kangaroo, tiny_tokenizer
+from kangaroo_hf import CpuKernels
 
 
 @pytest.fixture
 def tiny_cli_model(monkeypatch):
-    from kangaroo_hf import commands
+    from kangaroo_hf import loading
 
     model, tokenizer = make_kangaroo("llama", draft_threshold=0.0, max_draft_tokens=3), tiny_tokenizer()
-    monkeypatch.setattr(commands, "load_model", lambda name, dtype, device: (model, tokenizer))
+    monkeypatch.setattr(loading, "load_model", lambda name, dtype, device: (model, tokenizer))
     return model
 
 
@@ -31,7 +32,7 @@ def test_generate_prints_text_statistics_and_the_comparison(tiny_cli_model, caps
 def test_generate_shows_no_kernel_split_where_the_kernel_is_off(tiny_cli_model, capsys):
     from kangaroo_hf.cli import main
 
-    tiny_cli_model.config.cpu_few_row_matmul = False
+    tiny_cli_model.cpu_kernels = CpuKernels(few_row_matmul=False)
     assert main(["generate", "abcabc", "--max-new-tokens", "6"]) == 0
     out = capsys.readouterr().out
     assert "speedup:" in out and "few-row kernel" not in out

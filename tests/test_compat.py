@@ -9,8 +9,8 @@ import pytest
 import transformers.generation.candidate_generator as candidate_generator_module
 from transformers.generation.candidate_generator import CandidateGenerator
 
-from kangaroo_hf import compat
-from kangaroo_hf.generation import KangarooCandidateGenerator
+from kangaroo_hf.core import compat
+from kangaroo_hf.core.drafting import KangarooCandidateGenerator
 
 pytestmark = pytest.mark.compat
 
@@ -55,10 +55,10 @@ def test_kangaroo_generator_implements_what_every_builtin_generator_implements()
 
 
 def test_generator_exposes_overrides_and_drafting_tokens_from_construction():
-    from conftest import make_kangaroo
     from transformers import GenerationConfig, StoppingCriteriaList
 
-    from kangaroo_hf.generation import DraftSettings
+    from conftest import make_kangaroo
+    from kangaroo_hf.core.drafting import DraftSettings
 
     model = make_kangaroo("llama")
     settings = DraftSettings(draft_threshold=0.5, max_draft_tokens=4, lookup_num_tokens=3, lookup_max_tokens=9)
@@ -104,8 +104,9 @@ def test_import_under_an_unsupported_transformers_warns_and_does_not_crash(tmp_p
 
 
 def test_pyproject_pins_the_supported_range():
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     low, high = compat.SUPPORTED_TRANSFORMERS

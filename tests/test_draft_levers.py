@@ -3,16 +3,19 @@ unsure rounds, the few-row matrix-product kernel (float32) and packed weights (b
 
 from __future__ import annotations
 
+import json
 from unittest import mock
 
 import pytest
 import torch
-from transformers import GenerationConfig, StoppingCriteriaList
 
 from conftest import VOCAB, make_kangaroo, spy_product_rows
-from kangaroo_hf import KangarooCandidateGenerator, KangarooConfig, backbone, generation
-from kangaroo_hf.backbone import few_row_linear, packed_linear
-from kangaroo_hf.generation import DraftSettings
+from kangaroo_hf import CpuKernels, KangarooCandidateGenerator, KangarooConfig, KangarooForCausalLM
+from kangaroo_hf.core import drafting as generation
+from kangaroo_hf.core import kernels as backbone
+from kangaroo_hf.core.drafting import DraftSettings
+from kangaroo_hf.core.kernels import few_row_linear, packed_linear
+from kangaroo_hf.core.lookup import PromptLookup
 
 
 def _prompt(length: int, seed: int) -> torch.LongTensor:
@@ -96,29 +99,35 @@ def test_prompt_lookup_per_call_override_and_edge_cases():
 
 
 def test_lookup_length_grows_while_copies_land_and_resets_on_a_rejection():
-    model = make_kangaroo("llama", lookup_num_tokens=2, lookup_max_tokens=7)
-    settings = DraftSettings(0.5, 3, lookup_num_tokens=2, lookup_max_tokens=7)
-    generator = KangarooCandidateGenerator(
-        model, settings, GenerationConfig(max_length=64), None, StoppingCriteriaList()
-    )
+    lookup = PromptLookup(num_tokens=2, max_ngram=3, max_tokens=7)
     lengths = []
-    for drafted, accepted, copied in [
-        (2, 2, True),
-        (4, 4, True),
-        (3, 3, False),
-        (7, 7, True),
-        (7, 7, True),
-        (7, 3, True),
-    ]:
-        generator._drafted_this_round, generator._copied_this_round = drafted, copied
-        generator.update_candidate_strategy(None, None, accepted)
-        lengths.append(generator._lookup_length)
+    rounds = [(2, 2, True), (4, 4, True), (3, 3, False), (7, 7, True), (7, 7, True), (7, 3, True)]
+    for proposed, accepted, copied in rounds:
+        lookup.record_round(None, 0, copied, proposed, accepted)
+        lengths.append(lookup.length)
     # doubled after full copies (capped at 7), untouched by adapter rounds, back to 2 after a partial copy
     assert lengths == [4, 7, 7, 7, 7, 2]
     with pytest.raises(
         ValueError, match=r"lookup_max_tokens must be 0 \(fixed length\) or an int >= lookup_num_tokens \(4\)"
     ):
         make_kangaroo("llama", lookup_num_tokens=4, lookup_max_tokens=3)
+
+
+def test_lookup_proposes_the_continuation_of_the_longest_latest_match():
+    lookup = PromptLookup(num_tokens=3, max_ngram=3)
+    tokens, match = lookup.propose(torch.tensor([2, 3, 9, 2, 3, 8, 7, 5, 2, 3]))
+    assert tokens.tolist() == [8, 7, 5] and match == 2  # no "5 2 3" before; the latest earlier "2 3"
+    tokens, match = lookup.propose(torch.tensor([1, 2, 3, 9, 2, 3, 8, 1, 2, 3]))
+    assert tokens.tolist() == [9, 2, 3] and match == 3  # the longest match wins over a later shorter one
+    tokens, match = lookup.propose(torch.tensor([4, 5, 6]))
+    assert tokens.numel() == 0 and match == 0
+    assert lookup.trusts(3) is False and PromptLookup(3, 3, trust_ngram=2).trusts(2) is True
+    # Copy when the adapter agrees, is unsure, or is less sure than the context's recent hit rate.
+    assert lookup.prefers_copy(5, adapter_token=5, confidence=0.9, draft_threshold=0.5)
+    assert lookup.prefers_copy(5, adapter_token=6, confidence=0.4, draft_threshold=0.5)
+    assert not lookup.prefers_copy(5, adapter_token=6, confidence=0.9, draft_threshold=0.5)
+    lookup.hit_rate = 0.95
+    assert lookup.prefers_copy(5, adapter_token=6, confidence=0.9, draft_threshold=0.5)
 
 
 def test_growing_lookup_is_lossless_and_copies_longer_runs(arch, monkeypatch):
@@ -224,7 +233,8 @@ def test_cpu_few_row_matmul_serves_the_float32_decoding_loop_losslessly(arch, mo
         generation, "few_row_matmul", lambda x, w, b=None: head_products.append(tuple(w.shape)) or original(x, w, b)
     )
     # The few-row kernel alone (with packed weights it takes only 1-2 rows; next test).
-    model = make_kangaroo(arch, draft_threshold=0.0, max_draft_tokens=3, cpu_packed_weights=False)
+    model = make_kangaroo(arch, draft_threshold=0.0, max_draft_tokens=3)
+    model.cpu_kernels = CpuKernels(packed_weights=False)
     prompt = _prompt(12, seed=4)
     expected = model.generate(prompt, do_sample=False, max_new_tokens=20, use_kangaroo=False)
     assert rows_seen == []  # plain decoding keeps F.linear
@@ -235,19 +245,38 @@ def test_cpu_few_row_matmul_serves_the_float32_decoding_loop_losslessly(arch, mo
     assert not any("forward" in module.__dict__ for module in model.modules())  # every Linear restored
     assert head_products and set(head_products) == {tuple(model.draft_head()[0].shape)}
     rows_seen.clear()
-    model.config.cpu_few_row_matmul = False
     head_products.clear()
+    # Off for one call, then off for the model: neither uses it.
+    assert torch.equal(model.generate(prompt, do_sample=False, max_new_tokens=20, cpu_kernels=False), expected)
+    model.cpu_kernels = CpuKernels(few_row_matmul=False, packed_weights=False)
     assert torch.equal(model.generate(prompt, do_sample=False, max_new_tokens=20), expected)
     assert rows_seen == [] and head_products == []
-    model.config.cpu_few_row_matmul = True
+    model.cpu_kernels = CpuKernels(packed_weights=False)
     model.to(torch.bfloat16)  # float32 only: other dtypes keep F.linear
     model.generate(prompt, do_sample=False, max_new_tokens=8)
     assert rows_seen == []
 
 
-def test_cpu_few_row_matmul_must_be_a_bool():
-    with pytest.raises(ValueError, match="cpu_few_row_matmul must be a bool, got 'yes'"):
-        make_kangaroo("llama", cpu_few_row_matmul="yes")
+def test_cpu_kernel_switches_must_be_bools():
+    with pytest.raises(ValueError, match="CpuKernels.few_row_matmul must be a bool, got 'yes'"):
+        CpuKernels(few_row_matmul="yes")
+    with pytest.raises(ValueError, match="CpuKernels.packed_weights must be a bool, got 1"):
+        CpuKernels(packed_weights=1)
+    with pytest.raises(ValueError, match="cpu_kernels must be a CpuKernels, True, False or None, got 'off'"):
+        make_kangaroo("llama").generate(torch.tensor([[3, 4]]), max_new_tokens=2, cpu_kernels="off")
+
+
+def test_cpu_kernel_switches_are_runtime_options_never_saved(tmp_path):
+    model = make_kangaroo("llama", base_model_name_or_path="tiny-org/tiny-llama")
+    model.cpu_kernels = CpuKernels(few_row_matmul=False)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert not {"cpu_few_row_matmul", "cpu_packed_weights"} & set(saved)
+    # A checkpoint written before they became runtime options still loads; the keys are dropped.
+    saved.update(cpu_few_row_matmul=False, cpu_packed_weights=True)
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    loaded = KangarooForCausalLM.from_pretrained(tmp_path, base_model=model.get_base_model())
+    assert loaded.cpu_kernels == CpuKernels() and not hasattr(loaded.config, "cpu_few_row_matmul")
 
 
 # -- packed weights (cpu_packed_weights) ---------------------------------------------------------------------------
@@ -295,12 +324,12 @@ def test_cpu_packed_weights_serve_the_bfloat16_decoding_loop_bit_identically(arc
     assert {1, 12} <= set(products) and max(products) == 12
     assert not any("forward" in vars(module) for module in model.modules())  # every Linear restored
     products.clear()
-    model.config.cpu_packed_weights = False
+    model.cpu_kernels = CpuKernels(packed_weights=False)
     assert torch.equal(model.generate(prompt, do_sample=False, max_new_tokens=20), packed_output) and not products
     # Bit-identical products: the same drafts, the same verifications, round for round.
     assert model.last_generate_stats.drafted_by_position == packed_stats.drafted_by_position
     assert model.last_generate_stats.accepted_by_position == packed_stats.accepted_by_position
-    model.config.cpu_packed_weights = True
+    model.cpu_kernels = CpuKernels()
     model.to(torch.float32)  # float32: packed weights from 3 rows on, the few-row kernel below
     model.generate(prompt, do_sample=False, max_new_tokens=8)
     assert products and min(products) >= backbone.FLOAT32_PACKED_MIN_ROWS
@@ -327,9 +356,6 @@ def test_float32_splits_products_between_the_few_row_kernel_and_packed_weights(a
     assert few_row_rows and packed_rows == []
 
 
-def test_cpu_packed_weights_must_be_a_bool():
-    with pytest.raises(ValueError, match="cpu_packed_weights must be a bool, got 1"):
-        make_kangaroo("llama", cpu_packed_weights=1)
 
 
 def _lookup_rounds_by_setting(arch: str, field: str, values: tuple, max_new_tokens: int) -> dict:
@@ -355,19 +381,12 @@ def test_trusted_lookup_matches_overrule_a_sure_adapter_and_stay_lossless(arch):
 
 
 def test_lookup_hit_rate_learns_whether_the_context_predicted_the_emitted_token():
-    model = make_kangaroo("llama", lookup_num_tokens=2)
-    settings = DraftSettings(0.5, 3, lookup_num_tokens=2, lookup_hit_rate_decay=0.5)
-    generator = KangarooCandidateGenerator(
-        model, settings, GenerationConfig(max_length=64), None, StoppingCriteriaList()
-    )
-    sequence = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    lookup = PromptLookup(num_tokens=2, max_ngram=3, hit_rate_decay=0.5)
     rates = []
-    # (first token the context proposed, or None: no match; index of the round's first new token)
-    for proposed, round_start in [(7, 2), (8, 3), (4, 4), (None, 5), (10, 5)]:
-        generator._lookup_first_token, generator._round_start = proposed, round_start
-        generator._drafted_this_round = 0
-        generator.update_candidate_strategy(sequence, None, 0)
-        rates.append(generator._lookup_hit_rate)
+    # (first token the context proposed, or None: no match; the token the base emitted)
+    for proposed, emitted in [(7, 7), (8, 8), (4, 9), (None, 10), (10, 10)]:
+        lookup.record_round(proposed, emitted, copied=False, proposed=0, accepted=0)
+        rates.append(lookup.hit_rate)
     # hit, hit, miss, (no match: unchanged), hit; averaged with decay 0.5 from 0
     assert rates == [0.5, 0.75, 0.375, 0.375, 0.6875]
 
@@ -391,13 +410,13 @@ def test_trusted_lookup_rounds_skip_the_adapter(arch, monkeypatch):
     model = make_kangaroo(arch, agreement="random", draft_threshold=0.0, max_draft_tokens=2, lookup_num_tokens=4)
     model.config.lookup_trust_ngram = 1
     rounds: list[dict] = []
-    original_lookup = KangarooCandidateGenerator._lookup
+    original_propose = PromptLookup.propose
     original_scores = KangarooCandidateGenerator._draft_scores
     original_shallow = type(model).shallow_forward
 
-    def lookup(self, input_ids):
-        proposal, match_length = original_lookup(self, input_ids)
-        rounds.append({"trusted": proposal is not None and match_length >= 1, "head_calls": 0, "shallow": []})
+    def propose(self, sequence):
+        proposal, match_length = original_propose(self, sequence)
+        rounds.append({"trusted": match_length >= 1, "head_calls": 0, "shallow": []})
         return proposal, match_length
 
     def draft_scores(self, hidden, candidate_ids):
@@ -409,7 +428,7 @@ def test_trusted_lookup_rounds_skip_the_adapter(arch, monkeypatch):
             rounds[-1]["shallow"].append(input_ids.shape[1])
         return original_shallow(self, input_ids, *args, **kwargs)
 
-    monkeypatch.setattr(KangarooCandidateGenerator, "_lookup", lookup)
+    monkeypatch.setattr(PromptLookup, "propose", propose)
     monkeypatch.setattr(KangarooCandidateGenerator, "_draft_scores", draft_scores)
     monkeypatch.setattr(type(model), "shallow_forward", shallow_forward)
     input_ids = _repetitive_prompt(0)

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 import kangaroo_hf  # noqa: F401  (registers the Auto classes)
 from conftest import VOCAB, make_kangaroo, tiny_base
 from kangaroo_hf import KangarooForCausalLM, default_model
-from kangaroo_hf.hub import ADAPTER_WEIGHTS_NAME, AUTO_MAP, BASE_SUBFOLDER
+from kangaroo_hf.core.checkpoint import ADAPTER_WEIGHTS_NAME, AUTO_MAP, BASE_SUBFOLDER
 
 CHECKPOINT_FILES = {
     "README.md",
@@ -525,7 +525,7 @@ def test_cli_push_uploads_the_folder_as_saved(tmp_path, fake_hub, capsys):
 
 
 def test_push_refuses_pickles_and_non_kangaroo_folders(tmp_path, fake_hub):
-    from kangaroo_hf.hub import push_folder
+    from kangaroo_hf.core.checkpoint import push_folder
 
     make_kangaroo("llama").save_pretrained(tmp_path / "kangaroo")
     (tmp_path / "kangaroo" / "optimizer.pt").write_bytes(b"\x80\x04")
@@ -555,24 +555,33 @@ def test_embedded_smollm2_round_trip_through_the_gguf_fallback(tmp_path, offline
     assert loaded.generate(prompt, do_sample=False, max_new_tokens=4).tolist() == expected.tolist()
 
 
-def test_package_helpers_absent_only_when_their_module_is_missing(monkeypatch):
-    from kangaroo_hf import hub
+def test_the_package_registers_its_checkpoint_extensions():
+    from kangaroo_hf.core.checkpoint import EXTENSIONS
+    from kangaroo_hf.hub.model_card import write_model_card
 
-    assert hub._package_module("model_card") is not None
-    assert hub._package_module("no_such_module") is None
+    assert EXTENSIONS.card_writer is write_model_card
+    assert EXTENSIONS.base_loader is default_model.load_embedded_if_uncached
+    assert EXTENSIONS.remote_code_writer is not None
 
-    def broken_import(name):
-        raise ModuleNotFoundError("No module named 'gguf'", name="gguf")
 
-    monkeypatch.setattr(hub.importlib, "import_module", broken_import)
-    with pytest.raises(ModuleNotFoundError, match="gguf"):  # a broken dependency is reported, not hidden
-        hub._package_module("default_model")
+def test_without_the_package_extensions_a_checkpoint_has_no_card_and_carries_its_own_code(tmp_path, monkeypatch):
+    import sys
+
+    from kangaroo_hf.core.checkpoint import EXTENSIONS
+
+    monkeypatch.setattr(EXTENSIONS, "card_writer", None)
+    monkeypatch.setattr(EXTENSIONS, "remote_code_writer", None)
+    model = make_kangaroo("llama", base_model_name_or_path="tiny-org/tiny-llama")
+    model.save_pretrained(tmp_path)
+    assert not (tmp_path / "README.md").exists()
+    own_file = Path(sys.modules[type(model).__module__].__file__)
+    assert (tmp_path / "modeling_kangaroo.py").read_text() == own_file.read_text()
 
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 def test_peft_tuned_base_is_rebuilt_on_load_and_a_different_base_is_flagged(tmp_path, caplog):
     peft = pytest.importorskip("peft")
-    from kangaroo_hf.peft_support import peft_fingerprint
+    from kangaroo_hf.core.peft import peft_fingerprint
 
     tiny_base("llama").save_pretrained(tmp_path / "base")
     torch.manual_seed(1)
@@ -600,7 +609,7 @@ def test_adapter_file_with_overwritten_tensor_bytes_is_refused_naming_the_tensor
     data_start = 8 + header_length
     raw[data_start:] = b"\xff" * (len(raw) - data_start)  # every tensor byte overwritten, header intact: NaN floats
     path.write_bytes(bytes(raw))
-    with pytest.raises(ValueError, match=r"kangaroo_adapter.safetensors is damaged: NaN or infinite weights in adapter"):
+    with pytest.raises(ValueError, match=r"safetensors is damaged: NaN or infinite weights in adapter"):
         KangarooForCausalLM.from_pretrained(tmp_path, base_model=model.get_base_model())
 
 

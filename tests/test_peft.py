@@ -9,7 +9,7 @@ import torch
 
 from conftest import VOCAB, tiny_base
 from kangaroo_hf import KangarooForCausalLM
-from kangaroo_hf.peft_support import peft_fingerprint, warn_if_peft_differs
+from kangaroo_hf.core.peft import peft_fingerprint, warn_if_peft_differs
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
@@ -82,11 +82,11 @@ def test_warning_names_both_adapters_when_the_tuning_differs(caplog):
         for name, param in other.named_parameters():
             if "lora_B" in name:
                 param.add_(0.5)
-    with caplog.at_level(logging.WARNING, logger="kangaroo_hf.peft_support"):
+    with caplog.at_level(logging.WARNING, logger="kangaroo_hf.core.peft"):
         assert warn_if_peft_differs("org/lora", recorded, other) is True
     assert "org/lora" in caplog.text and recorded[:12] in caplog.text and peft_fingerprint(other)[:12] in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="kangaroo_hf.peft_support"):
+    with caplog.at_level(logging.WARNING, logger="kangaroo_hf.core.peft"):
         assert warn_if_peft_differs("org/lora", recorded, tiny_base("llama")) is True
     assert "no PEFT adapter" in caplog.text
     assert warn_if_peft_differs("org/lora", recorded, tuned) is False

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import VOCAB, make_kangaroo, spy_product_rows
-from kangaroo_hf.profiling import format_profile, profile_generation
+from kangaroo_hf import CpuKernels
+from kangaroo_hf.bench.profile import format_profile, profile_generation
 
 
 def test_profile_accounts_for_every_piece_and_unpatches():
@@ -50,9 +51,8 @@ def test_final_context_writes_count_as_adapter_time(monkeypatch):
 
 
 def test_no_kernel_timing_where_kangaroo_does_not_use_it():
-    model = make_kangaroo(
-        "mistral", draft_threshold=0.0, max_draft_tokens=2, cpu_few_row_matmul=False, cpu_packed_weights=False
-    )
+    model = make_kangaroo("mistral", draft_threshold=0.0, max_draft_tokens=2)
+    model.cpu_kernels = CpuKernels(few_row_matmul=False, packed_weights=False)
     input_ids = torch.randint(2, VOCAB, (1, 6), generator=torch.Generator().manual_seed(2))
     profile = profile_generation(model, input_ids, do_sample=False, max_new_tokens=8)
     assert profile.kernel_plain_step_s is None and "speculation over it" not in format_profile(profile)
@@ -66,5 +66,5 @@ def test_bfloat16_plain_step_is_also_timed_with_packed_weights(monkeypatch):
     packed_rows = spy_product_rows(monkeypatch, "packed_matmul")
     profile = profile_generation(model, input_ids, do_sample=False, max_new_tokens=8)
     assert profile.kernel_plain_step_s > 0 and "speculation over it" in format_profile(profile) and packed_rows
-    model.config.cpu_packed_weights = False
+    model.cpu_kernels = CpuKernels(packed_weights=False)
     assert profile_generation(model, input_ids, do_sample=False, max_new_tokens=8).kernel_plain_step_s is None

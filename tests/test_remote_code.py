@@ -14,15 +14,16 @@ import torch
 from transformers.dynamic_module_utils import check_imports, get_relative_imports
 
 from conftest import VOCAB, make_kangaroo
-from kangaroo_hf import KangarooForCausalLM, remote_code
-from kangaroo_hf.hub import REMOTE_CODE_FILES
+from kangaroo_hf import KangarooForCausalLM
+from kangaroo_hf.core.checkpoint import REMOTE_CODE_FILES
+from kangaroo_hf.hub import remote_code
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_committed_generated_files_match_the_package_sources():
     stale = remote_code.stale_files(REPO_ROOT)
-    assert stale == [], f"{stale} drifted from the package sources: run `python -m kangaroo_hf.remote_code`."
+    assert stale == [], f"{stale} drifted from the package sources: run `python -m kangaroo_hf.hub.remote_code`."
 
 
 def test_card_templates_are_mirrored_at_the_top_level():
@@ -61,12 +62,13 @@ def test_save_pretrained_ships_the_generated_files(tmp_path):
         assert (tmp_path / name).read_text() == text
 
 
-def test_generator_rejects_relative_imports_outside_the_remote_code():
-    source = "from .default_model import load_embedded_base\n"
-    with pytest.raises(ValueError, match=r"imports \.default_model, which is not part of the remote code"):
-        remote_code._transform("hub", source, ("hub",), {})
+def test_generator_rejects_imports_from_outside_core():
+    with pytest.raises(ValueError, match=r"imports from outside core/, which is not part of the remote code"):
+        remote_code._transform("checkpoint", "from ..default_model import load_embedded_base\n", ("checkpoint",), {})
+    with pytest.raises(ValueError, match=r"imports \.stats, which is not concatenated"):
+        remote_code._transform("checkpoint", "from .stats import KangarooStats\n", ("checkpoint",), {})
     with pytest.raises(ValueError, match="cannot import kangaroo_hf"):
-        remote_code._transform("hub", "import kangaroo_hf.hub\n", ("hub",), {})
+        remote_code._transform("checkpoint", "import kangaroo_hf.hub\n", ("checkpoint",), {})
 
 
 def test_generator_drops_intra_file_imports_and_hoists_config_imports():
@@ -171,6 +173,3 @@ def test_imported_modules_are_pulled_in_after_their_dependencies(monkeypatch):
     monkeypatch.setattr(remote_code, "_relative_imports", fake_imports)
     order = remote_code.module_order(("backbone", "modeling"), provided=("configuration",))
     assert order == ("backbone", "helpers", "modeling", "hub")
-    lazy["hub"] = ["model_card"]
-    with pytest.raises(ValueError, match=r"hub\.py imports \.model_card, which is not part of the remote code"):
-        remote_code.module_order(("backbone", "modeling"), provided=("configuration",))

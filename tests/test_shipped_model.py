@@ -36,7 +36,7 @@ def test_shipped_checkpoint_is_small_and_records_its_training():
 def test_shipped_model_greedy_output_is_the_bases():
     if importlib.util.find_spec(default_model.GGUF_PACKAGE) is None:
         pytest.skip(f"needs the embedded model: {default_model.INSTALL_HINT}")
-    from kangaroo_hf.commands import chat_input_ids
+    from kangaroo_hf.loading import chat_input_ids
 
     model, tokenizer = default_model.load_default_model(dtype=torch.float32)
     base = model.get_base_model()

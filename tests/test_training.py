@@ -13,7 +13,8 @@ from safetensors import safe_open
 
 from conftest import VOCAB, tiny_base, tiny_tokenizer
 from kangaroo_hf import KangarooForCausalLM
-from kangaroo_hf.data import (
+from kangaroo_hf.training import TrainingArguments, prepare_model, train_adapter
+from kangaroo_hf.training.data import (
     EncodedConversation,
     SelfDistillArguments,
     encode_conversation,
@@ -22,9 +23,8 @@ from kangaroo_hf.data import (
     self_distill,
     split_validation,
 )
-from kangaroo_hf.distillation import simulate_tau
-from kangaroo_hf.features import FeatureCache
-from kangaroo_hf.training import TrainingArguments, prepare_model, train_adapter
+from kangaroo_hf.training.features import FeatureCache
+from kangaroo_hf.training.loss import simulate_tau
 
 # One character per token in the tiny vocabulary: '9' opens a turn, the role's initial follows, '8' closes it.
 CHAT_TEMPLATE = (
@@ -236,7 +236,7 @@ def test_online_features_train_exactly_like_a_float32_disk_cache(tmp_path, jsonl
 
 
 def test_online_features_refuse_an_uncomputed_layer(tmp_path, jsonl):
-    from kangaroo_hf.features import OnlineFeatures
+    from kangaroo_hf.training.features import OnlineFeatures
 
     model = prepare_model(tiny_base("llama"), TrainingArguments(exit_layer=2))
     sequences = encode_conversations(chat_tokenizer(), load_conversations([jsonl]), 48)
@@ -300,7 +300,7 @@ def test_training_with_final_state_context(tmp_path, jsonl, adapter_mlp):
 
 
 def test_loss_on_all_tokens_trains_on_every_position(tmp_path, jsonl):
-    from kangaroo_hf.distillation import make_batch
+    from kangaroo_hf.training.loss import make_batch
 
     tokenizer = chat_tokenizer()
     model = prepare_model(tiny_base("llama"), _args(tmp_path, "all"))
@@ -318,7 +318,7 @@ def test_loss_on_all_tokens_trains_on_every_position(tmp_path, jsonl):
 
 @pytest.mark.parametrize("subset", [False, True])
 def test_hand_written_gradient_matches_autograd(subset):
-    from kangaroo_hf.distillation import DistillStats, distill_loss_chunks
+    from kangaroo_hf.training.loss import DistillStats, distill_loss_chunks
 
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 30, bias=False)
@@ -356,7 +356,7 @@ def test_training_with_a_draft_vocabulary(tmp_path, jsonl):
 
 @pytest.mark.parametrize("subset", [False, True])
 def test_token_targets_are_cross_entropy_on_the_next_token(subset):
-    from kangaroo_hf.distillation import DistillStats, distill_loss_chunks
+    from kangaroo_hf.training.loss import DistillStats, distill_loss_chunks
 
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 30, bias=False)
@@ -412,7 +412,7 @@ def test_token_targets_train_without_running_the_deep_layers(tmp_path, jsonl):
 
 def test_token_targets_on_self_distilled_answers_match_distribution_targets_top1(tmp_path):
     """On the base's own greedy text, the next token is the base's argmax: both targets agree on top-1 metrics."""
-    from kangaroo_hf.distillation import DistillStats, distill_loss_chunks, make_batch
+    from kangaroo_hf.training.loss import DistillStats, distill_loss_chunks, make_batch
 
     tokenizer = chat_tokenizer()
     model = prepare_model(tiny_base("llama"), _args(tmp_path, "greedy"))

@@ -10,7 +10,7 @@ import torch
 
 from conftest import VOCAB, make_kangaroo, tiny_tokenizer
 from kangaroo_hf import KangarooForCausalLM
-from kangaroo_hf.tune import calibration_prompts, tune
+from kangaroo_hf.bench.tune import calibration_prompts, tune
 
 
 def test_tune_grid_sorted_by_speedup_and_lossless():
@@ -25,11 +25,11 @@ def test_tune_grid_sorted_by_speedup_and_lossless():
 
 
 def test_cli_tune_writes_the_best_settings(tmp_path, monkeypatch):
-    from kangaroo_hf import commands
+    from kangaroo_hf import loading
     from kangaroo_hf.cli import main
 
     model, tokenizer = make_kangaroo("qwen2"), tiny_tokenizer()
-    monkeypatch.setattr(commands, "load_model", lambda name, dtype, device: (model, tokenizer))
+    monkeypatch.setattr(loading, "load_model", lambda name, dtype, device: (model, tokenizer))
     data = tmp_path / "calibration.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "abc" * i}]}) + "\n" for i in (1, 2)))
     output = tmp_path / "tuned"
@@ -57,7 +57,7 @@ def test_calibration_prompts_spread_over_files(tmp_path):
 
 
 def test_calibration_prompts_mix_the_sources_of_a_file(tmp_path, monkeypatch):
-    from kangaroo_hf import commands
+    from kangaroo_hf import loading
 
     rows = [{"id": f"flan-{i}", "messages": [{"role": "user", "content": f"flan {i}"}]} for i in range(6)]
     rows += [{"source": "t0/xsum", "messages": [{"role": "user", "content": f"t0 {i}"}]} for i in range(2)]
@@ -65,7 +65,7 @@ def test_calibration_prompts_mix_the_sources_of_a_file(tmp_path, monkeypatch):
     path = tmp_path / "validation.jsonl.gz"
     with gzip.open(path, "wt", encoding="utf-8") as handle:
         handle.writelines(json.dumps(row) + "\n" for row in rows)
-    monkeypatch.setattr(commands, "chat_input_ids", lambda tokenizer, text: text)
+    monkeypatch.setattr(loading, "chat_input_ids", lambda tokenizer, text: text)
     assert calibration_prompts([path], 5, None) == ["flan 0", "t0 0", "gsm 0", "flan 1", "t0 1"]
     (tmp_path / "bad.jsonl").write_text(json.dumps({"id": "x-1", "messages": [{"role": "assistant", "content": "a"}]}))
     with pytest.raises(ValueError, match=r"bad\.jsonl:1 has no user message"):
@@ -75,8 +75,8 @@ def test_calibration_prompts_mix_the_sources_of_a_file(tmp_path, monkeypatch):
 def test_lossless_check_accepts_only_numerical_ties(monkeypatch):
     import pytest
 
-    from kangaroo_hf import bench
-    from kangaroo_hf.tune import _check_lossless
+    from kangaroo_hf.bench import runner as bench
+    from kangaroo_hf.bench.tune import _check_lossless
 
     model = make_kangaroo("llama")
     input_ids = torch.randint(2, VOCAB, (1, 6), generator=torch.Generator().manual_seed(3))

@@ -15,8 +15,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
@@ -104,6 +106,20 @@ def load_embedded_tokenizer() -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(_converted_folder())
 
 
+def load_embedded_if_uncached(
+    source: str, revision: str | None, dtype: Any, device: str | torch.device, cache_dir: str | os.PathLike | None
+) -> PreTrainedModel | None:
+    """Base loader for Kangaroo checkpoints (`core.checkpoint.EXTENSIONS`): the embedded GGUF copy when `source` is
+    the embedded default model and it is not in the Hugging Face cache (no hub needed), else None."""
+    if source != EMBEDDED_BASE_ID:
+        return None
+    if isinstance(try_to_load_from_cache(source, "config.json", cache_dir=cache_dir, revision=revision), str):
+        return None
+    logger.info("%s is not in the Hugging Face cache; loading the embedded GGUF copy instead.", source)
+    base, _ = load_embedded_base(dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32)
+    return base.to(device)
+
+
 def load_default_model(
     dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -116,7 +132,7 @@ def load_default_model(
     >>> model, tokenizer = load_default_model()  # doctest: +SKIP
     ```
     """
-    from .modeling import KangarooForCausalLM
+    from .core.modeling import KangarooForCausalLM
 
     base, tokenizer = load_embedded_base(dtype=dtype, device=device)
     model = KangarooForCausalLM.from_pretrained(SHIPPED_ADAPTER, base_model=base)
@@ -129,5 +145,6 @@ __all__ = [
     "embedded_gguf_path",
     "load_default_model",
     "load_embedded_base",
+    "load_embedded_if_uncached",
     "load_embedded_tokenizer",
 ]

@@ -1,5 +1,5 @@
-# GENERATED FILE, DO NOT EDIT. `python -m kangaroo_hf.remote_code` built it from the sources of
-# kangaroo_hf 0.1.0: kangaroo_hf/version.py, kangaroo_hf/configuration.py. Edit those and regenerate.
+# GENERATED FILE, DO NOT EDIT. `python -m kangaroo_hf.hub.remote_code` built it from the sources of
+# kangaroo_hf 0.1.0: kangaroo_hf/core/version.py, kangaroo_hf/core/compat.py, kangaroo_hf/core/configuration.py. Edit those and regenerate.
 # ruff: noqa
 """Kangaroo self-speculative decoding (arXiv 2404.18911), `configuration_kangaroo.py` for loading with
 `trust_remote_code=True` where the `kangaroo_hf` package is not installed."""
@@ -8,24 +8,198 @@ from __future__ import annotations
 
 
 # ------------------------------------------------------------------------------
-# kangaroo_hf/version.py
+# kangaroo_hf/core/version.py
 # ------------------------------------------------------------------------------
 
 __version__ = "0.1.0"
 
 
 # ------------------------------------------------------------------------------
-# kangaroo_hf/configuration.py
+# kangaroo_hf/core/compat.py
 # ------------------------------------------------------------------------------
 
+import contextlib
+import importlib
+import inspect
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import transformers
+from packaging.version import Version
+from transformers.configuration_utils import SubConfigSpec
+from transformers.generation.candidate_generator import CandidateGenerator
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+# Oldest tested release (inclusive) and first untested one (exclusive); `pyproject.toml` pins the same range.
+SUPPORTED_TRANSFORMERS = ("5.24", "5.26")
+
+# (dotted name, what kangaroo_hf relies on it for). A `module:attribute` entry is looked up with getattr; the
+# `source:` entries are names the assisted loop must read from a candidate generator (checked in its source).
+PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
+    ("transformers.generation.utils:GenerationMixin._sample", "generate() calls it for greedy search and sampling"),
+    ("transformers.generation.utils:GenerationMixin._assisted_decoding", "the draft/verify loop Kangaroo runs in"),
+    ("transformers.generation.utils:GenerationMixin._get_candidate_generator", "the loop asks it for the generator"),
+    ("transformers.generation.candidate_generator:CandidateGenerator", "base class of Kangaroo's generator"),
+    ("transformers.generation.candidate_generator:CandidateGenerator.requires_model_outputs", "flag of the loop"),
+    ("source:GenerationMixin._assisted_decoding:requires_model_outputs", "loop passes the last model outputs"),
+    ("source:GenerationMixin._assisted_decoding:model_kwargs_overrides", "loop merges them into its next forward"),
+    ("transformers.cache_utils:DynamicCache.crop", "the loop crops every layer to the accepted length"),
+    ("transformers.cache_utils:DynamicCache.activate_past_recording", "the loop calls it before its first round"),
+    ("transformers.configuration_utils:SubConfigSpec", "declares KangarooConfig.base_config as a sub-config"),
+    ("transformers.masking_utils:create_causal_mask", "masks for slices of layers (per-layer cache lengths)"),
+    ("transformers.masking_utils:create_sliding_window_causal_mask", "the same, for sliding-window layers"),
+    ("transformers.modeling_utils:PreTrainedModel._init_weights", "post_init() initialises the adapter with it"),
+)
+
+_warned_version: str | None = None
+
+
+def _release(version: str) -> tuple[int, ...]:
+    return Version(version).release  # "5.26.0.dev0" -> (5, 26, 0): a pre-release of 5.26 is 5.26
+
+
+def transformers_supported(version: str | None = None) -> bool:
+    """Whether `version` (default: the installed transformers) lies in `SUPPORTED_TRANSFORMERS`."""
+    installed = _release(version or transformers.__version__)
+    low, high = (_release(bound) for bound in SUPPORTED_TRANSFORMERS)
+    return low <= installed < high
+
+
+def warn_if_unsupported_transformers(version: str | None = None) -> bool:
+    """Warn once per installed version when transformers is outside the tested range; True when it warned."""
+    global _warned_version
+    version = version or transformers.__version__
+    if transformers_supported(version) or _warned_version == version:
+        return False
+    _warned_version = version
+    low, high = SUPPORTED_TRANSFORMERS
+    warnings.warn(
+        f"kangaroo_hf is tested with transformers>={low},<{high}, but {version} is installed. Kangaroo hooks into "
+        "transformers' private assisted-decoding loop, which changes between minor releases: generate() may fail or "
+        f"misbehave. Install a supported version (pip install 'transformers>={low},<{high}').",
+        UserWarning,
+        stacklevel=2,
+    )
+    return True
+
+
+def _resolve(name: str) -> bool:
+    if name.startswith("source:"):
+        _, owner, needle = name.split(":")
+        target = _resolve_attribute("transformers.generation.utils", owner)
+        return target is not None and needle in inspect.getsource(target)
+    module_name, attribute = name.split(":")
+    return _resolve_attribute(module_name, attribute) is not None
+
+
+def _resolve_attribute(module_name: str, dotted: str) -> Any:
+    try:
+        value: Any = importlib.import_module(module_name)
+    except ImportError:
+        return None
+    for part in dotted.split("."):
+        value = getattr(value, part, None)
+        if value is None:
+            return None
+    return value
+
+
+def missing_private_names() -> list[str]:
+    """The `PRIVATE_NAMES` entries the installed transformers lacks, each with what it is relied on for."""
+    return [f"{name} ({reason})" for name, reason in PRIVATE_NAMES if not _resolve(name)]
+
+
+class LoopCandidateGenerator(CandidateGenerator):
+    """A candidate generator that reads the loop's last model outputs and adds keyword arguments to its next
+    forward: the protocol of transformers' assisted loop (`requires_model_outputs`, `model_kwargs_overrides`,
+    `num_drafting_tokens`) behind public names. Subclasses set `max_drafting_tokens` and call
+    `set_forward_overrides`."""
+
+    requires_model_outputs = True
+    max_drafting_tokens = 1
+
+    def set_forward_overrides(self, overrides: dict[str, Any]) -> None:
+        """Keyword arguments merged into the loop's next forward (and only that one)."""
+        self.model_kwargs_overrides = overrides
+
+    @property
+    def num_drafting_tokens(self) -> int:
+        """Most tokens one round proposes (the loop sizes recurrent-state recording with it; transformers >= 5.25)."""
+        return self.max_drafting_tokens
+
+
+class GenerationHooks:
+    """Mixin placed before `GenerationMixin`: routes transformers' private decoding entry points to the model's own
+    `candidate_generator_for`, so greedy search and sampling run in transformers' assisted loop with that generator,
+    or in the plain loop when it returns None."""
+
+    _active_candidate_generator: CandidateGenerator | None = None
+
+    def candidate_generator_for(self, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs):
+        raise NotImplementedError
+
+    def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
+        generator = self.candidate_generator_for(
+            input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs
+        )
+        if generator is None:
+            return super()._sample(input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs)
+        with self.decoding_context(generator):
+            self._active_candidate_generator = generator
+            try:
+                return self._assisted_decoding(
+                    input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs
+                )
+            finally:
+                self._active_candidate_generator = None
+
+    def decoding_context(self, generator: CandidateGenerator) -> contextlib.AbstractContextManager:
+        """Entered around the assisted loop (e.g. CPU kernels); nothing by default."""
+        return contextlib.nullcontext()
+
+    def _get_candidate_generator(self, *args: Any, **kwargs: Any) -> CandidateGenerator:
+        if self._active_candidate_generator is not None:
+            return self._active_candidate_generator
+        return super()._get_candidate_generator(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def observe_candidate_generators(model: Any, observe: Callable[[CandidateGenerator], None]) -> Iterator[None]:
+    """Call `observe(generator)` on each candidate generator `model`'s assisted loop builds during the block (this
+    instance only; transformers exposes no other way to reach the loop's generator)."""
+    original = model._get_candidate_generator
+
+    def observed(*args: Any, **kwargs: Any) -> CandidateGenerator:
+        generator = original(*args, **kwargs)
+        observe(generator)
+        return generator
+
+    model._get_candidate_generator = observed
+    try:
+        yield
+    finally:
+        del model._get_candidate_generator  # the instance attribute; the class's method shows through again
+
+
+warn_if_unsupported_transformers()
+
+
+# ------------------------------------------------------------------------------
+# kangaroo_hf/core/configuration.py
+# ------------------------------------------------------------------------------
+
+import dataclasses
+import difflib
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
 
 
 ADAPTER_CONTEXTS = ("exit", "final")
+# Config keys of earlier versions that describe the machine, not the model: read from old checkpoints, never written.
+RUNTIME_KEYS = ("cpu_few_row_matmul", "cpu_packed_weights")
 
 
 @strict
@@ -88,24 +262,6 @@ class KangarooConfig(PreTrainedConfig):
             Copy-heavy answers (extraction, quoting) then copy even where a sure adapter disagrees, while answers whose
             matches miss keep the adapter's drafts. The rate is checked against the token the base actually emits,
             whatever was proposed. 0 turns this off; must be in [0, 1).
-        cpu_few_row_matmul (`bool`, *optional*, defaults to `True`):
-            On CPU in float32, Kangaroo decoding computes the linear layers of its 1-8 token forwards (drafting
-            steps, draft head, verifications; not the prefill) as `weight @ input.T` (one row as two) instead of
-            `F.linear`. With PyTorch's CPU BLAS `F.linear` streams the weights of a one-row product at about a third
-            of the speed of a 2-column matrix product, and costs 1.4-2x one row for 2-8 rows; on the embedded SmolLM2
-            a one-token forward of the whole model takes ~0.6x the time this way. Last-bit rounding may differ, as
-            between any two kernels. Plain decoding (`use_kangaroo=False`) is not affected. `False` keeps `F.linear`.
-        cpu_packed_weights (`bool`, *optional*, defaults to `True`):
-            On CPU in float32 or bfloat16, each `generate()` call with Kangaroo decoding first packs the weights of the
-            base's and the adapter's linear layers (and the draft head's) into oneDNN's blocked layout, and computes
-            with them: in bfloat16 every product, in float32 the products of 3 or more rows (verifications, the
-            prefill), while 1-2 rows stay with `cpu_few_row_matmul`. `F.linear` reorders a bfloat16 weight into that
-            layout on every call, which for a few rows costs about as much as the product: on the embedded SmolLM2 a
-            one-token bfloat16 forward takes ~0.75x the time this way, with bit-identical results. In float32 a
-            12-token verification takes ~0.55x the few-row kernel's time (last bits may differ, as between any two
-            kernels). Costs a second copy of those weights in memory during the call and the time to pack them
-            (~0.15 s bfloat16 / ~0.3 s float32 for SmolLM2-135M). Plain decoding (`use_kangaroo=False`) is not
-            affected. `False` keeps `F.linear` (and the few-row kernel for up to 8 rows in float32).
         peft_adapter_name_or_path (`str`, *optional*):
             The PEFT (e.g. LoRA) adapter the base was tuned with when the Kangaroo adapter was trained.
         peft_adapter_revision (`str`, *optional*):
@@ -156,11 +312,6 @@ class KangarooConfig(PreTrainedConfig):
     lookup_max_tokens: int = 0
     lookup_trust_ngram: int = 0
     lookup_hit_rate_decay: float = 0.0
-    # CPU float32 BLAS is slow for 1-8 rows through F.linear; weight @ input.T is not (see `few_row_matmul`).
-    cpu_few_row_matmul: bool = True
-    # CPU F.linear reorders a bfloat16 weight on every call; packing once per generate() call is bit-identical (and
-    # float32 products of 3+ rows are faster packed than through the few-row kernel).
-    cpu_packed_weights: bool = True
     # The PEFT adapter of a LoRA-tuned base, so loading rebuilds the same tuned model.
     peft_adapter_name_or_path: str | None = None
     peft_adapter_revision: str | None = None
@@ -170,6 +321,13 @@ class KangarooConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
+        # Saved by earlier versions; the CPU kernels are runtime options now (`KangarooForCausalLM.cpu_kernels`).
+        for key in RUNTIME_KEYS:
+            kwargs.pop(key, None)
+        for key in kwargs:
+            nearest = nearest_setting(key)
+            if nearest is not None:
+                raise ValueError(f"KangarooConfig got an unknown setting {key!r}; did you mean {nearest!r}?")
         super().__post_init__(**kwargs)
         self.kangaroo_hf_version = __version__
         self.validate_kangaroo()
@@ -177,18 +335,15 @@ class KangarooConfig(PreTrainedConfig):
     def validate_kangaroo(self) -> None:
         """Raise `ValueError` naming the bad value when a Kangaroo setting is impossible for the base."""
         num_layers = self.base_config.num_hidden_layers
-        if not isinstance(self.exit_layer, int) or not 1 <= self.exit_layer < num_layers:
+        if not _is_int(self.exit_layer) or not 1 <= self.exit_layer < num_layers:
             raise ValueError(
                 f"exit_layer must be an int in [1, {num_layers - 1}] for a base with {num_layers} layers "
                 f"(the draft needs at least one shallow layer and verification at least one deep layer), "
                 f"got {self.exit_layer!r}."
             )
         validate_draft_settings(self.draft_threshold, self.max_draft_tokens, self.first_draft_threshold)
-        if not isinstance(self.adapter_num_layers, int) or self.adapter_num_layers < 1:
+        if not _is_int(self.adapter_num_layers) or self.adapter_num_layers < 1:
             raise ValueError(f"adapter_num_layers must be an int >= 1, got {self.adapter_num_layers!r}.")
-        for switch in ("cpu_few_row_matmul", "cpu_packed_weights"):
-            if not isinstance(getattr(self, switch), bool):
-                raise ValueError(f"{switch} must be a bool, got {getattr(self, switch)!r}.")
         if not isinstance(self.adapter_mlp, bool):
             raise ValueError(f"adapter_mlp must be a bool, got {self.adapter_mlp!r}.")
         if self.adapter_context not in ADAPTER_CONTEXTS:
@@ -196,7 +351,7 @@ class KangarooConfig(PreTrainedConfig):
         if self.adapter_context == "final" and self.adapter_num_layers != 1:
             raise ValueError(f"adapter_context='final' needs adapter_num_layers=1, got {self.adapter_num_layers}.")
         vocab_size = self.base_config.vocab_size
-        if not isinstance(self.draft_vocab_size, int) or not 0 <= self.draft_vocab_size <= vocab_size:
+        if not _is_int(self.draft_vocab_size) or not 0 <= self.draft_vocab_size <= vocab_size:
             raise ValueError(
                 f"draft_vocab_size must be an int in [0, {vocab_size}] (0 = full vocabulary), "
                 f"got {self.draft_vocab_size!r}."
@@ -206,6 +361,40 @@ class KangarooConfig(PreTrainedConfig):
     def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> PreTrainedConfig:
         """The base's config: caches, masks and generation are sized by the wrapped model."""
         return self.base_config
+
+
+def _is_int(value: Any) -> bool:
+    """An int that is not a bool (`True` is an int to Python, but never a layer index or a count here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def kangaroo_settings() -> tuple[str, ...]:
+    """The settings `KangarooConfig` adds to transformers' `PreTrainedConfig` (what `from_base` accepts)."""
+    inherited = {field.name for field in dataclasses.fields(PreTrainedConfig)}
+    return tuple(field.name for field in dataclasses.fields(KangarooConfig) if field.name not in inherited)
+
+
+def nearest_setting(name: str, cutoff: float = 0.8) -> str | None:
+    """The Kangaroo setting `name` most resembles (`difflib` similarity at least `cutoff`), unless it is one."""
+    settings = kangaroo_settings()
+    if name in settings:
+        return None
+    matches = difflib.get_close_matches(name, settings, n=1, cutoff=cutoff)
+    return matches[0] if matches else None
+
+
+def check_settings(names: Any, caller: str) -> None:
+    """Raise `ValueError` for any of `names` that is not a Kangaroo setting, naming the nearest valid one."""
+    settings = kangaroo_settings()
+    hints = [
+        f"{name!r} (did you mean {nearest!r}?)" if (nearest := nearest_setting(name, cutoff=0.6)) else repr(name)
+        for name in names
+        if name not in settings
+    ]
+    if hints:
+        raise ValueError(
+            f"{caller} got unknown Kangaroo settings: {', '.join(hints)}. Valid settings: {', '.join(settings)}."
+        )
 
 
 def validate_draft_settings(draft_threshold: float, max_draft_tokens: int, first_draft_threshold: float = 0.0) -> None:
@@ -256,4 +445,21 @@ def validate_lookup(
         raise ValueError(f"lookup_hit_rate_decay must be a number in [0, 1) (0 = off), got {hit_rate_decay!r}.")
 
 
-__all__ = ["KangarooConfig", "validate_draft_settings", "validate_lookup"]
+__all__ = [
+    "GenerationHooks",
+    "KangarooConfig",
+    "LoopCandidateGenerator",
+    "PRIVATE_NAMES",
+    "SUPPORTED_TRANSFORMERS",
+    "SubConfigSpec",
+    "check_settings",
+    "create_causal_mask",
+    "create_sliding_window_causal_mask",
+    "kangaroo_settings",
+    "missing_private_names",
+    "observe_candidate_generators",
+    "transformers_supported",
+    "validate_draft_settings",
+    "validate_lookup",
+    "warn_if_unsupported_transformers",
+]

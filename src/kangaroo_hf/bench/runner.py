@@ -1,22 +1,22 @@
-"""`kangaroo-hf bench`: Spec-Bench-style speed, acceptance and losslessness report (DESIGN.md section 5).
+"""`kangaroo-hf bench`: Spec-Bench-style speed, acceptance and losslessness report.
 
 Every method answers the first turn of each Spec-Bench question (chat template applied), batch 1, with the same
 `max_new_tokens`; methods run interleaved prompt by prompt in one process after a warm-up, and a method's time is the
 sum of its `generate()` wall times. Speedup is the base's plain `generate()` time over the method's time. In greedy
 mode every output is compared token for token with the base's; see `default_tie_tolerance` for reduced precision.
 
-Methods (the `METHODS` registry in `bench_methods.py`; add a runner there to add a method):
+Methods (the `METHODS` registry in `bench/methods.py`; add a runner there to add a method):
 
 - `vanilla`: `model.get_base_model().generate(...)`, the reference.
 - `pld`: transformers' prompt lookup decoding on the base (`prompt_lookup_num_tokens`).
 - `early_exit`: transformers' `assistant_early_exit` on the base, exiting at Kangaroo's `exit_layer`, with Kangaroo's
   `draft_threshold` and `max_draft_tokens` as confidence threshold and draft cap: Kangaroo without the adapter.
 - `kangaroo`: `model.generate(..., use_kangaroo=True)`.
-- `vanilla_few_row`, `pld_few_row` (not run by default): `vanilla` and `pld` through the CPU kernels Kangaroo
-  decoding uses (`model.decoding_kernels`; the names date from when the float32 few-row kernel was the only one), to
-  separate the kernels' share of Kangaroo's speed-up from speculation's. `vanilla_few_row` gets those that pay for
+- `vanilla_cpu_kernels`, `pld_cpu_kernels` (not run by default; their earlier names `vanilla_few_row`, `pld_few_row`
+  are accepted): `vanilla` and `pld` through the CPU kernels Kangaroo decoding uses (`model.decoding_kernels`), to
+  separate the kernels' share of Kangaroo's speed-up from speculation's. `vanilla_cpu_kernels` gets those that pay for
   one-token steps (float32: the few-row kernel alone, as packing the weights pays only for products of 3+ rows;
-  bfloat16: packed weights), `pld_few_row` all of Kangaroo's (its verifications are multi-row).
+  bfloat16: packed weights), `pld_cpu_kernels` all of Kangaroo's (its verifications are multi-row).
 """
 
 from __future__ import annotations
@@ -35,69 +35,35 @@ from typing import Any
 
 import torch
 
-from .bench_methods import (
+from .losslessness import (
+    Divergence,
+    GapProbe,
+    LosslessnessError,
+    classify_divergence,
+    default_tie_tolerance,
+    first_divergence,
+    tie_gap,
+)
+from .methods import (
     DEFAULT_METHOD_OPTIONS,
     DEFAULT_METHODS,
     METHODS,
     REFERENCE_METHOD,
+    MethodRun,
     MethodRunner,
+    PromptRecord,
+    Question,
     SpeculationCounts,
+    method_kernels,
+    resolve_method,
 )
-from .bench_report import build_results, format_summary, write_reports
+from .report import build_results, format_summary, write_reports
 
 logger = logging.getLogger(__name__)
 
 QUESTIONS_ENV = "KANGAROO_HF_SPEC_BENCH"
 QUESTIONS_RELPATH = Path("shared") / "data" / "spec_bench" / "question.jsonl"
 DEFAULT_OUTPUT = "bench_out"
-
-
-class LosslessnessError(RuntimeError):
-    """A greedy output differed from the base's by more than a numerical tie (raised with `strict=True`)."""
-
-
-@dataclass(frozen=True)
-class Question:
-    """One Spec-Bench question; only the first turn is benchmarked."""
-
-    question_id: int
-    category: str
-    turns: tuple[str, ...]
-
-
-@dataclass
-class MethodRun:
-    """One method's answer to one prompt."""
-
-    tokens: list[int]
-    time_s: float
-    counts: SpeculationCounts | None
-    identical: bool | None = None  # equal to the reference's output (greedy only)
-
-
-@dataclass
-class PromptRecord:
-    """Every method's run on one question."""
-
-    question: Question
-    prompt_tokens: int
-    runs: dict[str, MethodRun] = field(default_factory=dict)
-
-
-@dataclass
-class Divergence:
-    """Where a greedy output first differs from the base's, and how close the base's logits were there."""
-
-    method: str
-    question_id: int
-    category: str
-    position: int  # index in the new tokens
-    reference_token: int | None  # None: the base's output ended here
-    method_token: int | None  # None: the method's output ended here
-    logit_gap: float | None  # |logit(reference token) - logit(method token)| from one forward of the base
-    top2_gap: float | None  # top-1 minus top-2 logit at that step
-    logit_gap_float32: float | None  # the same gap with a float32 copy of the base (reduced-precision runs only)
-    tie: bool
 
 
 @dataclass
@@ -117,6 +83,7 @@ class BenchSettings:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        self.methods = tuple(resolve_method(name) for name in self.methods)
         unknown = [name for name in self.methods if name not in METHODS]
         if unknown:
             raise ValueError(f"Unknown methods {unknown}; choose from {sorted(METHODS)}.")
@@ -171,62 +138,8 @@ def load_questions(
     return questions
 
 
-def default_tie_tolerance(dtype: torch.dtype) -> float:
-    """Largest gap between the base's logits of the two diverging tokens at which a divergence is a numerical tie.
-
-    float32 / float64: 0, outputs must be identical. Reduced precision: one unit in the last place at logit magnitude
-    32 to 64, `32 * eps` (0.25 for bfloat16, whose 8 significant bits space logits of 32-64 by 0.25 and of 16-32 by
-    0.125; 0.03125 for float16). Batched verification and one-token decoding accumulate in different orders and round
-    every layer's output to this grid, so two logits one step apart can swap; a larger gap is not rounding.
-    """
-    if dtype in (torch.float32, torch.float64):
-        return 0.0
-    return 32 * torch.finfo(dtype).eps
-
-
-def first_divergence(reference: list[int], output: list[int]) -> int | None:
-    """Index of the first differing token (or of the shorter output's end); None if the outputs are equal."""
-    for position, (expected, got) in enumerate(zip(reference, output, strict=False)):
-        if expected != got:
-            return position
-    return None if len(reference) == len(output) else min(len(reference), len(output))
-
-
-def classify_divergence(logit_gap: float | None, tolerance: float) -> bool:
-    """True (a numerical tie) when the base's logits of the two tokens are within `tolerance`; else a failure."""
-    return logit_gap is not None and abs(logit_gap) <= tolerance
-
-
-class _GapProbe:
-    """The base's logits at one step of the reference output: one forward over prompt + reference prefix."""
-
-    def __init__(self, base: torch.nn.Module) -> None:
-        self.base = base
-        self._float32_base: torch.nn.Module | None = None
-
-    @torch.no_grad()
-    def gaps(self, sequence: torch.LongTensor, reference_token: int, method_token: int) -> tuple[float, float]:
-        """(|logit gap| between the two tokens, top-1 minus top-2 logit) after `sequence` (1, T)."""
-        return self._gaps(self.base, sequence, reference_token, method_token)
-
-    @torch.no_grad()
-    def float32_gap(self, sequence: torch.LongTensor, reference_token: int, method_token: int) -> float | None:
-        """The same gap from a float32 copy of the base (made once); None when the base already is float32."""
-        if self.base.dtype in (torch.float32, torch.float64):
-            return None
-        if self._float32_base is None:
-            self._float32_base = copy.deepcopy(self.base).float()
-        return self._gaps(self._float32_base, sequence, reference_token, method_token)[0]
-
-    @staticmethod
-    def _gaps(base: torch.nn.Module, sequence: torch.LongTensor, reference_token: int, method_token: int):
-        logits = base(input_ids=sequence, use_cache=False, logits_to_keep=1).logits[0, -1].float()  # (V,)
-        top2 = logits.topk(2).values
-        return abs(float(logits[reference_token] - logits[method_token])), float(top2[0] - top2[1])
-
-
 def check_against_reference(
-    record: PromptRecord, input_ids: torch.LongTensor, probe: _GapProbe, tolerance: float
+    record: PromptRecord, input_ids: torch.LongTensor, probe: GapProbe, tolerance: float
 ) -> list[Divergence]:
     """Mark each run of `record` identical or not to the reference run; analyse each divergence."""
     reference = record.runs[REFERENCE_METHOD].tokens
@@ -243,10 +156,9 @@ def check_against_reference(
             method_token = run.tokens[position] if position < len(run.tokens) else None
             gap = top2 = gap32 = None
             if method_token is not None:
+                gap, top2 = tie_gap(probe, input_ids, reference, position, method_token)
                 prefix = torch.tensor([reference[:position]], dtype=input_ids.dtype, device=input_ids.device)
-                sequence = torch.cat([input_ids, prefix], dim=1)
-                gap, top2 = probe.gaps(sequence, reference_token, method_token)
-                gap32 = probe.float32_gap(sequence, reference_token, method_token)
+                gap32 = probe.float32_gap(torch.cat([input_ids, prefix], dim=1), reference_token, method_token)
         divergence = Divergence(
             method=name,
             question_id=record.question.question_id,
@@ -315,14 +227,14 @@ def run_benchmark(
     Returns the `results.json` content. With `settings.strict`, raises `LosslessnessError` (after writing the
     reports) if a greedy output differs from the base's by more than a numerical tie.
     """
-    from .commands import chat_input_ids
+    from ..loading import chat_input_ids
 
     settings = settings or BenchSettings()
     dtype = model.dtype
     tolerance = default_tie_tolerance(dtype) if settings.tie_tolerance is None else settings.tie_tolerance
     common = _generation_kwargs(tokenizer, settings)
     prompts = [chat_input_ids(tokenizer, question.turns[0]).to(model.device) for question in questions]
-    probe = _GapProbe(model.get_base_model())
+    probe = GapProbe(model.get_base_model())
 
     def run_all(index: int, record: PromptRecord | None) -> None:
         input_ids = prompts[index]
@@ -388,6 +300,7 @@ def run_benchmark(
         "repeats": settings.repeats,
         "methods": list(settings.methods),
         "method_options": settings.method_options,
+        "kernels": {name: method_kernels(name, model) for name in settings.methods},
         "tie_tolerance": tolerance,
         "order": "interleaved per prompt, method order rotated by one each prompt"
         + (f"; median of {settings.repeats} timed runs, rotated again each run" if settings.repeats > 1 else ""),
@@ -408,13 +321,13 @@ def run_benchmark(
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from .commands import load_model
+    from ..loading import load_model
 
     methods = tuple(name.strip() for name in args.methods.split(",") if name.strip())
     options = copy.deepcopy(DEFAULT_METHOD_OPTIONS)
     # Both prompt-lookup methods are one method (one of them through the float32 kernel): the flags set both.
     pld = {"prompt_lookup_num_tokens": args.pld_num_tokens, "max_matching_ngram_size": args.pld_max_ngram}
-    options["pld"] = options["pld_few_row"] = pld
+    options["pld"] = options["pld_cpu_kernels"] = pld
     settings = BenchSettings(
         methods=methods,
         max_new_tokens=args.max_new_tokens,
@@ -475,8 +388,8 @@ def add_bench(subparsers: Any) -> None:
         default=None,
         help="max base logit gap for a divergence to count as a numerical tie (default: 0 float32, 0.25 bfloat16)",
     )
-    parser.add_argument("--pld-num-tokens", type=int, default=10, help="pld, pld_few_row: tokens proposed per step")
-    parser.add_argument("--pld-max-ngram", type=int, default=2, help="pld, pld_few_row: longest n-gram matched")
+    parser.add_argument("--pld-num-tokens", type=int, default=10, help="pld, pld_cpu_kernels: tokens per step")
+    parser.add_argument("--pld-max-ngram", type=int, default=2, help="pld, pld_cpu_kernels: longest n-gram matched")
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help="report folder")
     parser.add_argument("--strict", action="store_true", help="exit non-zero if an output is not lossless")
     parser.set_defaults(handler=_run_bench)
@@ -484,9 +397,11 @@ def add_bench(subparsers: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m kangaroo_hf.bench ...`: the same as `kangaroo-hf bench ...`."""
-    from .cli import main as cli_main
-
-    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = argparse.ArgumentParser(prog="python -m kangaroo_hf.bench")
+    add_bench(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    return int(args.handler(args) or 0)
 
 
 __all__ = [

@@ -27,9 +27,7 @@ import copy
 import dataclasses
 import json
 import logging
-import math
 import time
-import typing
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +38,10 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core.checkpoint import save_safetensors
 from .data import SelfDistillArguments, encode_conversations, load_conversations, self_distill, split_validation
-from .distillation import (
+from .features import FeatureCache, OnlineFeatures
+from .loss import (
     DistillStats,
     distill_loss_chunks,
     draft_states,
@@ -52,8 +52,7 @@ from .distillation import (
     plan_epoch,
     uses_final_context,
 )
-from .features import FeatureCache, OnlineFeatures
-from .hub import save_safetensors
+from .state import find_checkpoint, load_tensors_and_state, lr_lambda, save_tensors_and_state
 
 logger = logging.getLogger(__name__)
 
@@ -200,52 +199,6 @@ class TrainResult:
     train_loss: list[float] = field(default_factory=list)
 
 
-# -- optimizer, schedule, checkpoints -----------------------------------------------------------------------------
-
-
-def _lr_lambda(step: int, warmup: int, total: int, kind: str) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
-
-
-def _save_tensors_and_state(optimizer, scheduler, folder: Path) -> None:
-    state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for param_id, param_state in state["state"].items():
-        for key, value in param_state.items():
-            if torch.is_tensor(value):
-                tensors[f"state.{param_id}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{param_id}.{key}"] = value
-    save_safetensors(tensors, folder / "optimizer.safetensors")
-    (folder / "optimizer_state.json").write_text(
-        json.dumps({"param_groups": state["param_groups"], "scalars": scalars, "scheduler": scheduler.state_dict()})
-    )
-
-
-def _load_tensors_and_state(optimizer, scheduler, folder: Path) -> None:
-    meta = json.loads((folder / "optimizer_state.json").read_text())
-    state: dict[int, dict[str, Any]] = {}
-    for name, tensor in load_file(folder / "optimizer.safetensors").items():
-        _, param_id, key = name.split(".", 2)
-        state.setdefault(int(param_id), {})[key] = tensor
-    for name, value in meta["scalars"].items():
-        param_id, key = name.split(".", 1)
-        state.setdefault(int(param_id), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    scheduler.load_state_dict(meta["scheduler"])
-
-
-def _find_checkpoint(output_dir: Path, spec: str) -> Path | None:
-    if spec != "latest":
-        return Path(spec)
-    checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    complete = [p for p in checkpoints if (p / "trainer_state.json").is_file()]
-    return complete[-1] if complete else None
-
-
 class _AdapterModule(nn.Module):
     """What DDP wraps: the adapter's parameters only, called through the model's own `adapter_forward`."""
 
@@ -261,7 +214,7 @@ class _AdapterModule(nn.Module):
 def prepare_model(model_or_base: nn.Module, args: TrainingArguments) -> nn.Module:
     """A `KangarooForCausalLM` with a fresh adapter (or the given model's, or the saved one `args.init_adapter`
     names), base frozen, adapter trainable."""
-    from .modeling import KangarooForCausalLM
+    from ..core.modeling import KangarooForCausalLM
 
     if args.init_adapter is not None:
         if isinstance(model_or_base, KangarooForCausalLM):
@@ -480,7 +433,7 @@ class _Run:
         self.total_steps = args.max_steps or self.steps_per_epoch * args.num_epochs
         warmup = int(args.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: _lr_lambda(step, warmup, self.total_steps, args.lr_scheduler)
+            self.optimizer, lambda step: lr_lambda(step, warmup, self.total_steps, args.lr_scheduler)
         )
         self.compute_dtype = _autocast_dtype(args.mixed_precision)
         self.final_context = uses_final_context(model)
@@ -498,13 +451,13 @@ class _Run:
     def resume(self) -> None:
         if not self.args.resume_from_checkpoint:
             return
-        checkpoint = _find_checkpoint(self.output_dir, self.args.resume_from_checkpoint)
+        checkpoint = find_checkpoint(self.output_dir, self.args.resume_from_checkpoint)
         if checkpoint is None:
             logger.info("No checkpoint in %s: starting from scratch", self.output_dir)
             return
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         self.model.load_adapter_state_dict(load_file(checkpoint / "adapter_weights.safetensors"))
-        _load_tensors_and_state(self.optimizer, self.scheduler, checkpoint)
+        load_tensors_and_state(self.optimizer, self.scheduler, checkpoint)
         self.global_step, self.history, self.losses = state["global_step"], state["metrics"], state["train_loss"]
         logger.info("Resumed from %s at step %d", checkpoint, self.global_step)
 
@@ -628,7 +581,7 @@ class _Run:
             folder.mkdir(parents=True, exist_ok=True)
             weights = {k: v.detach().cpu().contiguous() for k, v in self.model.adapter_state_dict().items()}
             save_safetensors(weights, folder / "adapter_weights.safetensors")
-            _save_tensors_and_state(self.optimizer, self.scheduler, folder)
+            save_tensors_and_state(self.optimizer, self.scheduler, folder)
             (folder / "kangaroo_metrics.json").write_text(json.dumps({"epochs": self.history}, indent=2))
             state = {"global_step": self.global_step, "metrics": self.history, "train_loss": self.losses}
             # Written last: a checkpoint without it is incomplete and never resumed from.
@@ -636,94 +589,4 @@ class _Run:
         self.accelerator.wait_for_everyone()
 
 
-# -- command line -------------------------------------------------------------------------------------------------
-
-
-def _load_base(name: str | None, dtype: str):
-    """The base and tokenizer: the embedded SmolLM2 by default, else any `AutoModelForCausalLM` id or folder."""
-    if name is None:
-        from .default_model import load_embedded_base
-
-        return load_embedded_base(dtype=getattr(torch, dtype))
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype)), AutoTokenizer.from_pretrained(name)
-
-
-def add_dataclass_arguments(parser, cls) -> None:
-    """One `--flag` per dataclass field, typed from its annotation, with the field's help text."""
-    import argparse
-
-    hints = typing.get_type_hints(cls)
-    for item in dataclasses.fields(cls):
-        hint = hints[item.name]
-        args = typing.get_args(hint)
-        inner = next((a for a in args if a is not type(None)), hint) if args and type(None) in args else hint
-        default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
-        flag = "--" + item.name.replace("_", "-")
-        help_text = f"{item.metadata.get('help', '')} (default: {default})"
-        if inner is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        elif typing.get_origin(inner) is list:
-            parser.add_argument(flag, type=typing.get_args(inner)[0], nargs="+", default=default, help=help_text)
-        else:
-            parser.add_argument(flag, type=inner, default=default, help=help_text)
-
-
-def _run_train(args) -> int:
-    training_args = TrainingArguments(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments)})
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    base, tokenizer = _load_base(args.base, args.base_dtype)
-    result = train_adapter(base, args.data, training_args, tokenizer, validation_data=args.validation_data)
-    last = result.metrics[-1].get("validation", {}) if result.metrics else {}
-    logger.info("Adapter saved to %s after %d steps; last validation: %s", result.output_dir, result.global_step, last)
-    return 0
-
-
-def _run_distill(args) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    base, tokenizer = _load_base(args.base, args.dtype)
-    conversations = load_conversations(args.data, args.max_examples, args.max_examples_per_source, args.seed)
-    settings = SelfDistillArguments(
-        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, max_prompt_length=args.max_prompt_length
-    )
-    results = self_distill(base, tokenizer, conversations, args.output, settings)
-    logger.info("%d self-distilled conversations in %s", len(results), args.output)
-    return 0
-
-
-def add_train(subparsers) -> None:
-    """Register `kangaroo-hf train` and `kangaroo-hf distill`."""
-    parser = subparsers.add_parser(
-        "train",
-        help="train a Kangaroo adapter (base frozen) on chat JSONL files",
-        description="Train a Kangaroo adapter; run under `accelerate launch` for several GPUs.",
-    )
-    parser.add_argument("--data", nargs="+", required=True, help="JSONL files of {'messages': [...]} conversations")
-    parser.add_argument("--validation-data", nargs="+", default=None, help="held-out JSONL files (optional)")
-    parser.add_argument("--base", default=None, help="base model id or folder (default: embedded SmolLM2-135M)")
-    parser.add_argument("--base-dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    add_dataclass_arguments(parser, TrainingArguments)
-    parser.set_defaults(handler=_run_train)
-
-    distill = subparsers.add_parser(
-        "distill", help="replace assistant turns of chat JSONL files by the base's own greedy answers"
-    )
-    distill.add_argument("--data", nargs="+", required=True, help="JSONL files of conversations")
-    distill.add_argument("--output", required=True, help="JSONL cache to write (resumed when it exists)")
-    distill.add_argument("--base", default=None, help="base model id or folder (default: embedded SmolLM2-135M)")
-    distill.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
-    distill.add_argument("--max-examples", type=int, default=None)
-    distill.add_argument("--max-examples-per-source", type=int, default=None)
-    distill.add_argument("--max-new-tokens", type=int, default=256)
-    distill.add_argument("--max-prompt-length", type=int, default=2047)
-    distill.add_argument("--batch-size", type=int, default=16)
-    distill.add_argument("--seed", type=int, default=0)
-    distill.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    distill.set_defaults(handler=_run_distill)
-
-
-__all__ = ["TrainResult", "TrainingArguments", "add_train", "prepare_model", "train_adapter"]
+__all__ = ["TrainResult", "TrainingArguments", "prepare_model", "train_adapter"]

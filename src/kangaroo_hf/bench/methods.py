@@ -1,0 +1,291 @@
+"""The methods `kangaroo-hf bench` compares: a registry of runners, and their draft/accept counts.
+
+A runner answers one prompt: `runner(model, input_ids, gen_kwargs) -> (new tokens, SpeculationCounts | None)`, where
+`model` is the `KangarooForCausalLM` and `gen_kwargs` are the shared generation arguments plus the method's own
+options (`DEFAULT_METHOD_OPTIONS`). Add a method by adding a runner to `METHODS`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..core.compat import observe_candidate_generators
+
+REFERENCE_METHOD = "vanilla"
+# Prompt lookup decoding: 10 proposed tokens (as in Spec-Bench's PLD runs), transformers' default n-gram size of 2;
+# `pld_cpu_kernels` is the same method through Kangaroo's CPU kernels, so it takes the same options.
+PLD_OPTIONS: dict[str, Any] = {"prompt_lookup_num_tokens": 10, "max_matching_ngram_size": 2}
+DEFAULT_METHOD_OPTIONS: dict[str, dict[str, Any]] = {"pld": PLD_OPTIONS, "pld_cpu_kernels": PLD_OPTIONS}
+
+
+@dataclass
+class SpeculationCounts:
+    """Draft/verify counts of speculative runs, summed over prompts.
+
+    A verification step is one forward of the full model (the prefill included); it keeps `accepted` of its `drafted`
+    candidates plus one token of the base's own, so `new_tokens == verify_steps + sum(accepted_by_position)`.
+    Position lists grow as needed (draft lengths differ between methods).
+    """
+
+    verify_steps: int = 0
+    new_tokens: int = 0
+    drafted_by_position: list[int] = field(default_factory=list)
+    accepted_by_position: list[int] = field(default_factory=list)
+
+    def record_step(self, drafted: int, accepted: int) -> None:
+        """Count one verification step that checked `drafted` candidates and kept the first `accepted`."""
+        self._grow(drafted)
+        self.verify_steps += 1
+        self.new_tokens += accepted + 1
+        for position in range(drafted):
+            self.drafted_by_position[position] += 1
+        for position in range(accepted):
+            self.accepted_by_position[position] += 1
+
+    def add(self, other: SpeculationCounts) -> None:
+        """Add another run's counts to these."""
+        self._grow(len(other.drafted_by_position))
+        self.verify_steps += other.verify_steps
+        self.new_tokens += other.new_tokens
+        for position, (drafted, accepted) in enumerate(
+            zip(other.drafted_by_position, other.accepted_by_position, strict=True)
+        ):
+            self.drafted_by_position[position] += drafted
+            self.accepted_by_position[position] += accepted
+
+    @classmethod
+    def from_kangaroo_stats(cls, stats: Any) -> SpeculationCounts:
+        """Counts of one Kangaroo `generate()` from its `model.last_generate_stats` (a `KangarooStats`)."""
+        return cls(
+            verify_steps=stats.verify_steps,
+            new_tokens=stats.new_tokens,
+            drafted_by_position=list(stats.drafted_by_position),
+            accepted_by_position=list(stats.accepted_by_position),
+        )
+
+    @property
+    def mean_accepted_tokens(self) -> float:
+        """Tokens gained per verification step (tau in the paper)."""
+        return self.new_tokens / self.verify_steps if self.verify_steps else 0.0
+
+    @property
+    def acceptance_by_position(self) -> list[float]:
+        """Fraction of the drafts at each 1-based position i (index i-1) that the base accepted."""
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_by_position, self.drafted_by_position, strict=True)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mean_accepted_tokens": self.mean_accepted_tokens,
+            "verify_steps": self.verify_steps,
+            "acceptance_by_position": self.acceptance_by_position,
+            "drafted_by_position": list(self.drafted_by_position),
+            "accepted_by_position": list(self.accepted_by_position),
+        }
+
+    def _grow(self, length: int) -> None:
+        missing = length - len(self.drafted_by_position)
+        if missing > 0:
+            self.drafted_by_position.extend([0] * missing)
+            self.accepted_by_position.extend([0] * missing)
+
+
+# A runner generates for one prompt and returns the new tokens, plus its speculation counts (None if it drafts
+# nothing). It must do nothing costly besides `generate()`: the benchmark times the whole call.
+MethodRunner = Callable[[Any, torch.LongTensor, dict[str, Any]], tuple[list[int], SpeculationCounts | None]]
+
+
+@dataclass(frozen=True)
+class Question:
+    """One Spec-Bench question; only the first turn is benchmarked."""
+
+    question_id: int
+    category: str
+    turns: tuple[str, ...]
+
+
+@dataclass
+class MethodRun:
+    """One method's answer to one prompt."""
+
+    tokens: list[int]
+    time_s: float
+    counts: SpeculationCounts | None
+    identical: bool | None = None  # equal to the reference's output (greedy only)
+
+
+@dataclass
+class PromptRecord:
+    """Every method's run on one question."""
+
+    question: Question
+    prompt_tokens: int
+    runs: dict[str, MethodRun] = field(default_factory=dict)
+
+
+def _new_tokens(output: torch.LongTensor, input_ids: torch.LongTensor) -> list[int]:
+    return output[0, input_ids.shape[1] :].tolist()
+
+
+@contextlib.contextmanager
+def _record_candidate_steps(base: torch.nn.Module) -> Iterator[SpeculationCounts]:
+    """Count draft/accept per verification step of the base's assisted loop during one `generate()` call.
+
+    transformers does not expose these counts; its loop calls `update_candidate_strategy(input_ids, new_logits,
+    n_matches)` once per verification step, where `new_logits` (1, candidates + 1, V) cover every candidate plus the
+    bonus token and `n_matches` is the accepted count after EOS / length trimming. Only this model instance is patched,
+    and only for the duration of the call.
+    """
+    counts = SpeculationCounts()
+
+    def record(generator: Any) -> None:
+        update = generator.update_candidate_strategy
+
+        def recording_update(input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int) -> None:
+            counts.record_step(drafted=scores.shape[1] - 1, accepted=int(num_matches))
+            update(input_ids, scores, num_matches)
+
+        generator.update_candidate_strategy = recording_update
+
+    with observe_candidate_generators(base, record):
+        yield counts
+
+
+@contextlib.contextmanager
+def _scoped_generation_config(model: torch.nn.Module, **values: Any) -> Iterator[None]:
+    """Set fields of `model.generation_config` for one call, restoring them whatever happens."""
+    config = model.generation_config
+    previous = {name: getattr(config, name) for name in values}
+    for name, value in values.items():
+        setattr(config, name, value)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            setattr(config, name, value)
+
+
+def run_vanilla(model: Any, input_ids: torch.LongTensor, gen_kwargs: dict[str, Any]) -> tuple[list[int], None]:
+    """The base's plain `generate()`: the reference every speedup and output is measured against."""
+    return _new_tokens(model.get_base_model().generate(input_ids, **gen_kwargs), input_ids), None
+
+
+def run_pld(
+    model: Any, input_ids: torch.LongTensor, gen_kwargs: dict[str, Any]
+) -> tuple[list[int], SpeculationCounts]:
+    """Prompt lookup decoding on the base (`gen_kwargs` carry `prompt_lookup_num_tokens`)."""
+    if not gen_kwargs.get("prompt_lookup_num_tokens"):
+        raise ValueError(f"prompt lookup needs prompt_lookup_num_tokens > 0 in its options, got {gen_kwargs}.")
+    base = model.get_base_model()
+    with _record_candidate_steps(base) as counts:
+        output = base.generate(input_ids, **gen_kwargs)
+    return _new_tokens(output, input_ids), counts
+
+
+def run_early_exit(
+    model: Any, input_ids: torch.LongTensor, gen_kwargs: dict[str, Any]
+) -> tuple[list[int], SpeculationCounts]:
+    """transformers' self-speculative early exit on the base, with Kangaroo's exit layer and draft stop rule.
+
+    `EarlyExitCandidateGenerator` reads its draft length and confidence threshold from the assistant's own
+    `generation_config` (here the base's), not from `generate()` arguments, so they are set there for the call.
+    A constant schedule keeps the draft cap fixed, as in Kangaroo.
+    """
+    config = model.config
+    base = model.get_base_model()
+    with (
+        _scoped_generation_config(
+            base,
+            assistant_confidence_threshold=config.draft_threshold,
+            num_assistant_tokens=config.max_draft_tokens,
+            num_assistant_tokens_schedule="constant",
+        ),
+        _record_candidate_steps(base) as counts,
+    ):
+        output = base.generate(input_ids, assistant_early_exit=config.exit_layer, **gen_kwargs)
+    return _new_tokens(output, input_ids), counts
+
+
+def run_vanilla_cpu_kernels(
+    model: Any, input_ids: torch.LongTensor, gen_kwargs: dict[str, Any]
+) -> tuple[list[int], None]:
+    """`run_vanilla` through the CPU kernels that pay for plain decoding (float32: the few-row kernel; bfloat16:
+    packed weights; `model.decoding_kernels(plain_decoding=True)`): their share of Kangaroo's speed-up, apart."""
+    with model.decoding_kernels([model.get_base_model()], plain_decoding=True):
+        return run_vanilla(model, input_ids, gen_kwargs)
+
+
+def run_pld_cpu_kernels(
+    model: Any, input_ids: torch.LongTensor, gen_kwargs: dict[str, Any]
+) -> tuple[list[int], SpeculationCounts]:
+    """`run_pld` through Kangaroo's CPU kernels (its verifications are multi-row, like Kangaroo's): prompt lookup on
+    equal terms with Kangaroo."""
+    with model.decoding_kernels([model.get_base_model()]):
+        return run_pld(model, input_ids, gen_kwargs)
+
+
+def run_kangaroo(
+    model: Any, input_ids: torch.LongTensor, gen_kwargs: dict[str, Any]
+) -> tuple[list[int], SpeculationCounts]:
+    """Kangaroo decoding; counts come from `model.last_generate_stats`."""
+    output = model.generate(input_ids, use_kangaroo=True, **gen_kwargs)
+    return _new_tokens(output, input_ids), SpeculationCounts.from_kangaroo_stats(model.last_generate_stats)
+
+
+METHODS: dict[str, MethodRunner] = {
+    "vanilla": run_vanilla,
+    "pld": run_pld,
+    "early_exit": run_early_exit,
+    "kangaroo": run_kangaroo,
+    "vanilla_cpu_kernels": run_vanilla_cpu_kernels,
+    "pld_cpu_kernels": run_pld_cpu_kernels,
+}
+# Earlier names of methods, still accepted (the kernels are not only the few-row one any more).
+METHOD_ALIASES = {"vanilla_few_row": "vanilla_cpu_kernels", "pld_few_row": "pld_cpu_kernels"}
+# What `kangaroo-hf bench` runs unless told otherwise: the reference and the speculative methods.
+DEFAULT_METHODS: tuple[str, ...] = ("vanilla", "pld", "early_exit", "kangaroo")
+
+
+def resolve_method(name: str) -> str:
+    """The method `name` stands for (an earlier name is accepted for its new one)."""
+    return METHOD_ALIASES.get(name, name)
+
+
+def method_kernels(name: str, model: Any) -> str:
+    """Which products the method's linear layers ran through, for the report."""
+    if name == "kangaroo" or name == "pld_cpu_kernels":
+        few_row, packed = model.uses_few_row_matmul(), model.uses_packed_weights()
+    elif name == "vanilla_cpu_kernels":  # what pays for one-token steps: no packing in float32
+        few_row = model.uses_few_row_matmul()
+        packed = model.uses_packed_weights() and not few_row
+    else:
+        return "F.linear"
+    if few_row and packed:
+        return "few-row kernel (1-2 rows) + packed weights (3+ rows)"
+    return "few-row kernel (up to 8 rows)" if few_row else "packed weights" if packed else "F.linear"
+
+
+__all__ = [
+    "MethodRun",
+    "PromptRecord",
+    "Question",
+    "DEFAULT_METHODS",
+    "DEFAULT_METHOD_OPTIONS",
+    "METHODS",
+    "METHOD_ALIASES",
+    "method_kernels",
+    "resolve_method",
+    "REFERENCE_METHOD",
+    "MethodRunner",
+    "SpeculationCounts",
+    "run_early_exit",
+    "run_kangaroo",
+    "run_pld",
+    "run_pld_cpu_kernels",
+    "run_vanilla",
+    "run_vanilla_cpu_kernels",
+]

@@ -1,0 +1,100 @@
+"""`kangaroo-hf generate`: answer a prompt with Kangaroo and print the speculation statistics."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from .. import loading
+from ..loading import DEFAULT_PROMPT, DTYPES
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.manual_seed(args.seed)
+    model, tokenizer = loading.load_model(args.model, args.dtype, args.device)
+    input_ids = loading.chat_input_ids(tokenizer, args.prompt).to(model.device)
+    sampling = (
+        dict(do_sample=args.do_sample, temperature=args.temperature) if args.do_sample else dict(do_sample=False)
+    )
+    common = dict(max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+    kangaroo = not args.no_kangaroo
+
+    def timed(use_kangaroo: bool):
+        start = time.perf_counter()
+        out = model.generate(
+            input_ids,
+            use_kangaroo=use_kangaroo,
+            draft_threshold=args.draft_threshold,
+            max_draft_tokens=args.max_draft_tokens,
+            first_draft_threshold=args.first_draft_threshold,
+            lookup_num_tokens=args.lookup_num_tokens,
+            **common,
+        )
+        return out[0, input_ids.shape[1] :], time.perf_counter() - start
+
+    model.generate(input_ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)  # warm-up
+    tokens, seconds = timed(kangaroo)
+    print(tokenizer.decode(tokens, skip_special_tokens=True))
+    print()
+    label = "kangaroo" if kangaroo else "plain generate()"
+    print(
+        f"[{label}] {len(tokens)} new tokens in {seconds:.2f} s ({len(tokens) / seconds:.1f} tokens/s, {args.dtype})"
+    )
+    stats = model.last_generate_stats
+    if stats is not None:
+        rates = ", ".join(f"{rate:.2f}" for rate in stats.acceptance_rate_by_position)
+        print(
+            f"  mean accepted tokens per verification step: {stats.mean_accepted_tokens:.2f} "
+            f"({stats.verify_steps} steps); drafted {stats.drafted_tokens}, accepted {stats.accepted_drafts}"
+        )
+        print(f"  acceptance rate by draft position: [{rates}]")
+    if kangaroo and not args.no_compare:
+        plain_tokens, plain_seconds = timed(False)
+        print(
+            f"[plain generate()] {len(plain_tokens)} new tokens in {plain_seconds:.2f} s "
+            f"({len(plain_tokens) / plain_seconds:.1f} tokens/s)"
+        )
+        print(
+            f"  speedup: {plain_seconds / seconds:.2f}x; identical output: {plain_tokens.tolist() == tokens.tolist()}"
+        )
+        if model.uses_few_row_matmul() or model.uses_packed_weights():
+            # Part of that speed-up is a CPU kernel that plain decoding could use too: show the split.
+            with model.decoding_kernels([model.get_base_model()], plain_decoding=True):
+                _, kernel_seconds = timed(False)
+            kernel = f"{args.dtype} {'few-row kernel' if model.uses_few_row_matmul() else 'packed weights'}"
+            print(
+                f"  of which the {kernel} (plain generate() through it: {kernel_seconds:.2f} s): "
+                f"{plain_seconds / kernel_seconds:.2f}x; speculation over it: {kernel_seconds / seconds:.2f}x"
+            )
+    return 0
+
+
+def add_generate(subparsers) -> None:
+    parser = subparsers.add_parser("generate", help="answer a prompt with Kangaroo and print speculation statistics")
+    parser.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help="user message (default: a short question)")
+    parser.add_argument("--model", default=None, help="Kangaroo folder or repo id (default: shipped SmolLM2 model)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--draft-threshold", type=float, default=None, help="override the model's draft threshold")
+    parser.add_argument("--max-draft-tokens", type=int, default=None, help="override the model's draft length cap")
+    parser.add_argument(
+        "--first-draft-threshold",
+        type=float,
+        default=None,
+        help="override the model's first-draft threshold (0.3 is faster in float32 on CPUs)",
+    )
+    parser.add_argument(
+        "--lookup-num-tokens", type=int, default=None, help="override the model's prompt-lookup length (0: off)"
+    )
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-kangaroo", action="store_true", help="decode with the base alone")
+    parser.add_argument("--no-compare", action="store_true", help="skip the timed plain generate() runs")
+    parser.set_defaults(handler=_run_generate)
+
+
+__all__ = ["add_generate"]

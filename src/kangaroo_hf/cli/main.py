@@ -1,0 +1,37 @@
+"""`kangaroo-hf` command line: generate, train, distill, bench, profile, tune, push."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ..bench.profile import add_profile
+from ..bench.runner import add_bench
+from ..bench.tune import add_tune
+from ..hub.push import add_push
+from ..training.cli import add_train
+from .generate import add_generate
+
+# Each registers its sub-command(s) and handler; heavy imports stay inside the handlers.
+REGISTRARS = (add_generate, add_train, add_bench, add_profile, add_tune, add_push)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kangaroo-hf", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for register in REGISTRARS:
+        register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args) or 0)
+
+
+__all__ = ["build_parser", "main"]
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Speculation statistics of one `generate()` call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class KangarooStats:
+    """Speculation statistics of one `generate()` call (`model.last_generate_stats`).
+
+    A verification step is one forward of the full model (the prefill included); each yields the accepted drafts
+    plus one token of the base's own, so `new_tokens == verify_steps + accepted_drafts`.
+    """
+
+    max_draft_tokens: int
+    new_tokens: int = 0
+    verify_steps: int = 0
+    drafted_tokens: int = 0
+    accepted_drafts: int = 0
+    lookup_rounds: int = 0  # rounds whose drafts were copied from the context (prompt lookup)
+    drafted_by_position: list[int] = field(default_factory=list)
+    accepted_by_position: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.drafted_by_position = self.drafted_by_position or [0] * self.max_draft_tokens
+        self.accepted_by_position = self.accepted_by_position or [0] * self.max_draft_tokens
+
+    def record_step(self, drafted: int, accepted: int) -> None:
+        """Count one verification step that checked `drafted` drafts and kept the first `accepted` of them."""
+        self.verify_steps += 1
+        self.new_tokens += accepted + 1
+        self.drafted_tokens += drafted
+        self.accepted_drafts += accepted
+        for position in range(drafted):
+            self.drafted_by_position[position] += 1
+        for position in range(accepted):
+            self.accepted_by_position[position] += 1
+
+    @property
+    def mean_accepted_tokens(self) -> float:
+        """Tokens gained per verification step (tau in the paper): `new_tokens / verify_steps`."""
+        return self.new_tokens / self.verify_steps if self.verify_steps else 0.0
+
+    @property
+    def acceptance_rate_by_position(self) -> list[float]:
+        """Fraction of drafts accepted at each draft position (1-based position i at index i-1)."""
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_by_position, self.drafted_by_position, strict=True)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "new_tokens": self.new_tokens,
+            "verify_steps": self.verify_steps,
+            "drafted_tokens": self.drafted_tokens,
+            "accepted_drafts": self.accepted_drafts,
+            "lookup_rounds": self.lookup_rounds,
+            "mean_accepted_tokens": self.mean_accepted_tokens,
+            "drafted_by_position": list(self.drafted_by_position),
+            "accepted_by_position": list(self.accepted_by_position),
+            "acceptance_rate_by_position": self.acceptance_rate_by_position,
+        }
