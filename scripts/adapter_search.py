@@ -16,8 +16,8 @@ distilled more:
         --resume-answers docs/adapter_search/self_distilled_answers.jsonl.gz --distill-s 170 --variants e2_exit_mlp2
 
 Run 5 (`--variants continue_shipped`) trained the shipped adapter further on more distilled answers the same way.
-`--answers` and `--resume-answers` take several files, e.g. both answer files in docs/adapter_search (session 8's
-CPU-distilled answers are a file of their own).
+`--answers` and `--resume-answers` take several files, e.g. both answer files in docs/adapter_search (run 7's
+CPU-distilled answers, `self_distilled_answers_run7_cpu.jsonl.gz`, are a file of their own).
 
 `run` writes into `--out`: `answers.jsonl.gz` (the base's own answers), `<variant>.tar.gz` (each variant's
 `save_pretrained` folder), `results.json` (validation metrics, simulated tau on the Spec-Bench reference answers per

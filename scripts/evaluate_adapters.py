@@ -14,7 +14,7 @@ at thresholds 0 / 0.3 / 0.5 (`distillation.evaluate_adapter`):
   questions per category, generated here with plain decoding (evaluation only, never trained on).
 
 Float32 features (exit and last-layer states) are built once into `--cache-dir` and reused across adapters and runs;
-session 5's run-4 table in `docs/adapter_search/README.md` was measured this way.
+the run-4 table in `docs/adapter_search/README.md` was measured this way.
 """
 
 from __future__ import annotations

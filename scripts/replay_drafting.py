@@ -9,7 +9,7 @@ Greedy Kangaroo drafts only along the base's own answer until a draft is rejecte
 predictions along that answer (one shallow + adapter pass over prompt + answer) decide every round: the adapter's chain
 (stop below `draft_threshold`, at most `max_draft_tokens`), the prompt-lookup copy at a round's start (taken when the
 adapter's first draft equals the copy's first token or is below the threshold), what the base accepts, and the bonus
-token. With the shipped settings this reproduced `kangaroo-hf bench --dtype float32` exactly (session 5: tau 1.71
+token. With the shipped settings this reproduced `kangaroo-hf bench --dtype float32` exactly (at the time: tau 1.71
 overall, extraction 2.78, math_reasoning 2.56; the previous adapter 1.68 and 3.28), in seconds instead of minutes
 of timed decoding, so drafting rules can be compared here before they are built and timed. Rows per round (1 +
 drafts) are reported too: verification cost grows with them. Not modelled: stopping criteria other than the answer's

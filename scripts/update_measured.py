@@ -5,7 +5,8 @@ its model card.
         --float32 docs/benchmarks/fp32 --bfloat16 docs/benchmarks/bf16
 
 Each results folder holds a bench run's `results.json` (one question per category, 128 new tokens, greedy, batch 1).
-Speed-ups of the other methods the run had (`pld`, `early_exit`, `vanilla_few_row`, `pld_few_row`) are recorded
+Speed-ups of the other methods the run had (`pld`, `early_exit`, `vanilla_cpu_kernels`, `pld_cpu_kernels`;
+reports written under the earlier names `vanilla_few_row`, `pld_few_row` are read as these) are recorded
 beside Kangaroo's.
 """
 
@@ -16,10 +17,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from kangaroo_hf.bench.methods import resolve_method
 from kangaroo_hf.core.checkpoint import METRICS_NAME
 from kangaroo_hf.hub.model_card import write_model_card
 
-OTHER_METHODS = ("pld", "early_exit", "vanilla_few_row", "pld_few_row")
+OTHER_METHODS = ("pld", "early_exit", "vanilla_cpu_kernels", "pld_cpu_kernels")
 
 
 def measured_block(results: dict[str, Any]) -> dict[str, Any]:
@@ -45,9 +47,10 @@ def measured_block(results: dict[str, Any]) -> dict[str, Any]:
             category: round(values["speedup"], 3) for category, values in kangaroo["by_category"].items()
         },
     }
+    methods = {resolve_method(name): item for name, item in results["methods"].items()}
     for name in OTHER_METHODS:
-        if name in results["methods"]:
-            block[f"{name}_speedup_over_plain"] = round(results["methods"][name]["overall"]["speedup"], 3)
+        if name in methods:
+            block[f"{name}_speedup_over_plain"] = round(methods[name]["overall"]["speedup"], 3)
     return block
 
 

@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from conftest import make_kangaroo, spy_product_rows, tiny_tokenizer
-from kangaroo_hf import CpuKernels, loading
+from kangaroo_hf import CpuKernels, KangarooStats, loading
 from kangaroo_hf.bench import methods as bench_methods
 from kangaroo_hf.bench import runner as bench
-from kangaroo_hf.bench.methods import SpeculationCounts
 from kangaroo_hf.bench.runner import (
     BenchSettings,
     LosslessnessError,
@@ -261,16 +260,16 @@ def test_helper_runners_leave_the_base_unchanged(model, questions):
 
 
 def test_speculation_counts_record_and_add():
-    counts = SpeculationCounts()
+    counts = KangarooStats()
     counts.record_step(drafted=0, accepted=0)
     counts.record_step(drafted=3, accepted=2)
-    other = SpeculationCounts()
+    other = KangarooStats()
     other.record_step(drafted=5, accepted=5)
     counts.add(other)
     assert counts.verify_steps == 3 and counts.new_tokens == 1 + 3 + 6
     assert counts.drafted_by_position == [2, 2, 2, 1, 1]
     assert counts.accepted_by_position == [2, 2, 1, 1, 1]
-    assert counts.acceptance_by_position == [1.0, 1.0, 0.5, 1.0, 1.0]
+    assert counts.acceptance_rate_by_position == [1.0, 1.0, 0.5, 1.0, 1.0]
     assert counts.mean_accepted_tokens == pytest.approx(10 / 3)
 
 

@@ -438,8 +438,11 @@ def test_model_card_metadata_and_body(tmp_path):
     megabytes = (tmp_path / ADAPTER_WEIGHTS_NAME).stat().st_size / 1e6
     assert "| Exit layer | 2 of 4 |" in card
     assert f"| Adapter parameters | {params:,} ({megabytes:.2f} MB, float32) |" in card
-    rows = ("| speedup | 1.734 |", "| by_category.translation | 1.41 |", "| data | chat.jsonl |", "| steps | 300 |")
+    rows = ("| speedup | 1.734 |", "| data | chat.jsonl |", "| steps | 300 |", "| learning_rate | 0.0003 |")
     assert all(row in card for row in rows)
+    # A visitor's summary: per-category rows and unlisted training arguments stay in the JSON files.
+    assert "by_category" not in card and "Per-category results are in `kangaroo_metrics.json`." in card
+    assert "Every training argument is recorded in `training_args.json`." in card
     assert "| epochs[-1].validation.top1_agreement | 0.625 |" in card and "0.5 |" not in card
     assert "| Base tuning | none |" in card
     assert "$" not in card.split("---", 2)[2]  # every template placeholder was filled

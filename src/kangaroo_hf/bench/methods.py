@@ -1,6 +1,6 @@
 """The methods `kangaroo-hf bench` compares: a registry of runners, and their draft/accept counts.
 
-A runner answers one prompt: `runner(model, input_ids, gen_kwargs) -> (new tokens, SpeculationCounts | None)`, where
+A runner answers one prompt: `runner(model, input_ids, gen_kwargs) -> (new tokens, KangarooStats | None)`, where
 `model` is the `KangarooForCausalLM` and `gen_kwargs` are the shared generation arguments plus the method's own
 options (`DEFAULT_METHOD_OPTIONS`). Add a method by adding a runner to `METHODS`.
 """
@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..core.compat import observe_candidate_generators
+from ..core.stats import KangarooStats
 
 REFERENCE_METHOD = "vanilla"
 # Prompt lookup decoding: 10 proposed tokens (as in Spec-Bench's PLD runs), transformers' default n-gram size of 2;
@@ -23,80 +24,9 @@ PLD_OPTIONS: dict[str, Any] = {"prompt_lookup_num_tokens": 10, "max_matching_ngr
 DEFAULT_METHOD_OPTIONS: dict[str, dict[str, Any]] = {"pld": PLD_OPTIONS, "pld_cpu_kernels": PLD_OPTIONS}
 
 
-@dataclass
-class SpeculationCounts:
-    """Draft/verify counts of speculative runs, summed over prompts.
-
-    A verification step is one forward of the full model (the prefill included); it keeps `accepted` of its `drafted`
-    candidates plus one token of the base's own, so `new_tokens == verify_steps + sum(accepted_by_position)`.
-    Position lists grow as needed (draft lengths differ between methods).
-    """
-
-    verify_steps: int = 0
-    new_tokens: int = 0
-    drafted_by_position: list[int] = field(default_factory=list)
-    accepted_by_position: list[int] = field(default_factory=list)
-
-    def record_step(self, drafted: int, accepted: int) -> None:
-        """Count one verification step that checked `drafted` candidates and kept the first `accepted`."""
-        self._grow(drafted)
-        self.verify_steps += 1
-        self.new_tokens += accepted + 1
-        for position in range(drafted):
-            self.drafted_by_position[position] += 1
-        for position in range(accepted):
-            self.accepted_by_position[position] += 1
-
-    def add(self, other: SpeculationCounts) -> None:
-        """Add another run's counts to these."""
-        self._grow(len(other.drafted_by_position))
-        self.verify_steps += other.verify_steps
-        self.new_tokens += other.new_tokens
-        for position, (drafted, accepted) in enumerate(
-            zip(other.drafted_by_position, other.accepted_by_position, strict=True)
-        ):
-            self.drafted_by_position[position] += drafted
-            self.accepted_by_position[position] += accepted
-
-    @classmethod
-    def from_kangaroo_stats(cls, stats: Any) -> SpeculationCounts:
-        """Counts of one Kangaroo `generate()` from its `model.last_generate_stats` (a `KangarooStats`)."""
-        return cls(
-            verify_steps=stats.verify_steps,
-            new_tokens=stats.new_tokens,
-            drafted_by_position=list(stats.drafted_by_position),
-            accepted_by_position=list(stats.accepted_by_position),
-        )
-
-    @property
-    def mean_accepted_tokens(self) -> float:
-        """Tokens gained per verification step (tau in the paper)."""
-        return self.new_tokens / self.verify_steps if self.verify_steps else 0.0
-
-    @property
-    def acceptance_by_position(self) -> list[float]:
-        """Fraction of the drafts at each 1-based position i (index i-1) that the base accepted."""
-        return [a / d if d else 0.0 for a, d in zip(self.accepted_by_position, self.drafted_by_position, strict=True)]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "mean_accepted_tokens": self.mean_accepted_tokens,
-            "verify_steps": self.verify_steps,
-            "acceptance_by_position": self.acceptance_by_position,
-            "drafted_by_position": list(self.drafted_by_position),
-            "accepted_by_position": list(self.accepted_by_position),
-        }
-
-    def _grow(self, length: int) -> None:
-        missing = length - len(self.drafted_by_position)
-        if missing > 0:
-            self.drafted_by_position.extend([0] * missing)
-            self.accepted_by_position.extend([0] * missing)
-
-
 # A runner generates for one prompt and returns the new tokens, plus its speculation counts (None if it drafts
 # nothing). It must do nothing costly besides `generate()`: the benchmark times the whole call.
-MethodRunner = Callable[[Any, torch.LongTensor, dict[str, Any]], tuple[list[int], SpeculationCounts | None]]
+MethodRunner = Callable[[Any, torch.LongTensor, dict[str, Any]], tuple[list[int], KangarooStats | None]]
 
 
 @dataclass(frozen=True)
@@ -114,7 +44,7 @@ class MethodRun:
 
     tokens: list[int]
     time_s: float
-    counts: SpeculationCounts | None
+    counts: KangarooStats | None
     identical: bool | None = None  # equal to the reference's output (greedy only)
 
 
@@ -132,7 +62,7 @@ def _new_tokens(output: torch.LongTensor, input_ids: torch.LongTensor) -> list[i
 
 
 @contextlib.contextmanager
-def _record_candidate_steps(base: torch.nn.Module) -> Iterator[SpeculationCounts]:
+def _record_candidate_steps(base: torch.nn.Module) -> Iterator[KangarooStats]:
     """Count draft/accept per verification step of the base's assisted loop during one `generate()` call.
 
     transformers does not expose these counts; its loop calls `update_candidate_strategy(input_ids, new_logits,
@@ -140,7 +70,7 @@ def _record_candidate_steps(base: torch.nn.Module) -> Iterator[SpeculationCounts
     bonus token and `n_matches` is the accepted count after EOS / length trimming. Only this model instance is patched,
     and only for the duration of the call.
     """
-    counts = SpeculationCounts()
+    counts = KangarooStats()
 
     def record(generator: Any) -> None:
         update = generator.update_candidate_strategy
@@ -176,7 +106,7 @@ def run_vanilla(model: Any, input_ids: torch.LongTensor, gen_kwargs: dict[str, A
 
 def run_pld(
     model: Any, input_ids: torch.LongTensor, gen_kwargs: dict[str, Any]
-) -> tuple[list[int], SpeculationCounts]:
+) -> tuple[list[int], KangarooStats]:
     """Prompt lookup decoding on the base (`gen_kwargs` carry `prompt_lookup_num_tokens`)."""
     if not gen_kwargs.get("prompt_lookup_num_tokens"):
         raise ValueError(f"prompt lookup needs prompt_lookup_num_tokens > 0 in its options, got {gen_kwargs}.")
@@ -188,7 +118,7 @@ def run_pld(
 
 def run_early_exit(
     model: Any, input_ids: torch.LongTensor, gen_kwargs: dict[str, Any]
-) -> tuple[list[int], SpeculationCounts]:
+) -> tuple[list[int], KangarooStats]:
     """transformers' self-speculative early exit on the base, with Kangaroo's exit layer and draft stop rule.
 
     `EarlyExitCandidateGenerator` reads its draft length and confidence threshold from the assistant's own
@@ -221,7 +151,7 @@ def run_vanilla_cpu_kernels(
 
 def run_pld_cpu_kernels(
     model: Any, input_ids: torch.LongTensor, gen_kwargs: dict[str, Any]
-) -> tuple[list[int], SpeculationCounts]:
+) -> tuple[list[int], KangarooStats]:
     """`run_pld` through Kangaroo's CPU kernels (its verifications are multi-row, like Kangaroo's): prompt lookup on
     equal terms with Kangaroo."""
     with model.decoding_kernels([model.get_base_model()]):
@@ -230,10 +160,10 @@ def run_pld_cpu_kernels(
 
 def run_kangaroo(
     model: Any, input_ids: torch.LongTensor, gen_kwargs: dict[str, Any]
-) -> tuple[list[int], SpeculationCounts]:
+) -> tuple[list[int], KangarooStats]:
     """Kangaroo decoding; counts come from `model.last_generate_stats`."""
     output = model.generate(input_ids, use_kangaroo=True, **gen_kwargs)
-    return _new_tokens(output, input_ids), SpeculationCounts.from_kangaroo_stats(model.last_generate_stats)
+    return _new_tokens(output, input_ids), model.last_generate_stats
 
 
 METHODS: dict[str, MethodRunner] = {
@@ -281,7 +211,6 @@ __all__ = [
     "resolve_method",
     "REFERENCE_METHOD",
     "MethodRunner",
-    "SpeculationCounts",
     "run_early_exit",
     "run_kangaroo",
     "run_pld",

@@ -26,8 +26,9 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from ..core.stats import KangarooStats
 from .losslessness import Divergence
-from .methods import REFERENCE_METHOD, MethodRun, PromptRecord, SpeculationCounts
+from .methods import REFERENCE_METHOD, MethodRun, PromptRecord
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +83,16 @@ def _aggregate(runs: list[MethodRun], reference: list[MethodRun], greedy: bool) 
     }
     counts = [run.counts for run in runs if run.counts is not None]
     if counts:
-        total = SpeculationCounts()
+        total = KangarooStats()
         for item in counts:
             total.add(item)
-        summary.update(total.to_dict())
+        summary.update(
+            mean_accepted_tokens=total.mean_accepted_tokens,
+            verify_steps=total.verify_steps,
+            acceptance_by_position=total.acceptance_rate_by_position,
+            drafted_by_position=list(total.drafted_by_position),
+            accepted_by_position=list(total.accepted_by_position),
+        )
     return summary
 
 

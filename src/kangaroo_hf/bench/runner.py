@@ -53,7 +53,6 @@ from .methods import (
     MethodRunner,
     PromptRecord,
     Question,
-    SpeculationCounts,
     method_kernels,
     resolve_method,
 )
@@ -412,7 +411,6 @@ __all__ = [
     "MethodRun",
     "PromptRecord",
     "Question",
-    "SpeculationCounts",
     "add_bench",
     "check_against_reference",
     "classify_divergence",

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import time
+import typing
 
 from .. import loading
+from ..core.configuration import setting_help
+from ..core.drafting import PER_CALL_SETTINGS, DraftSettings
 from ..loading import DEFAULT_PROMPT, DTYPES
 
 
@@ -26,10 +29,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         out = model.generate(
             input_ids,
             use_kangaroo=use_kangaroo,
-            draft_threshold=args.draft_threshold,
-            max_draft_tokens=args.max_draft_tokens,
-            first_draft_threshold=args.first_draft_threshold,
-            lookup_num_tokens=args.lookup_num_tokens,
+            **{name: getattr(args, name) for name in PER_CALL_SETTINGS},
             **common,
         )
         return out[0, input_ids.shape[1] :], time.perf_counter() - start
@@ -78,17 +78,10 @@ def add_generate(subparsers) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--draft-threshold", type=float, default=None, help="override the model's draft threshold")
-    parser.add_argument("--max-draft-tokens", type=int, default=None, help="override the model's draft length cap")
-    parser.add_argument(
-        "--first-draft-threshold",
-        type=float,
-        default=None,
-        help="override the model's first-draft threshold (0.3 is faster in float32 on CPUs)",
-    )
-    parser.add_argument(
-        "--lookup-num-tokens", type=int, default=None, help="override the model's prompt-lookup length (0: off)"
-    )
+    hints = typing.get_type_hints(DraftSettings)
+    for name in PER_CALL_SETTINGS:  # the settings `generate()` overrides per call, described where they are defined
+        help_text = f"override the model's {name}: {setting_help(name)}"
+        parser.add_argument("--" + name.replace("_", "-"), type=hints[name], default=None, help=help_text)
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)

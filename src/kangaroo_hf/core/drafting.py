@@ -47,6 +47,9 @@ DRAFT_SETTINGS = (
     *LOOKUP_FIELDS,
 )
 
+# The settings `generate()` (and `kangaroo-hf generate`) can override for one call.
+PER_CALL_SETTINGS = ("draft_threshold", "max_draft_tokens", "first_draft_threshold", "lookup_num_tokens")
+
 
 @dataclass(frozen=True)
 class DraftSettings:
@@ -412,4 +415,4 @@ class KangarooCandidateGenerator(LoopCandidateGenerator):
         return vocab_ids[index] if vocab_ids is not None else index
 
 
-__all__ = ["DRAFT_SETTINGS", "DraftSettings", "KangarooCandidateGenerator", "check_decoding_mode"]
+__all__ = ["DRAFT_SETTINGS", "PER_CALL_SETTINGS", "DraftSettings", "KangarooCandidateGenerator", "check_decoding_mode"]

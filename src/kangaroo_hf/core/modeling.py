@@ -619,7 +619,8 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationHooks, GenerationMi
         return generator
 
     def decoding_context(self, generator: KangarooCandidateGenerator) -> contextlib.AbstractContextManager:
-        """After the prefill the loop's forwards are short (drafting steps, verifications): the kernels' case."""
+        """The CPU kernels (`cpu_kernels`) around the whole assisted loop: the prefill, drafting steps and
+        verifications."""
         return self.decoding_kernels()
 
 

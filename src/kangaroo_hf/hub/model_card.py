@@ -66,6 +66,46 @@ def _table(values: dict[str, Any], header: tuple[str, str]) -> str:
     return "\n".join(rows)
 
 
+# What a Hub visitor needs of the training recipe; `training_args.json` keeps every argument.
+RECIPE_KEYS = (
+    "data",
+    "hardware",
+    "exit_layer",
+    "adapter_num_layers",
+    "adapter_context",
+    "adapter_mlp",
+    "draft_vocab_size",
+    "targets",
+    "loss_on",
+    "num_epochs",
+    "epochs_completed",
+    "steps",
+    "max_steps",
+    "learning_rate",
+    "train_sequences",
+    "train_tokens",
+)
+
+
+def _recipe(training_args: dict[str, Any]) -> str:
+    """A short table of the recipe (the keys of `RECIPE_KEYS` it has) and a pointer to the full arguments."""
+    rows = {key: training_args[key] for key in RECIPE_KEYS if key in training_args}
+    if isinstance(training_args.get("initial_adapter"), dict):
+        rows["initial_adapter"] = "trained further from an earlier adapter (its recipe is in training_args.json)"
+    table = _table(rows, ("setting", "value")) if rows else ""
+    return f"{table}\n\nEvery training argument is recorded in `{TRAINING_ARGS_NAME}`.".lstrip()
+
+
+def _measured(metrics: dict[str, Any]) -> str:
+    """The overall measurements; per-category breakdowns stay in the metrics file."""
+    flat = _flatten(metrics)
+    overall = {key: value for key, value in flat.items() if "by_category" not in key}
+    table = _table(overall, ("metric", "value")) if overall else ""
+    if len(overall) < len(flat):
+        table += f"\n\nPer-category results are in `{METRICS_NAME}`."
+    return table.lstrip()
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
@@ -128,13 +168,11 @@ def render_model_card(folder: str | os.PathLike, repo_id: str | None = None) -> 
     metrics = _read_json(folder / METRICS_NAME)
     training_args = _read_json(folder / TRAINING_ARGS_NAME)
     training_section = (
-        _table(training_args, ("setting", "value"))
+        _recipe(training_args)
         if training_args
         else "Training settings and data were not recorded."
     )
-    metrics_section = (
-        _table(metrics, ("metric", "value")) if metrics else "No measurements were recorded for this checkpoint yet."
-    )
+    metrics_section = _measured(metrics) if metrics else "No measurements were recorded for this checkpoint yet."
     return load_template().substitute(
         yaml_base_model=f"base_model: {base_name}\nbase_model_relation: adapter\n" if _is_hub_id(base_name) else "",
         base_name=base_name,

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.stats import KangarooStats
 from .features import CachedSequence, FeatureCache
 
 
@@ -260,15 +261,14 @@ def simulate_tau(
     answer's first token comes from the prefill (one step) and its last (end of turn) is never drafted, as in
     `generate()`. Exact for self-distilled answers; on other text it assumes the base would write that text.
     """
-    steps = tokens = 0
-    accepted_by_position = [0] * max_draft
-    drafted_by_position = [0] * max_draft
+    stats = KangarooStats(max_draft_tokens=max_draft)
     for run_correct, run_confidence in zip(correct, confidence, strict=True):
         m = len(run_correct[0])
         if m == 0:
             continue
         deepest = len(run_correct) - 1
-        steps, tokens, i = steps + 1, tokens + 1, 1
+        stats.record_step(drafted=0, accepted=0)  # the prefill gives the first token
+        i = 1
         while i < m:
             drafted = 0
             while drafted < max_draft and i + drafted < m - 1:
@@ -278,18 +278,12 @@ def simulate_tau(
             accepted = 0
             while accepted < drafted and run_correct[min(accepted, deepest)][i + accepted]:
                 accepted += 1
-            for position in range(drafted):
-                drafted_by_position[position] += 1
-            for position in range(accepted):
-                accepted_by_position[position] += 1
-            steps += 1
-            tokens += accepted + 1
+            stats.record_step(drafted, accepted)
             i += accepted + 1
-    rates = [a / d if d else 0.0 for a, d in zip(accepted_by_position, drafted_by_position, strict=True)]
     return {
-        "tau": tokens / steps if steps else 0.0,
-        "acceptance_rate_by_position": rates,
-        "drafts_per_step": sum(drafted_by_position) / steps if steps else 0.0,
+        "tau": stats.mean_accepted_tokens,
+        "acceptance_rate_by_position": stats.acceptance_rate_by_position,
+        "drafts_per_step": stats.drafted_tokens / stats.verify_steps if stats.verify_steps else 0.0,
     }
 
 
