@@ -363,6 +363,21 @@ class KangarooConfig(PreTrainedConfig):
         return self.base_config
 
 
+def setting_help(name: str) -> str:
+    """The description of setting `name`, as the `KangarooConfig` docstring gives it (its one source)."""
+    lines = (KangarooConfig.__doc__ or "").splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip().startswith(f"{name} (")), None)
+    if start is None:
+        raise KeyError(f"KangarooConfig documents no setting {name!r}.")
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    body = []
+    for line in lines[start + 1 :]:
+        if line.strip() and len(line) - len(line.lstrip()) <= indent:
+            break
+        body.append(line.strip())
+    return " ".join(part for part in body if part)
+
+
 def _is_int(value: Any) -> bool:
     """An int that is not a bool (`True` is an int to Python, but never a layer index or a count here)."""
     return isinstance(value, int) and not isinstance(value, bool)
@@ -458,6 +473,7 @@ __all__ = [
     "kangaroo_settings",
     "missing_private_names",
     "observe_candidate_generators",
+    "setting_help",
     "transformers_supported",
     "validate_draft_settings",
     "validate_lookup",

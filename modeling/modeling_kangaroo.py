@@ -494,10 +494,12 @@ class KangarooStats:
     """Speculation statistics of one `generate()` call (`model.last_generate_stats`).
 
     A verification step is one forward of the full model (the prefill included); each yields the accepted drafts
-    plus one token of the base's own, so `new_tokens == verify_steps + accepted_drafts`.
+    plus one token of the base's own, so `new_tokens == verify_steps + accepted_drafts`. The position lists start at
+    `max_draft_tokens` entries and grow as needed, so the benchmark counts other speculative methods (and sums over
+    prompts, `add`) with the same class.
     """
 
-    max_draft_tokens: int
+    max_draft_tokens: int = 0
     new_tokens: int = 0
     verify_steps: int = 0
     drafted_tokens: int = 0
@@ -512,6 +514,7 @@ class KangarooStats:
 
     def record_step(self, drafted: int, accepted: int) -> None:
         """Count one verification step that checked `drafted` drafts and kept the first `accepted` of them."""
+        self._grow(drafted)
         self.verify_steps += 1
         self.new_tokens += accepted + 1
         self.drafted_tokens += drafted
@@ -520,6 +523,23 @@ class KangarooStats:
             self.drafted_by_position[position] += 1
         for position in range(accepted):
             self.accepted_by_position[position] += 1
+
+    def add(self, other: KangarooStats) -> None:
+        """Add another call's statistics to these."""
+        self._grow(len(other.drafted_by_position))
+        for name in ("new_tokens", "verify_steps", "drafted_tokens", "accepted_drafts", "lookup_rounds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for position, (drafted, accepted) in enumerate(
+            zip(other.drafted_by_position, other.accepted_by_position, strict=True)
+        ):
+            self.drafted_by_position[position] += drafted
+            self.accepted_by_position[position] += accepted
+
+    def _grow(self, length: int) -> None:
+        missing = length - len(self.drafted_by_position)
+        if missing > 0:
+            self.drafted_by_position += [0] * missing
+            self.accepted_by_position += [0] * missing
 
     @property
     def mean_accepted_tokens(self) -> float:
@@ -654,6 +674,9 @@ DRAFT_SETTINGS = (
     "first_draft_threshold",
     *LOOKUP_FIELDS,
 )
+
+# The settings `generate()` (and `kangaroo-hf generate`) can override for one call.
+PER_CALL_SETTINGS = ("draft_threshold", "max_draft_tokens", "first_draft_threshold", "lookup_num_tokens")
 
 
 @dataclass(frozen=True)
@@ -2199,7 +2222,8 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationHooks, GenerationMi
         return generator
 
     def decoding_context(self, generator: KangarooCandidateGenerator) -> contextlib.AbstractContextManager:
-        """After the prefill the loop's forwards are short (drafting steps, verifications): the kernels' case."""
+        """The CPU kernels (`cpu_kernels`) around the whole assisted loop: the prefill, drafting steps and
+        verifications."""
         return self.decoding_kernels()
 
 
@@ -2221,6 +2245,7 @@ __all__ = [
     "KangarooForCausalLM",
     "KangarooPreTrainedModel",
     "METRICS_NAME",
+    "PER_CALL_SETTINGS",
     "PromptLookup",
     "TRAINING_ARGS_NAME",
     "check_base_matches",
