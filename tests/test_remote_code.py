@@ -39,6 +39,19 @@ def test_check_mode_reports_and_write_mode_fixes_stale_files(tmp_path, capsys):
     assert remote_code.main(["--check", "--root", str(tmp_path)]) == 0
     (tmp_path / "modeling" / "configuration_kangaroo.py").write_text("# edited by hand\n")
     assert remote_code.stale_files(tmp_path) == ["modeling/configuration_kangaroo.py"]
+    capsys.readouterr()
+    assert remote_code.main(["--check", "--root", str(tmp_path)]) == 1
+    out = capsys.readouterr().out  # a unified diff of the stale file against what the sources give now
+    assert "--- modeling/configuration_kangaroo.py" in out and "-# edited by hand" in out
+    assert "+class KangarooConfig" in out
+
+
+def test_every_generated_copy_is_checked_including_the_shipped_adapters():
+    generated = remote_code.generated_files()
+    shipped = "src/kangaroo_hf/pretrained/smollm2-135m-instruct"
+    assert {f"modeling/{name}" for name in REMOTE_CODE_FILES} <= set(generated)
+    assert {f"{shipped}/{name}" for name in REMOTE_CODE_FILES} <= set(generated)
+    assert generated[f"{shipped}/modeling_kangaroo.py"] == generated["modeling/modeling_kangaroo.py"]
 
 
 def test_generated_files_are_self_contained(tmp_path):
