@@ -1,6 +1,8 @@
-"""A Kangaroo model and its tokenizer for the commands: the shipped default, or a Kangaroo folder / repo id."""
+"""What the commands load: a Kangaroo model or a base, each with its tokenizer (the embedded SmolLM2 by default)."""
 
 from __future__ import annotations
+
+import torch
 
 DEFAULT_PROMPT = "Explain in three sentences why the sky is blue."
 DTYPES = ("float32", "bfloat16")
@@ -8,7 +10,6 @@ DTYPES = ("float32", "bfloat16")
 
 def load_model(model: str | None, dtype: str, device: str = "cpu"):
     """A Kangaroo model and its tokenizer: the shipped default, or a Kangaroo folder / repo id."""
-    import torch
     from transformers import AutoTokenizer
 
     torch_dtype = getattr(torch, dtype)
@@ -31,6 +32,17 @@ def load_model(model: str | None, dtype: str, device: str = "cpu"):
     return kangaroo, tokenizer
 
 
+def load_base(name: str | None, dtype: str):
+    """The base and tokenizer: the embedded SmolLM2 by default, else any `AutoModelForCausalLM` id or folder."""
+    if name is None:
+        from .default_model import load_embedded_base
+
+        return load_embedded_base(dtype=getattr(torch, dtype))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype)), AutoTokenizer.from_pretrained(name)
+
+
 def chat_input_ids(tokenizer, prompt: str):
     """The prompt as a single user turn, rendered with the model's chat template when it has one."""
     if getattr(tokenizer, "chat_template", None):
@@ -39,4 +51,4 @@ def chat_input_ids(tokenizer, prompt: str):
     return tokenizer(prompt, return_tensors="pt")["input_ids"]
 
 
-__all__ = ["DEFAULT_PROMPT", "DTYPES", "chat_input_ids", "load_model"]
+__all__ = ["DEFAULT_PROMPT", "DTYPES", "chat_input_ids", "load_base", "load_model"]

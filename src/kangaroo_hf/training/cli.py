@@ -8,21 +8,11 @@ import typing
 
 import torch
 
+from ..loading import load_base
 from .data import SelfDistillArguments, load_conversations, self_distill
 from .trainer import TrainingArguments, train_adapter
 
 logger = logging.getLogger(__name__)
-
-
-def _load_base(name: str | None, dtype: str):
-    """The base and tokenizer: the embedded SmolLM2 by default, else any `AutoModelForCausalLM` id or folder."""
-    if name is None:
-        from ..default_model import load_embedded_base
-
-        return load_embedded_base(dtype=getattr(torch, dtype))
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype)), AutoTokenizer.from_pretrained(name)
 
 
 def add_dataclass_arguments(parser, cls) -> None:
@@ -49,7 +39,7 @@ def _run_train(args) -> int:
     training_args = TrainingArguments(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments)})
     if args.threads:
         torch.set_num_threads(args.threads)
-    base, tokenizer = _load_base(args.base, args.base_dtype)
+    base, tokenizer = load_base(args.base, args.base_dtype)
     result = train_adapter(base, args.data, training_args, tokenizer, validation_data=args.validation_data)
     last = result.metrics[-1].get("validation", {}) if result.metrics else {}
     logger.info("Adapter saved to %s after %d steps; last validation: %s", result.output_dir, result.global_step, last)
@@ -59,7 +49,7 @@ def _run_train(args) -> int:
 def _run_distill(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    base, tokenizer = _load_base(args.base, args.dtype)
+    base, tokenizer = load_base(args.base, args.dtype)
     conversations = load_conversations(args.data, args.max_examples, args.max_examples_per_source, args.seed)
     settings = SelfDistillArguments(
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, max_prompt_length=args.max_prompt_length
