@@ -215,50 +215,52 @@ class KangarooConfig(PreTrainedConfig):
         base_model_revision (`str`, *optional*):
             Revision (branch, tag or commit) of `base_model_name_or_path`.
         exit_layer (`int`, *optional*, defaults to 2):
-            Number of shallow base layers shared by the draft model (paper: 2 of 32 for Vicuna-7B). The draft is
+            Shallow base layers shared by the draft. Paper: 2 of 32 for Vicuna-7B. The draft is
             `layers[:exit_layer]` + adapter + the base's LM head; verification runs `layers[exit_layer:]` only.
         draft_threshold (`float`, *optional*, defaults to 0.6):
-            Draft early exit: drafting stops once the top-1 probability of the latest draft falls below this value
-            (paper: 0.6). 0 always drafts `max_draft_tokens`; 1 stops after the first draft.
+            Stop drafting after a draft with top-1 probability below this. Draft early exit (paper: 0.6): the unsure
+            draft is still verified. 0 always drafts `max_draft_tokens`; 1 stops after the first draft.
         first_draft_threshold (`float`, *optional*, defaults to 0.0):
-            A round's first draft is proposed only if its top-1 probability reaches this value; otherwise the round
-            verifies the last accepted token alone (a plain decoding step). 0 always proposes it (the paper). Pays
+            Propose a round's first draft only at this confidence. Below it the round verifies the last accepted
+            token alone (a plain decoding step). 0 always proposes it (the paper). Pays
             where verifying two tokens costs much more than one (e.g. float32 on CPUs).
         max_draft_tokens (`int`, *optional*, defaults to 6):
-            Upper bound on drafts per verification step (paper: 6).
+            Most drafts per verification step. Paper: 6.
         adapter_num_layers (`int`, *optional*, defaults to 1):
-            Blocks in the adapter (attention blocks, or full decoder layers with `adapter_mlp=True`). 1 is the
-            paper's adapter.
+            Blocks in the adapter. Attention blocks, or full decoder layers with `adapter_mlp=True`; 1 is the paper's
+            adapter.
         adapter_context (`str`, *optional*, defaults to `"exit"`):
-            What the adapter attends to for already verified tokens. `"exit"` (the paper): their exit-layer states.
+            What the adapter attends to for verified tokens. `"exit"` (the paper): their exit-layer states.
             `"final"`: the base's final (post-norm) states, which every verification computes anyway (as EAGLE's
             features); tokens drafted in the current round still use their exit-layer states. Needs
             `adapter_num_layers=1`.
         adapter_mlp (`bool`, *optional*, defaults to `False`):
-            Give each adapter block the base's MLP after its attention, making it a full decoder layer (as EAGLE's
-            draft layer). `False` is the paper's attention-only adapter.
+            Make each adapter block a full decoder layer (attention + the base's MLP class). As EAGLE's draft layer;
+            `False` is the paper's attention-only adapter.
         draft_vocab_size (`int`, *optional*, defaults to 0):
-            Score drafts over only this many (frequent) tokens, stored with the adapter as `draft_vocab_ids`; 0 uses
-            the full vocabulary. Verification always uses the full LM head, so output stays lossless.
+            Score drafts over this many frequent tokens only (0: all). They are stored with the adapter as
+            `draft_vocab_ids`. Verification always uses the full LM head, so output stays lossless.
         lookup_num_tokens (`int`, *optional*, defaults to 0):
-            When > 0, a round may propose up to this many tokens copied from the context (prompt lookup) instead of
-            the adapter's drafts: when the context's n-gram continuation starts with the adapter's top choice, or
-            the adapter is unsure. Helps copy-heavy tasks (summarization, RAG). 0 disables it.
+            Tokens a round may copy from the context (prompt lookup; 0: off). A round proposes them instead of the
+            adapter's drafts when the context's n-gram continuation starts with the adapter's top choice, or the
+            adapter is unsure. Helps copy-heavy tasks (summarization, RAG). 0 disables it.
         lookup_max_ngram (`int`, *optional*, defaults to 3):
-            Longest n-gram (ending at the last token) searched for in the context by prompt lookup.
+            Longest context n-gram matched. The n-gram ends at the last token.
         lookup_max_tokens (`int`, *optional*, defaults to 0):
-            Let the lookup length grow while copies land: after a round whose `L` copied tokens were all accepted, the
-            next lookup proposes up to `2 * L` (at most `lookup_max_tokens`); any rejection brings it back to
-            `lookup_num_tokens`. Long verbatim runs then cost few verifications while short proposals keep each
-            verification cheap. 0 (or `lookup_num_tokens`) keeps the length fixed.
+            Lookup length doubles while copies land, up to this. After a round whose `L` copied tokens were all
+            accepted, the next lookup proposes up to `2 * L` (at most `lookup_max_tokens`); any rejection brings it
+            back to `lookup_num_tokens`. Long verbatim runs then cost few verifications while short proposals keep
+            each verification cheap. 0 (or `lookup_num_tokens`) keeps the length fixed.
         lookup_trust_ngram (`int`, *optional*, defaults to 0):
-            When > 0, a context match of at least this many tokens (at most `lookup_max_ngram`) is copied even when
-            the adapter is sure of another first token, and such a round runs no drafting step; shorter matches are
-            copied only as `lookup_num_tokens` says. 0 never overrules a sure adapter.
+            Copy context matches this long even over a sure adapter, without drafting. A match of at least this many
+            tokens (at most `lookup_max_ngram`; 0: off) is copied even when the adapter is sure of another first
+            token, and such a round runs no drafting step; shorter matches are copied only as `lookup_num_tokens`
+            says. 0 never overrules a sure adapter.
         lookup_hit_rate_decay (`float`, *optional*, defaults to 0.0):
-            When > 0, each `generate()` call keeps a running rate of how often the context's continuation had the
-            right first token (an exponential moving average over the rounds that found a match, with this decay,
-            starting at 0), and copies whenever that rate exceeds the adapter's confidence in its own first draft.
+            Copy when the context's recent hit rate beats the adapter's confidence (0: off). Each `generate()` call
+            keeps a running rate of how often the context's continuation had the right first token (an exponential
+            moving average over the rounds that found a match, with this decay, starting at 0), and copies whenever
+            that rate exceeds the adapter's confidence in its own first draft.
             Copy-heavy answers (extraction, quoting) then copy even where a sure adapter disagrees, while answers whose
             matches miss keep the adapter's drafts. The rate is checked against the token the base actually emits,
             whatever was proposed. 0 turns this off; must be in [0, 1).
@@ -378,6 +380,13 @@ def setting_help(name: str) -> str:
     return " ".join(part for part in body if part)
 
 
+def setting_summary(name: str) -> str:
+    """The first sentence of `setting_help(name)`: the one-line description tables show."""
+    text = setting_help(name)
+    end = text.find(". ")
+    return text if end < 0 else text[: end + 1]
+
+
 def _is_int(value: Any) -> bool:
     """An int that is not a bool (`True` is an int to Python, but never a layer index or a count here)."""
     return isinstance(value, int) and not isinstance(value, bool)
@@ -474,6 +483,7 @@ __all__ = [
     "missing_private_names",
     "observe_candidate_generators",
     "setting_help",
+    "setting_summary",
     "transformers_supported",
     "validate_draft_settings",
     "validate_lookup",

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from ..core.version import __version__
+from .settings_table import with_settings_table
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ REMOTE_CODE_ROOTS = {
 }
 # Checkpoint folders shipped inside the package: each carries a copy of the remote code.
 SHIPPED_CHECKPOINTS = "pretrained"
+README = "README.md"
 REMOTE_CODE_DIR = "modeling"
 CARDS_DIR = "hub_cards"
 LINE_LENGTH = 119  # the project's ruff line length: generated files are formatted as the sources
@@ -206,6 +208,9 @@ def generated_files() -> dict[str, str]:
     for folder in sorted((PACKAGE_DIR / SHIPPED_CHECKPOINTS).glob("*/")):
         relative = folder.relative_to(PACKAGE_DIR.parents[1]).as_posix()  # src/kangaroo_hf/pretrained/<name>
         files.update({f"{relative}/{name}": text for name, text in remote_code.items()})
+    readme = PACKAGE_DIR.parents[1] / README
+    if readme.is_file():  # a source checkout: the README's settings table is rendered from the config
+        files[README] = with_settings_table(readme.read_text(encoding="utf-8"))
     for card in sorted((PACKAGE_DIR / CARDS_DIR).glob("*")):
         if card.is_file():
             files[f"{CARDS_DIR}/{card.name}"] = card.read_text(encoding="utf-8")
