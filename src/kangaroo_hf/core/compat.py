@@ -130,6 +130,7 @@ class GenerationHooks:
     def candidate_generator_for(self, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs):
         raise NotImplementedError
 
+    # Relies on: generate() dispatching greedy search and sampling to `_sample` with these arguments.
     def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
         generator = self.candidate_generator_for(
             input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs
@@ -139,6 +140,7 @@ class GenerationHooks:
         with self.decoding_context(generator):
             self._active_candidate_generator = generator
             try:
+                # Relies on: `_assisted_decoding` taking `_sample`'s arguments and asking `_get_candidate_generator`.
                 return self._assisted_decoding(
                     input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs
                 )
@@ -149,6 +151,7 @@ class GenerationHooks:
         """Entered around the assisted loop (e.g. CPU kernels); nothing by default."""
         return contextlib.nullcontext()
 
+    # Relies on: the assisted loop getting its generator from `_get_candidate_generator` (once per call).
     def _get_candidate_generator(self, *args: Any, **kwargs: Any) -> CandidateGenerator:
         if self._active_candidate_generator is not None:
             return self._active_candidate_generator
@@ -159,7 +162,7 @@ class GenerationHooks:
 def observe_candidate_generators(model: Any, observe: Callable[[CandidateGenerator], None]) -> Iterator[None]:
     """Call `observe(generator)` on each candidate generator `model`'s assisted loop builds during the block (this
     instance only; transformers exposes no other way to reach the loop's generator)."""
-    original = model._get_candidate_generator
+    original = model._get_candidate_generator  # relies on: the assisted loop calling it once per generate()
 
     def observed(*args: Any, **kwargs: Any) -> CandidateGenerator:
         generator = original(*args, **kwargs)
