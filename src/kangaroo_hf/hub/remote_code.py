@@ -41,7 +41,8 @@ REMOTE_CODE_ROOTS = {
 }
 # Checkpoint folders shipped inside the package: each carries a copy of the remote code.
 SHIPPED_CHECKPOINTS = "pretrained"
-README = "README.md"
+# Documents with a table of the settings, and whether it gives each setting's whole description.
+SETTINGS_TABLES = {"README.md": False, "docs/usage.md": True}
 REMOTE_CODE_DIR = "modeling"
 CARDS_DIR = "hub_cards"
 LINE_LENGTH = 119  # the project's ruff line length: generated files are formatted as the sources
@@ -208,9 +209,10 @@ def generated_files() -> dict[str, str]:
     for folder in sorted((PACKAGE_DIR / SHIPPED_CHECKPOINTS).glob("*/")):
         relative = folder.relative_to(PACKAGE_DIR.parents[1]).as_posix()  # src/kangaroo_hf/pretrained/<name>
         files.update({f"{relative}/{name}": text for name, text in remote_code.items()})
-    readme = PACKAGE_DIR.parents[1] / README
-    if readme.is_file():  # a source checkout: the README's settings table is rendered from the config
-        files[README] = with_settings_table(readme.read_text(encoding="utf-8"))
+    for document, full in SETTINGS_TABLES.items():  # in a source checkout: tables rendered from the config
+        path = PACKAGE_DIR.parents[1] / document
+        if path.is_file():
+            files[document] = with_settings_table(path.read_text(encoding="utf-8"), full)
     for card in sorted((PACKAGE_DIR / CARDS_DIR).glob("*")):
         if card.is_file():
             files[f"{CARDS_DIR}/{card.name}"] = card.read_text(encoding="utf-8")

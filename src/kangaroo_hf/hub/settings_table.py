@@ -1,11 +1,11 @@
-"""The README's table of Kangaroo settings, rendered from the config's own descriptions (`setting_summary`)."""
+"""Tables of the Kangaroo settings for the README and docs/usage.md, rendered from the config's own descriptions."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 
-from ..core.configuration import LOOKUP_FIELDS, KangarooConfig, setting_summary
+from ..core.configuration import LOOKUP_FIELDS, KangarooConfig, setting_help, setting_summary
 from ..default_model import SHIPPED_ADAPTER
 
 # The settings a user tunes, in the README's order (the rest say where the base and its tuning come from).
@@ -28,25 +28,28 @@ def _cell(value: object) -> str:
     return f'`"{value}"`' if isinstance(value, str) else str(value)
 
 
-def render_settings_table() -> str:
-    """| field | default | shipped | what it does |, one row per `TABLE_SETTINGS` entry."""
+def render_settings_table(full: bool = False) -> str:
+    """One row per `TABLE_SETTINGS` entry: | field | default | shipped | summary | (the README), or with `full`
+    | field | default | shipped | description | with each setting's whole description (docs/usage.md)."""
     defaults = {field.name: field.default for field in dataclasses.fields(KangarooConfig)}
     shipped = json.loads((SHIPPED_ADAPTER / "config.json").read_text(encoding="utf-8"))
-    rows = ["| field | default | shipped | what it does |", "|---|---:|---:|---|"]
+    header = "description" if full else "what it does"
+    rows = [f"| field | default | shipped | {header} |", "|---|---:|---:|---|"]
     for name in TABLE_SETTINGS:
-        summary = setting_summary(name).rstrip(".")
-        summary = summary[0].lower() + summary[1:]
-        rows.append(f"| `{name}` | {_cell(defaults[name])} | {_cell(shipped.get(name, defaults[name]))} | {summary} |")
+        text = setting_help(name) if full else setting_summary(name).rstrip(".")
+        if not full:
+            text = text[0].lower() + text[1:]
+        rows.append(f"| `{name}` | {_cell(defaults[name])} | {_cell(shipped.get(name, defaults[name]))} | {text} |")
     return "\n".join(rows)
 
 
-def with_settings_table(readme: str) -> str:
-    """`readme` with the text between its table markers replaced by the table as the sources give it now."""
-    if START not in readme or END not in readme:
-        raise ValueError(f"README.md has no settings-table markers ({START!r} ... {END!r}).")
-    head, rest = readme.split(START, 1)
+def with_settings_table(text: str, full: bool = False) -> str:
+    """`text` with what stands between its table markers replaced by the table as the sources give it now."""
+    if START not in text or END not in text:
+        raise ValueError(f"No settings-table markers ({START!r} ... {END!r}).")
+    head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{render_settings_table()}\n{END}{tail}"
+    return f"{head}{START}\n{render_settings_table(full)}\n{END}{tail}"
 
 
 __all__ = ["END", "START", "TABLE_SETTINGS", "render_settings_table", "with_settings_table"]
