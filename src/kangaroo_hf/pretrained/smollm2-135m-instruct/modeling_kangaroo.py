@@ -1768,7 +1768,7 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationHooks, GenerationMi
         model = cls(config, base=base)
         return model.to(device=parts.lm_head.weight.device, dtype=parts.lm_head.weight.dtype)
 
-    # -- checkpoints: adapter only, safetensors only (implemented in hub.py) ---------------------------------------
+    # -- checkpoints: adapter only, safetensors only (implemented in checkpoint.py) --------------------------------
 
     @classmethod
     def from_pretrained(
