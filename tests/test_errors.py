@@ -110,3 +110,24 @@ def test_booleans_are_not_layer_indices(value):
         KangarooForCausalLM.from_base(tiny_base("llama"), exit_layer=value)
     with pytest.raises(ValueError, match=f"adapter_num_layers must be an int >= 1, got {value}"):
         KangarooConfig(base_config=tiny_base("llama").config, adapter_num_layers=value)
+
+
+def test_per_call_settings_are_listed_once():
+    import inspect
+
+    from kangaroo_hf.cli.main import build_parser
+    from kangaroo_hf.core.drafting import DRAFT_SETTINGS, PER_CALL_SETTINGS
+
+    parameters = inspect.signature(KangarooForCausalLM.generate).parameters
+    assert set(PER_CALL_SETTINGS) <= set(parameters) and set(PER_CALL_SETTINGS) <= set(DRAFT_SETTINGS)
+    # Every per-call setting has its `kangaroo-hf generate` flag, typed as the setting, and reaches the round.
+    overrides = {"draft_threshold": 0.25, "max_draft_tokens": 2, "first_draft_threshold": 0.1, "lookup_num_tokens": 3}
+    assert set(overrides) == set(PER_CALL_SETTINGS)
+    argv = ["generate", *(f"--{name.replace('_', '-')}={value}" for name, value in overrides.items())]
+    args = build_parser().parse_args(argv)
+    assert {name: getattr(args, name) for name in overrides} == overrides
+    model = make_kangaroo("llama")
+    from kangaroo_hf.core.drafting import DraftSettings
+
+    settings = DraftSettings.from_config(model.config, **overrides)
+    assert all(getattr(settings, name) == value for name, value in overrides.items())
