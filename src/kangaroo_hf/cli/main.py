@@ -1,4 +1,4 @@
-"""`kangaroo-hf` command line: generate, train, distill, bench, profile, tune, push."""
+"""`kangaroo-hf` command line: generate, train, distill, bench, profile, tune, push, export."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import sys
 from ..bench.profile import add_profile
 from ..bench.runner import add_bench
 from ..bench.tune import add_tune
+from ..hub.export import add_export
 from ..hub.push import add_push
 from ..training.cli import add_train
 from .generate import add_generate
 
 # Each registers its sub-command(s) and handler; heavy imports stay inside the handlers.
-REGISTRARS = (add_generate, add_train, add_bench, add_profile, add_tune, add_push)
+REGISTRARS = (add_generate, add_train, add_bench, add_profile, add_tune, add_push, add_export)
 
 
 def build_parser() -> argparse.ArgumentParser:
