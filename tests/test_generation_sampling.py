@@ -121,7 +121,7 @@ def test_sampling_with_copies_chosen_by_the_lookup_hit_rate(model_and_prompt, mo
 
     def init_with_a_high_rate(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
-        self._lookup_hit_rate = 1.0
+        self.lookup.hit_rate = 1.0
 
     monkeypatch.setattr(KangarooCandidateGenerator, "__init__", init_with_a_high_rate)
     copied_rounds = []

@@ -75,7 +75,7 @@ def test_calibration_prompts_mix_the_sources_of_a_file(tmp_path, monkeypatch):
 def test_lossless_check_accepts_only_numerical_ties(monkeypatch):
     import pytest
 
-    from kangaroo_hf.bench import runner as bench
+    from kangaroo_hf.bench import losslessness
     from kangaroo_hf.bench.tune import _check_lossless
 
     model = make_kangaroo("llama")
@@ -89,5 +89,6 @@ def test_lossless_check_accepts_only_numerical_ties(monkeypatch):
     changed[0, position] = second
     with pytest.raises(RuntimeError, match="differs from plain decoding beyond a numerical tie"):
         _check_lossless(model, input_ids, plain, changed, "float32")  # float32: no tolerance
-    monkeypatch.setattr(bench, "default_tie_tolerance", lambda dtype: 1e9)  # as if both logits were one step apart
+    # as if both logits were one step apart
+    monkeypatch.setattr(losslessness, "default_tie_tolerance", lambda dtype: 1e9)
     assert _check_lossless(model, input_ids, plain, changed, "reduced precision") == 1
