@@ -40,6 +40,7 @@ PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
     ("transformers.generation.utils:GenerationMixin._sample", "generate() calls it for greedy search and sampling"),
     ("transformers.generation.utils:GenerationMixin._assisted_decoding", "the draft/verify loop Kangaroo runs in"),
     ("transformers.generation.utils:GenerationMixin._get_candidate_generator", "the loop asks it for the generator"),
+    ("transformers.generation.utils:_speculative_sampling", "the loop's rule for sampled drafts (q = our scores)"),
     ("transformers.generation.candidate_generator:CandidateGenerator", "base class of Kangaroo's generator"),
     ("transformers.generation.candidate_generator:CandidateGenerator.requires_model_outputs", "flag of the loop"),
     ("source:GenerationMixin._assisted_decoding:requires_model_outputs", "loop passes the last model outputs"),
