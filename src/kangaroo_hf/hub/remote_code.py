@@ -219,12 +219,14 @@ def generated_files() -> dict[str, str]:
     return files
 
 
-def stale_files(root: str | Path) -> list[str]:
-    """Generated files under `root` that are missing or differ from what the package sources produce now."""
+def stale_files(root: str | Path, expected: dict[str, str] | None = None) -> list[str]:
+    """Generated files under `root` that are missing or differ from `expected` (default: what the package sources
+    produce now, `generated_files()`)."""
     root = Path(root)
+    expected = generated_files() if expected is None else expected
     return [
         path
-        for path, text in generated_files().items()
+        for path, text in expected.items()
         if not (root / path).is_file() or (root / path).read_text(encoding="utf-8") != text
     ]
 
@@ -232,10 +234,11 @@ def stale_files(root: str | Path) -> list[str]:
 def write_generated_files(root: str | Path) -> list[str]:
     """Write the stale generated files under `root`; returns their paths."""
     root = Path(root)
-    stale = stale_files(root)
+    expected = generated_files()
+    stale = stale_files(root, expected)
     for path in stale:
         (root / path).parent.mkdir(parents=True, exist_ok=True)
-        (root / path).write_text(generated_files()[path], encoding="utf-8")
+        (root / path).write_text(expected[path], encoding="utf-8")
     return stale
 
 
@@ -251,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     root = args.root or _default_root()
     if args.check:
-        stale = stale_files(root)
         expected = generated_files()
+        stale = stale_files(root, expected)
         for path in stale:
             current = (root / path).read_text(encoding="utf-8").splitlines(True) if (root / path).is_file() else []
             now = expected[path].splitlines(True)
