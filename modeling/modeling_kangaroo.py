@@ -1,12 +1,12 @@
 # GENERATED FILE, DO NOT EDIT. `python -m kangaroo_hf.hub.remote_code` built it from the sources of
-# kangaroo_hf 0.1.0: kangaroo_hf/core/layers.py, kangaroo_hf/core/kernels.py, kangaroo_hf/core/adapter.py, kangaroo_hf/core/stats.py, kangaroo_hf/core/lookup.py, kangaroo_hf/core/drafting.py, kangaroo_hf/core/peft.py, kangaroo_hf/core/checkpoint.py, kangaroo_hf/core/modeling.py. Edit those and regenerate.
+# kangaroo_hf 0.1.0: kangaroo_hf/core/layers.py, kangaroo_hf/core/kernels.py, kangaroo_hf/core/adapter.py, kangaroo_hf/core/stats.py, kangaroo_hf/core/draft_head.py, kangaroo_hf/core/lookup.py, kangaroo_hf/core/drafting.py, kangaroo_hf/core/peft.py, kangaroo_hf/core/checkpoint.py, kangaroo_hf/core/acceptance.py, kangaroo_hf/core/slots.py, kangaroo_hf/core/batched.py, kangaroo_hf/core/modeling.py. Edit those and regenerate.
 # ruff: noqa
 """Kangaroo self-speculative decoding (arXiv 2404.18911), `modeling_kangaroo.py` for loading with
 `trust_remote_code=True` where the `kangaroo_hf` package is not installed."""
 
 from __future__ import annotations
 
-from .configuration_kangaroo import GenerationHooks, KangarooConfig, LOOKUP_FIELDS, LoopCandidateGenerator, __version__, check_settings, create_causal_mask, create_sliding_window_causal_mask, validate_draft_settings, validate_lookup
+from .configuration_kangaroo import GenerationHooks, KangarooConfig, LOOKUP_FIELDS, LoopCandidateGenerator, __version__, attention_implementation, cache_layer_tensors, check_settings, create_causal_mask, create_sliding_window_causal_mask, validate_draft_settings, validate_lookup
 
 
 # ------------------------------------------------------------------------------
@@ -93,7 +93,7 @@ class DecoderParts:
         start: int,
         end: int,
         position_ids: torch.LongTensor,
-        attention_mask: torch.Tensor | None,
+        attention_mask: torch.Tensor | dict[str, torch.Tensor] | None,
         cache: Cache | None,
     ) -> torch.Tensor:
         """Run `layers[start:end]` on `hidden_states` (B, T, D) at `position_ids` (B, T), updating `cache`."""
@@ -115,14 +115,19 @@ class DecoderParts:
 def slice_masks(
     config: PreTrainedConfig,
     hidden_states: torch.Tensor,
-    attention_mask: torch.Tensor | None,
+    attention_mask: torch.Tensor | dict[str, torch.Tensor] | None,
     cache: Cache | None,
     position_ids: torch.LongTensor,
     start: int,
     end: int,
 ) -> dict[str, torch.Tensor | None]:
-    """One attention mask per attention type used in `layers[start:end]`, sized against that slice's cache."""
+    """One attention mask per attention type used in `layers[start:end]`, sized against that slice's cache.
+
+    `attention_mask` is a 2D padding mask (B, K), or a dict of prepared 4D masks per attention type, used as given
+    (the batched loop builds its own, `slots.SlotTable.masks`)."""
     types = layer_types(config)
+    if isinstance(attention_mask, dict):
+        return {types[layer_idx]: attention_mask[types[layer_idx]] for layer_idx in range(start, end)}
     masks: dict[str, torch.Tensor | None] = {}
     for layer_idx in range(start, end):
         kind = types[layer_idx]
@@ -507,6 +512,8 @@ class KangarooStats:
     lookup_rounds: int = 0  # rounds whose drafts were copied from the context (prompt lookup)
     drafted_by_position: list[int] = field(default_factory=list)
     accepted_by_position: list[int] = field(default_factory=list)
+    # A batched call's per-row statistics (the fields above are their totals); empty for one sequence.
+    rows: list[KangarooStats] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.drafted_by_position = self.drafted_by_position or [0] * self.max_draft_tokens
@@ -562,7 +569,96 @@ class KangarooStats:
             "drafted_by_position": list(self.drafted_by_position),
             "accepted_by_position": list(self.accepted_by_position),
             "acceptance_rate_by_position": self.acceptance_rate_by_position,
+            **({"rows": [row.to_dict() for row in self.rows]} if self.rows else {}),
         }
+
+
+# ------------------------------------------------------------------------------
+# kangaroo_hf/core/draft_head.py
+# ------------------------------------------------------------------------------
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from transformers import LogitsProcessorList
+
+
+def head_product(
+    weight: torch.Tensor, bias: torch.Tensor | None, use_few_row_matmul: bool, use_packed_weights: bool
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """hidden -> logits through the kernel the model's other products use in this generate() call."""
+    if use_few_row_matmul:
+        return lambda hidden: few_row_matmul(hidden, weight, bias)
+    if use_packed_weights:
+        packed = pack_weight(weight)
+        return lambda hidden: packed_matmul(hidden, packed, bias)
+    return lambda hidden: torch.nn.functional.linear(hidden, weight, bias)
+
+
+def process_rows(
+    logits_processor: LogitsProcessorList, sequences: Sequence[torch.LongTensor], scores: torch.Tensor
+) -> torch.Tensor:
+    """Apply `logits_processor` to each row of `scores` (B, V) with that row's own sequence (1, L_b): rows of a
+    batch decoded with Kangaroo have different lengths, and each row sees exactly what it would see alone."""
+    if not len(logits_processor):
+        return scores
+    if len(sequences) == 1:
+        return logits_processor(sequences[0], scores)
+    return torch.cat([logits_processor(seq, scores[row : row + 1]) for row, seq in enumerate(sequences)])
+
+
+class DraftHead:
+    """Scores drafts from adapter states with the base's LM head (or its rows for a reduced draft vocabulary).
+
+    With a reduced draft vocabulary the head scores only `vocab_ids`; the scores are scattered back to the full
+    vocabulary whenever logits processors or sampling need it (`vocab_ids` is then None for those scores).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        logits_processor: LogitsProcessorList | None,
+        do_sample: bool,
+        use_few_row_matmul: bool = False,
+        use_packed_weights: bool = False,
+    ) -> None:
+        weight, bias, self.vocab_ids = model.draft_head()
+        self.vocab_size = model.parts.lm_head.out_features
+        self.logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
+        self.do_sample = do_sample
+        self._product = head_product(weight, bias, use_few_row_matmul, use_packed_weights)
+        self._full_scores = self.vocab_ids is not None and (do_sample or len(self.logits_processor) > 0)
+
+    def scores(
+        self, hidden: torch.Tensor, sequences: Sequence[torch.LongTensor]
+    ) -> tuple[torch.Tensor, torch.LongTensor | None]:
+        """Processed draft scores (B, V') from adapter states (B, D), and the vocabulary ids of their columns (None:
+        the full vocabulary). `sequences[b]` (1, L_b) is row b's sequence so far, for the logits processors."""
+        scores = self._product(hidden).float()
+        vocab_ids = self.vocab_ids
+        if self._full_scores:
+            full = torch.full((scores.shape[0], self.vocab_size), float("-inf"), device=scores.device)
+            scores, vocab_ids = full.index_copy_(1, vocab_ids, scores), None
+        return process_rows(self.logits_processor, sequences, scores), vocab_ids
+
+    @staticmethod
+    def top1(scores: torch.Tensor, vocab_ids: torch.LongTensor | None) -> tuple[torch.Tensor, torch.LongTensor]:
+        """Each row's confidence (top-1 probability) and top-1 token id, both (B,)."""
+        confidence, index = scores.softmax(dim=-1).max(dim=-1)
+        return confidence, vocab_ids[index] if vocab_ids is not None else index
+
+    def choose(self, scores: torch.Tensor, vocab_ids: torch.LongTensor | None) -> torch.LongTensor:
+        """Each row's draft (B,) from processed `scores`: argmax, or a sample when sampling.
+
+        Speculative sampling accepts a draft d with probability min(1, p(d) / q(d)), where q is the distribution d was
+        drawn from: `scores` are exactly the processed logits the verification uses as q.
+        """
+        if self.do_sample:
+            index = torch.multinomial(scores.softmax(dim=-1), num_samples=1).view(-1)
+        else:
+            index = scores.argmax(dim=-1)
+        return vocab_ids[index] if vocab_ids is not None else index
 
 
 # ------------------------------------------------------------------------------
@@ -643,7 +739,6 @@ class PromptLookup:
 # ------------------------------------------------------------------------------
 
 import copy
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -798,8 +893,7 @@ class KangarooCandidateGenerator(LoopCandidateGenerator):
         self.adapter_cache = DynamicCache()
         self.stats = KangarooStats(max_draft_tokens=settings.longest_draft)
         self.max_drafting_tokens = settings.longest_draft
-        self.draft_head = model.draft_head()
-        self._score_draft_head = self._draft_head_product(*self.draft_head[:2], use_few_row_matmul, use_packed_weights)
+        self.head = DraftHead(model, self.logits_processor, self.do_sample, use_few_row_matmul, use_packed_weights)
         # Kwargs merged into the loop's next forward: the prefill must return exit states, a verification reuses them.
         self.set_forward_overrides({"output_exit_hidden_states": True})
         self._first_verified_position = 0  # position of the first token of the last full forward
@@ -929,14 +1023,18 @@ class KangarooCandidateGenerator(LoopCandidateGenerator):
                 exit_states[-1], position + step, self.adapter_cache, _extend_mask(attention_mask, step)
             )
             scores, vocab_ids = self._draft_scores(hidden[:, -1], candidate_ids)
-            confidence, top_token = self._top1(scores, vocab_ids)
-            if step == 0 and lookup is not None and self.lookup.prefers_copy(
-                self._lookup_first_token, top_token, confidence, self.settings.draft_threshold
+            confidence, top_token = (value.item() for value in self.head.top1(scores, vocab_ids))
+            if (
+                step == 0
+                and lookup is not None
+                and self.lookup.prefers_copy(
+                    self._lookup_first_token, top_token, confidence, self.settings.draft_threshold
+                )
             ):
                 return self._copy_drafts(lookup, input_ids, cache, model_kwargs, exit_states[0])
             if step == 0 and confidence < self.settings.first_draft_threshold:
                 break  # an unsure first draft is not worth a two-token verification: a plain step this round
-            token = self._choose(scores, vocab_ids)
+            token = self.head.choose(scores, vocab_ids).view(1, 1)
             extended = torch.cat([candidate_ids, token], dim=-1)
             # A draft that would end generation (EOS, stop string, max length) is left for the base to emit as its
             # own token: the loop checks stopping criteria only after a round, so a stop must fall on the round's end.
@@ -996,51 +1094,8 @@ class KangarooCandidateGenerator(LoopCandidateGenerator):
     def _draft_scores(
         self, hidden: torch.Tensor, candidate_ids: torch.LongTensor
     ) -> tuple[torch.Tensor, torch.LongTensor | None]:
-        """Processed draft scores (1, V') from adapter states (1, D), and the vocabulary ids of their columns.
-
-        With a reduced draft vocabulary the head scores only `draft_vocab_ids` (None means the full vocabulary);
-        the scores are scattered back to the full vocabulary whenever logits processors or sampling need it.
-        """
-        vocab_ids = self.draft_head[2]
-        scores = self._score_draft_head(hidden).float()
-        if vocab_ids is not None and (self.do_sample or len(self.logits_processor)):
-            full = torch.full((1, self.model.parts.lm_head.out_features), float("-inf"), device=scores.device)
-            scores, vocab_ids = full.index_copy_(1, vocab_ids, scores), None
-        if len(self.logits_processor):
-            scores = self.logits_processor(candidate_ids, scores)
-        return scores, vocab_ids
-
-    @staticmethod
-    def _draft_head_product(
-        weight: torch.Tensor, bias: torch.Tensor | None, use_few_row_matmul: bool, use_packed_weights: bool
-    ) -> Callable[[torch.Tensor], torch.Tensor]:
-        """hidden -> draft logits through the kernel the model's other products use in this generate() call."""
-        if use_few_row_matmul:
-            return lambda hidden: few_row_matmul(hidden, weight, bias)
-        if use_packed_weights:
-            packed = pack_weight(weight)
-            return lambda hidden: packed_matmul(hidden, packed, bias)
-        return lambda hidden: torch.nn.functional.linear(hidden, weight, bias)
-
-    @staticmethod
-    def _top1(scores: torch.Tensor, vocab_ids: torch.LongTensor | None) -> tuple[float, int]:
-        """The draft's confidence (top-1 probability) and its top-1 token id."""
-        probs = scores.softmax(dim=-1)
-        confidence, index = probs.max(dim=-1)
-        token = vocab_ids[index] if vocab_ids is not None else index
-        return float(confidence), int(token)
-
-    def _choose(self, scores: torch.Tensor, vocab_ids: torch.LongTensor | None) -> torch.LongTensor:
-        """Pick a draft (1, 1) from processed `scores`: argmax, or a sample when sampling.
-
-        Speculative sampling accepts a draft d with probability min(1, p(d) / q(d)), where q is the distribution d was
-        drawn from: `scores` are exactly the processed logits returned to the loop as candidate logits.
-        """
-        if self.do_sample:
-            index = torch.multinomial(scores.softmax(dim=-1), num_samples=1)
-        else:
-            index = scores.argmax(dim=-1, keepdim=True)
-        return vocab_ids[index] if vocab_ids is not None else index
+        """Processed draft scores (1, V') from adapter states (1, D), and the vocabulary ids of their columns."""
+        return self.head.scores(hidden, [candidate_ids])
 
 
 # ------------------------------------------------------------------------------
@@ -1612,6 +1667,518 @@ def push_kangaroo(
             token=token,
             revision=revision,
             create_pr=create_pr,
+        )
+
+
+# ------------------------------------------------------------------------------
+# kangaroo_hf/core/acceptance.py
+# ------------------------------------------------------------------------------
+
+import torch
+
+
+def accept_greedy(drafts: torch.LongTensor, target_scores: torch.Tensor) -> tuple[int, int]:
+    """(accepted drafts, next token) for `drafts` (k,) checked against the base's processed scores (k + 1, V)."""
+    targets = target_scores.argmax(dim=-1)
+    mismatches = (drafts != targets[: drafts.numel()]).long()
+    accepted = int((mismatches.cumsum(0) == 0).sum())
+    return accepted, int(targets[accepted])
+
+
+def accept_sampled(
+    drafts: torch.LongTensor, draft_scores: torch.Tensor, target_scores: torch.Tensor
+) -> tuple[int, int]:
+    """(accepted drafts, next token) for `drafts` (k,) sampled from `draft_scores` (k, V), against the base's
+    processed scores (k + 1, V): speculative sampling, lossless."""
+    count = drafts.numel()
+    p = target_scores.softmax(dim=-1)
+    if count:
+        q = draft_scores.softmax(dim=-1)
+        index = torch.arange(count, device=drafts.device)
+        ratio = p[index, drafts] / q[index, drafts]
+        accepted = int(((torch.rand_like(ratio) >= ratio).long().cumsum(0) == 0).sum())
+    else:
+        accepted = 0
+    if accepted < count:
+        residual = (p[accepted] - q[accepted]).clamp(min=0)
+        total = residual.sum()
+        # p(d) < q(d) leaves mass where p > q; only rounding can empty the residual, and then it is p itself.
+        distribution = residual / total if total > torch.finfo(total.dtype).tiny else p[accepted]
+    else:
+        distribution = p[accepted]
+    return accepted, int(torch.multinomial(distribution, num_samples=1))
+
+
+# ------------------------------------------------------------------------------
+# kangaroo_hf/core/slots.py
+# ------------------------------------------------------------------------------
+
+import torch
+
+
+class SlotTable:
+    """Slot bookkeeping of a batch decoded with shared caches (see the module docstring)."""
+
+    def __init__(self, positions: torch.LongTensor) -> None:
+        self.positions = positions  # (B, S)
+        self.fill = (positions >= 0).long().cumsum(-1).argmax(-1) + 1  # one past each row's last filled slot
+        self.round_start = positions.shape[1]
+
+    @classmethod
+    def from_attention_mask(cls, attention_mask: torch.Tensor) -> SlotTable:
+        """The table of a left-padded prompt batch: its 2D `attention_mask` (B, T) marks the real tokens."""
+        real = attention_mask.bool()
+        if not real[:, -1].all():
+            raise ValueError(
+                "Batched Kangaroo decoding needs left-padded prompts (the last token of every row real): set "
+                "tokenizer.padding_side = 'left', as for any batched generation with a decoder-only model."
+            )
+        positions = real.long().cumsum(-1) - 1
+        return cls(positions.masked_fill(~real, -1))
+
+    @property
+    def length(self) -> int:
+        return self.positions.shape[1]
+
+    @property
+    def next_positions(self) -> torch.LongTensor:
+        """(B,): the position of each row's next token (the number of tokens it holds)."""
+        return self.positions.max(dim=-1).values + 1
+
+    def start_round(self) -> None:
+        """The slots appended from now on belong to a new round (drafts and their verification)."""
+        self.round_start = self.length
+
+    def append(self, positions: torch.LongTensor) -> None:
+        """Append slots (B, T) at `positions` (-1: the slot holds nothing for that row)."""
+        self.positions = torch.cat([self.positions, positions], dim=1)
+
+    def masks(
+        self,
+        query_start: int,
+        layer_kinds: set[str],
+        sliding_window: int | None,
+        dtype: torch.dtype,
+        end: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Additive 4D masks (B, 1, Q, K), one per attention kind in `layer_kinds`, for queries in slots
+        `[query_start, end)` over keys in slots `[0, end)` (the queries' own keys are written first); `end` defaults
+        to the table's length, and a negative `query_start` counts from it."""
+        end = self.length if end is None else end
+        query_start = query_start % end if query_start < 0 else query_start
+        keys = self.positions[:, :end]  # (B, K)
+        queries = keys[:, query_start:]  # (B, Q)
+        seen = (keys[:, None, :] >= 0) & (keys[:, None, :] <= queries[:, :, None])  # (B, Q, K)
+        # A query slot holding nothing sees itself only, so that no attention row is empty.
+        own = torch.arange(query_start, end, device=keys.device)[:, None] == torch.arange(end, device=keys.device)
+        result = {}
+        for kind in layer_kinds:
+            allowed = seen
+            if kind == SLIDING_ATTENTION and sliding_window is not None:
+                allowed = allowed & (queries[:, :, None] - keys[:, None, :] < sliding_window)
+            allowed = (allowed & (queries[:, :, None] >= 0)) | own
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=keys.device)
+            result[kind] = mask.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+        return result
+
+    def keep(self, paths: list[list[int]]) -> tuple[torch.LongTensor, torch.LongTensor, torch.LongTensor, int]:
+        """Keep, in each row `b`, this round's slots `paths[b]` (offsets from the round's first slot, in token order:
+        the accepted path), moved to the row's `fill`; every other slot of the round becomes a hole. Returns (rows,
+        sources, destinations, length) for `move_slots`: the gather every cache must do."""
+        rows, sources, destinations = [], [], []
+        for row, path in enumerate(paths):
+            fill = int(self.fill[row])
+            rows += [row] * len(path)
+            sources += [self.round_start + offset for offset in path]
+            destinations += range(fill, fill + len(path))
+        device = self.positions.device
+        rows_t, sources_t, destinations_t = (
+            torch.tensor(values, dtype=torch.long, device=device) for values in (rows, sources, destinations)
+        )
+        moved = self.positions[rows_t, sources_t]
+        self.positions[:, self.round_start :] = -1
+        self.positions[rows_t, destinations_t] = moved
+        self.fill = self.fill + torch.tensor([len(path) for path in paths], dtype=torch.long, device=device)
+        length = int(self.fill.max())
+        self.positions = self.positions[:, :length]
+        self.round_start = length
+        return rows_t, sources_t, destinations_t, length
+
+    def select_rows(self, rows: torch.LongTensor) -> int:
+        """Keep only `rows` of the batch; returns the new length (the longest remaining row's fill)."""
+        self.fill = self.fill[rows]
+        length = int(self.fill.max())
+        self.positions = self.positions[rows, :length]
+        self.round_start = length
+        return length
+
+
+def move_slots(
+    cache, rows: torch.LongTensor, sources: torch.LongTensor, destinations: torch.LongTensor, length: int
+) -> None:
+    """Copy the keys and values of slot `sources[i]` to slot `destinations[i]` in row `rows[i]` in every layer of
+    `cache`, then shorten every layer to `length` slots (what `SlotTable.keep` asks for)."""
+    for layer in cache_layer_tensors(cache):
+        for tensor in layer.tensors():
+            if rows.numel():
+                tensor[rows, :, destinations] = tensor[rows, :, sources]
+        layer.set(*(tensor[:, :, :length] for tensor in layer.tensors()))
+
+
+def select_cache_rows(cache, rows: torch.LongTensor, length: int) -> None:
+    """Keep only `rows` of the batch, and the first `length` slots, in every layer of `cache`."""
+    for layer in cache_layer_tensors(cache):
+        layer.set(*(tensor[rows, :, :length] for tensor in layer.tensors()))
+
+
+# ------------------------------------------------------------------------------
+# kangaroo_hf/core/batched.py
+# ------------------------------------------------------------------------------
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+
+@dataclass
+class DraftRound:
+    """One round's proposals: `tokens` (B, R), the row's newest token then its drafts (`counts[b]` of them, the
+    other slots hold nothing), their `exit_states` (B, R, D), and for sampling the distributions the drafts were drawn
+    from, `draft_scores` (B, R - 1, V) (one-hot for copied drafts)."""
+
+    tokens: torch.LongTensor
+    counts: list[int]
+    exit_states: torch.Tensor
+    draft_scores: torch.Tensor | None
+    copied: list[bool]
+    lookup_first_tokens: list[int | None]
+
+
+class BatchedKangarooDecoder:
+    """Decodes a batch (B > 1) with Kangaroo; `decode` returns what `generate()` returns."""
+
+    def __init__(
+        self,
+        model: DraftingModel,
+        settings: DraftSettings,
+        generation_config: GenerationConfig,
+        logits_processor: LogitsProcessorList,
+        stopping_criteria: StoppingCriteriaList,
+        use_few_row_matmul: bool = False,
+        use_packed_weights: bool = False,
+    ) -> None:
+        self.model = model
+        self.settings = settings
+        self.generation_config = generation_config
+        self.do_sample = bool(generation_config.do_sample)
+        self.logits_processor = logits_processor
+        self.stopping_criteria = stopping_criteria
+        self.head = DraftHead(model, logits_processor, self.do_sample, use_few_row_matmul, use_packed_weights)
+        base_config = model.parts.config
+        self.layer_kinds = set(layer_types(base_config)) | {FULL_ATTENTION}  # the adapter attends fully
+        self.sliding_window = getattr(base_config, "sliding_window", None)
+        self.final_context = model.config.adapter_context == "final"
+        # transformers pads the rows that an EOS criterion finished; without one, finished rows keep decoding.
+        self.pads_finished_rows = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
+        eos = generation_config.eos_token_id
+        self.eos_token_ids = set([eos] if isinstance(eos, int) else eos or [])
+        pad = generation_config.pad_token_id
+        self.pad_token_id = pad if pad is not None else next(iter(sorted(self.eos_token_ids)), None)
+        # The call's statistics (`model.last_generate_stats`): filled with the rows' totals, and each row's own in
+        # `rows`, when `decode` returns.
+        self.total_stats = KangarooStats(max_draft_tokens=settings.longest_draft)
+        self.keep_scores = bool(generation_config.return_dict_in_generate and generation_config.output_scores)
+        self.keep_logits = bool(generation_config.return_dict_in_generate and generation_config.output_logits)
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+
+    def decode(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> Any:
+        """Decode every row of `input_ids` (B, T), left-padded as `attention_mask` (B, T) says."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        self._prefill(input_ids, attention_mask)
+        while self.rows.numel():
+            round_ = self._draft()
+            target_logits = self._verify(round_)
+            paths = [self._accept(index, round_, logits) for index, logits in enumerate(target_logits)]
+            self._keep(paths)
+        return self._result(input_ids.shape[1])
+
+    def _prefill(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> None:
+        """All prompt tokens through every layer (and the adapter), and each row's first new token."""
+        model, batch = self.model, input_ids.shape[0]
+        self.cache, self.adapter_cache = DynamicCache(), DynamicCache()
+        self.table = SlotTable.from_attention_mask(attention_mask)
+        self.rows = torch.arange(batch)  # original indices of the rows still decoding
+        self.sequences = [input_ids[row : row + 1] for row in range(batch)]
+        self.finish_lengths: list[int | None] = [None] * batch
+        self.scores: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+        self.raw_logits: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+        self.stats = [KangarooStats(max_draft_tokens=self.settings.longest_draft) for _ in range(batch)]
+        self.lookups = [self._new_lookup() for _ in range(batch)]
+        positions = self.table.positions.clamp(min=0)
+        masks = self._masks(0)
+        exit_states = model.shallow_forward(input_ids, positions, self.cache, masks)
+        final_states = model.deep_forward(exit_states, positions, self.cache, masks)
+        self._feed_adapter(final_states if self.final_context else exit_states, positions, masks)
+        logits = model.lm_head_logits(final_states[:, -1]).float()  # left padding: every row's last slot is real
+        self.pending = torch.empty(batch, dtype=torch.long)
+        for row in range(batch):
+            scores = self._process(self.sequences[row], logits[row : row + 1])
+            token = int(self.head.choose(scores, None)) if self.do_sample else int(scores.argmax())
+            self._emit(row, [token], scores, logits[row : row + 1])
+            self.stats[row].record_step(0, 0)
+            self.pending[row] = token
+        self._keep([[] for _ in range(batch)])
+
+    def _draft(self) -> DraftRound:
+        """Lockstep drafting (see the module docstring): each step adds one slot to every row."""
+        model, table, settings = self.model, self.table, self.settings
+        table.start_round()
+        first_position = table.next_positions
+        budgets = torch.tensor([self._budget(int(row)) for row in self.rows])
+        copy_tokens, copy_lengths, copying = self._proposals(budgets)  # trusted matches copy outright
+        proposing, live = budgets > 0, torch.ones_like(budgets, dtype=torch.bool)
+        counts = torch.zeros_like(budgets)
+        tokens, exits, draft_scores, adapter_fed = [self.pending.clone()], [], [], 0
+        for step in range(settings.longest_draft + 1):
+            table.append((first_position + step).masked_fill(~live, -1)[:, None])
+            positions = table.positions[:, -1:].clamp(min=0)
+            exits.append(model.shallow_forward(tokens[-1][:, None], positions, self.cache, self._masks(-1)))
+            if step == settings.longest_draft or not proposing.any():
+                break
+            drafts, confidence, scores, vocab_ids = copy_tokens[:, step], None, None, None
+            if (proposing & ~copying).any():
+                hidden, adapter_fed = self._adapter_step(exits, adapter_fed), step + 1
+                scores, vocab_ids = self.head.scores(hidden, self._draft_sequences(tokens))
+                confidence, top = self.head.top1(scores, vocab_ids)
+                if step == 0:
+                    copying |= self._prefers_copy(copy_tokens, copy_lengths, top, confidence)
+                    proposing &= copying | (confidence >= settings.first_draft_threshold)
+                drafts = torch.where(copying, drafts, self.head.choose(scores, vocab_ids))
+            if self.do_sample:
+                draft_scores.append(self._draft_distribution(scores, vocab_ids, copying, drafts))
+            live = proposing.clone()  # the next slot holds a draft for these rows
+            counts += live.long()
+            tokens.append(torch.where(live, drafts, self.pending))
+            limit = torch.where(copying, copy_lengths, torch.full_like(counts, settings.max_draft_tokens))
+            proposing &= (counts < limit) & (counts < budgets) & ~self._is_eos(drafts)
+            if confidence is not None:  # draft early exit (paper section 3.2): an unsure draft ends the row's round
+                proposing &= copying | (confidence >= settings.draft_threshold)
+        if not self.final_context and adapter_fed < len(exits):
+            self._adapter_step(exits, adapter_fed)  # the adapter's cache follows the table: every slot in it
+        width = len(exits)
+        return DraftRound(
+            tokens=torch.stack(tokens[:width], dim=1),
+            counts=counts.tolist(),
+            exit_states=torch.cat(exits, dim=1),
+            draft_scores=torch.stack(draft_scores[: width - 1], dim=1) if self.do_sample and width > 1 else None,
+            copied=(copying & (counts > 0)).tolist(),
+            lookup_first_tokens=[int(copy_tokens[i, 0]) if copy_lengths[i] else None for i in range(len(budgets))],
+        )
+
+    def _verify(self, round_: DraftRound) -> list[torch.Tensor]:
+        """The deep layers over every row's round slots; the base's logits (k_b + 1, V) at each row's real slots."""
+        table = self.table
+        positions = table.positions[:, table.round_start :].clamp(min=0)
+        masks = self._masks(table.round_start)
+        final_states = self.model.deep_forward(round_.exit_states, positions, self.cache, masks)
+        if self.final_context:  # the adapter's context is the verified final states; the drafts' entries go
+            self.adapter_cache.crop(table.round_start - self.adapter_cache.get_seq_length())
+            self._feed_adapter(final_states, positions, masks)
+        real = table.positions[:, table.round_start :] >= 0
+        logits = self.model.lm_head_logits(final_states[real]).float()
+        return list(logits.split([count + 1 for count in round_.counts]))
+
+    def _accept(self, index: int, round_: DraftRound, logits: torch.Tensor) -> list[int]:
+        """Accept row `index`'s drafts, emit its tokens; returns the round slots its caches keep."""
+        row, count = int(self.rows[index]), round_.counts[index]
+        drafts = round_.tokens[index, 1 : count + 1]
+        sequence = self.sequences[row]
+        scores = logits
+        if len(self.logits_processor):
+            scores = torch.cat(
+                [self._process(torch.cat([sequence, drafts[None, :i]], 1), logits[i : i + 1]) for i in range(count + 1)]
+            )
+        if self.do_sample:
+            draft_scores = round_.draft_scores[index, :count] if count else None
+            accepted, token = accept_sampled(drafts, draft_scores, scores)
+        else:
+            accepted, token = accept_greedy(drafts, scores)
+        emitted = self._emit(row, [*drafts[:accepted].tolist(), token], scores, logits)
+        self.stats[row].record_step(count, emitted - 1)
+        if round_.copied[index]:
+            self.stats[row].lookup_rounds += 1
+        if self.lookups[row] is not None:
+            first = round_.lookup_first_tokens[index]
+            self.lookups[row].record_round(
+                first, int(self.sequences[row][0, sequence.shape[1]]), round_.copied[index], count, accepted
+            )
+        self.pending[index] = token
+        return list(range(accepted + 1))  # the round's first token and the accepted drafts
+
+    def _keep(self, paths: list[list[int]]) -> None:
+        """Every cache keeps each row's accepted slots; rows that are done leave the batch."""
+        rows, sources, destinations, length = self.table.keep(paths)
+        for cache in (self.cache, self.adapter_cache):
+            move_slots(cache, rows, sources, destinations, length)
+        staying = [index for index, row in enumerate(self.rows.tolist()) if not self._settled(row)]
+        if len(staying) < self.rows.numel():
+            staying_t = torch.tensor(staying, dtype=torch.long)
+            length = self.table.select_rows(staying_t) if staying else 0
+            for cache in (self.cache, self.adapter_cache):
+                select_cache_rows(cache, staying_t, length)
+            self.rows, self.pending = self.rows[staying_t], self.pending[staying_t]
+
+    # -- pieces ----------------------------------------------------------------------------------------------------
+
+    def _masks(self, query_start: int, end: int | None = None) -> dict[str, torch.Tensor]:
+        dtype = self.model.parts.lm_head.weight.dtype
+        return self.table.masks(query_start, self.layer_kinds, self.sliding_window, dtype, end=end)
+
+    def _adapter_step(self, exits: list[torch.Tensor], fed: int) -> torch.Tensor:
+        """The adapter on this round's exit states from slot `fed` on (those it has not seen); its last output."""
+        states = torch.cat(exits[fed:], dim=1)
+        start = self.table.round_start + fed
+        end = start + states.shape[1]
+        positions = self.table.positions[:, start:end].clamp(min=0)
+        masks = self._masks(start, end)
+        return self.model.adapter_forward(states, positions, self.adapter_cache, masks[FULL_ATTENTION])[:, -1]
+
+    def _feed_adapter(self, states: torch.Tensor, positions: torch.LongTensor, masks: dict[str, torch.Tensor]) -> None:
+        """Write verified tokens into the adapter's cache: their exit states, or their final states."""
+        feed = self.model.adapter_add_context if self.final_context else self.model.adapter_forward
+        feed(states, positions, self.adapter_cache, masks[FULL_ATTENTION])
+
+    def _new_lookup(self) -> PromptLookup | None:
+        settings = self.settings
+        return (
+            PromptLookup(*(getattr(settings, name) for name in LOOKUP_FIELDS)) if settings.lookup_num_tokens else None
+        )
+
+    def _proposals(self, budgets: torch.LongTensor) -> tuple[torch.LongTensor, torch.LongTensor, torch.Tensor]:
+        """Each row's copy from its context: tokens (B, longest draft) padded with 0, lengths (B,) within the row's
+        budget, and whether the match is long enough to copy without asking the adapter (B,)."""
+        batch = self.rows.numel()
+        tokens = torch.zeros(batch, self.settings.longest_draft + 1, dtype=torch.long)
+        lengths = torch.zeros(batch, dtype=torch.long)
+        trusted = torch.zeros(batch, dtype=torch.bool)
+        for index, row in enumerate(self.rows.tolist()):
+            lookup = self.lookups[row]
+            if lookup is None:
+                continue
+            proposal, match_length = lookup.propose(self.sequences[row][0])
+            proposal = proposal[: max(int(budgets[index]), 0)]
+            tokens[index, : proposal.numel()] = proposal
+            lengths[index] = proposal.numel()
+            trusted[index] = proposal.numel() > 0 and lookup.trusts(match_length)
+        return tokens, lengths, trusted
+
+    def _prefers_copy(self, copy_tokens, copy_lengths, top, confidence) -> torch.Tensor:
+        """Rows whose context proposal the lookup rules prefer to the adapter's first draft."""
+        return torch.tensor(
+            [
+                bool(copy_lengths[index])
+                and self.lookups[row].prefers_copy(
+                    int(copy_tokens[index, 0]),
+                    int(top[index]),
+                    float(confidence[index]),
+                    self.settings.draft_threshold,
+                )
+                for index, row in enumerate(self.rows.tolist())
+            ],
+            dtype=torch.bool,
+        )
+
+    def _draft_sequences(self, tokens: list[torch.LongTensor]) -> list[torch.LongTensor]:
+        """Each row's sequence with this round's drafts so far, for the logits processors (none: not built)."""
+        if not len(self.logits_processor):
+            return []
+        drafts = torch.stack(tokens[1:], dim=1) if len(tokens) > 1 else None
+        return [
+            self.sequences[row] if drafts is None else torch.cat([self.sequences[row], drafts[i : i + 1]], dim=1)
+            for i, row in enumerate(self.rows.tolist())
+        ]
+
+    def _draft_distribution(self, scores, vocab_ids, copying, drafts) -> torch.Tensor:
+        """(B, V) scores each row's draft was drawn from: the processed draft scores, one-hot for copied drafts."""
+        vocab_size = self.model.parts.lm_head.out_features
+        one_hot = torch.full((drafts.numel(), vocab_size), float("-inf"))
+        one_hot[torch.arange(drafts.numel()), drafts] = 0.0
+        if scores is None:
+            return one_hot
+        return torch.where(copying[:, None], one_hot, scores)
+
+    def _is_eos(self, tokens: torch.LongTensor) -> torch.Tensor:
+        return torch.tensor([int(token) in self.eos_token_ids for token in tokens], dtype=torch.bool)
+
+    def _budget(self, row: int) -> int:
+        """Drafts row `row` may propose: its emitted tokens (drafts + one) must fit in `max_length`."""
+        return self.generation_config.max_length - self.sequences[row].shape[1] - 1
+
+    def _process(self, sequence: torch.LongTensor, logits: torch.Tensor) -> torch.Tensor:
+        return process_rows(self.logits_processor, [sequence], logits)
+
+    def _emit(self, row: int, tokens: list[int], scores: torch.Tensor, logits: torch.Tensor) -> int:
+        """Append `tokens` to row `row` one by one, checking the stopping criteria after each; returns how many were
+        appended (all, unless the row finished first and transformers would pad it from there)."""
+        for index, token in enumerate(tokens):
+            sequence = torch.cat([self.sequences[row], torch.tensor([[token]])], dim=1)
+            self.sequences[row] = sequence
+            if self.keep_scores:
+                self.scores[row].append(scores[index])
+            if self.keep_logits:
+                self.raw_logits[row].append(logits[index])
+            if self.finish_lengths[row] is None and bool(self.stopping_criteria(sequence, None).any()):
+                self.finish_lengths[row] = sequence.shape[1]
+                if self.pads_finished_rows:
+                    return index + 1
+        return len(tokens)
+
+    def _settled(self, row: int) -> bool:
+        """Whether row `row` is done decoding. transformers pads the rows an EOS criterion finished; without one it
+        keeps decoding finished rows until every row has finished, and returns every row at that length."""
+        finished = self.finish_lengths[row]
+        if finished is None:
+            return False
+        if self.pads_finished_rows or self.sequences[row].shape[1] >= self.generation_config.max_length:
+            return True
+        return None not in self.finish_lengths and self.sequences[row].shape[1] >= max(self.finish_lengths)
+
+    # -- the result ------------------------------------------------------------------------------------------------
+
+    def _result(self, prompt_length: int) -> Any:
+        for stats in self.stats:
+            self.total_stats.add(stats)
+        self.total_stats.rows = self.stats
+        sequences = self.sequences
+        if not self.pads_finished_rows and None not in self.finish_lengths:
+            sequences = [sequence[:, : max(self.finish_lengths)] for sequence in sequences]
+        longest = max(sequence.shape[1] for sequence in sequences)
+        padded = torch.full((len(sequences), longest), self.pad_token_id if self.pad_token_id is not None else 0)
+        for row, sequence in enumerate(sequences):
+            padded[row, : sequence.shape[1]] = sequence[0]
+        config = self.generation_config
+        if not config.return_dict_in_generate:
+            return padded
+        steps = longest - prompt_length
+        return GenerateDecoderOnlyOutput(
+            sequences=padded,
+            scores=self._per_step(self.scores, steps) if self.keep_scores else None,
+            logits=self._per_step(self.raw_logits, steps) if self.keep_logits else None,
+        )
+
+    def _per_step(self, per_row: list[list[torch.Tensor]], steps: int) -> tuple[torch.Tensor, ...]:
+        """Per-step (B, V) scores as transformers returns them; a row past its end scores its padding token."""
+        vocab_size = self.model.parts.lm_head.out_features
+        filler = torch.full((vocab_size,), float("-inf"))
+        if self.pad_token_id is not None:
+            filler[self.pad_token_id] = 0.0
+        return tuple(
+            torch.stack([rows[step] if step < len(rows) else filler for rows in per_row]) for step in range(steps)
         )
 
 
@@ -2191,24 +2758,9 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationHooks, GenerationMi
         """The candidate generator greedy search and sampling run with (`compat.GenerationHooks`): Kangaroo's when
         enabled for this call, else None (the base's own decoding)."""
         settings = self._draft_settings
-        if settings is None:
+        if settings is None or input_ids.shape[0] != 1:
             return None
-        if input_ids.shape[0] != 1:
-            raise ValueError(
-                f"Kangaroo decoding supports one sequence at a time, got a batch of {input_ids.shape[0]}; "
-                "loop over the prompts or pass use_kangaroo=False."
-            )
-        if generation_config.assistant_ensemble_weight is not None:
-            raise ValueError(
-                "assistant_ensemble_weight relaxes verification (lossy); Kangaroo decoding is lossless and does not "
-                f"support it (got {generation_config.assistant_ensemble_weight})."
-            )
-        cache = model_kwargs.get("cache")
-        if not isinstance(cache, DynamicCache) or cache.get_seq_length() > 0:
-            raise ValueError(
-                "Kangaroo decoding needs use_cache=True and a fresh DynamicCache (it writes the shallow layers' KV "
-                f"during drafting and crops after verification), got {type(cache).__name__}."
-            )
+        self._check_kangaroo_call(generation_config, model_kwargs)
         generator = KangarooCandidateGenerator(
             self,
             settings,
@@ -2221,8 +2773,62 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationHooks, GenerationMi
         self.last_generate_stats = generator.stats
         return generator
 
-    def decoding_context(self, generator: KangarooCandidateGenerator) -> contextlib.AbstractContextManager:
-        """The CPU kernels (`cpu_kernels`) around the whole assisted loop: the prefill, drafting steps and
+    def own_decoder_for(
+        self,
+        input_ids: torch.LongTensor,
+        logits_processor: LogitsProcessorList,
+        stopping_criteria: StoppingCriteriaList,
+        generation_config: GenerationConfig,
+        model_kwargs: dict[str, Any],
+    ) -> BatchedKangarooDecoder | None:
+        """The decoder of a batch (B > 1) when Kangaroo is enabled for this call (`compat.GenerationHooks`); None
+        otherwise (one sequence runs in transformers' assisted loop)."""
+        settings = self._draft_settings
+        if settings is None or input_ids.shape[0] == 1:
+            return None
+        self._check_kangaroo_call(generation_config, model_kwargs)
+        if model_kwargs.get("streamer") is not None:
+            raise ValueError(
+                f"Streamers handle one sequence; this batch has {input_ids.shape[0]}. Stream one prompt at a time, "
+                "or drop the streamer."
+            )
+        requested = [name for name in ("output_attentions", "output_hidden_states") if getattr(generation_config, name)]
+        if requested:
+            raise ValueError(f"{requested} are not available with batched Kangaroo decoding; use_kangaroo=False.")
+        attention = attention_implementation(self.parts.config)
+        if attention not in (None, "sdpa", "eager"):
+            raise ValueError(
+                f"Batched Kangaroo decoding builds 4D attention masks, which attn_implementation={attention!r} does "
+                "not take; load the base with attn_implementation='sdpa' or 'eager'."
+            )
+        decoder = BatchedKangarooDecoder(
+            self,
+            settings,
+            generation_config,
+            logits_processor,
+            stopping_criteria,
+            use_few_row_matmul=self.uses_few_row_matmul(),
+            use_packed_weights=self.uses_packed_weights(),
+        )
+        self.last_generate_stats = decoder.total_stats
+        return decoder
+
+    def _check_kangaroo_call(self, generation_config: GenerationConfig, model_kwargs: dict[str, Any]) -> None:
+        """Refuse what Kangaroo decoding cannot honour: a lossy acceptance rule, or no fresh dynamic cache."""
+        if generation_config.assistant_ensemble_weight is not None:
+            raise ValueError(
+                "assistant_ensemble_weight relaxes verification (lossy); Kangaroo decoding is lossless and does not "
+                f"support it (got {generation_config.assistant_ensemble_weight})."
+            )
+        cache = model_kwargs.get("cache")
+        if not isinstance(cache, DynamicCache) or cache.get_seq_length() > 0:
+            raise ValueError(
+                "Kangaroo decoding needs use_cache=True and a fresh DynamicCache (it writes the shallow layers' KV "
+                f"during drafting and crops after verification), got {type(cache).__name__}."
+            )
+
+    def decoding_context(self, decoder: Any) -> contextlib.AbstractContextManager:
+        """The CPU kernels (`cpu_kernels`) around the whole decoding loop: the prefill, drafting steps and
         verifications."""
         return self.decoding_kernels()
 
@@ -2231,14 +2837,18 @@ __all__ = [
     "ADAPTER_WEIGHTS_NAME",
     "AUTO_MAP",
     "BASE_SUBFOLDER",
+    "BatchedKangarooDecoder",
     "CheckpointExtensions",
     "CpuKernels",
     "DRAFT_SETTINGS",
     "DecoderParts",
+    "DraftHead",
+    "DraftRound",
     "DraftSettings",
     "EXTENSIONS",
     "FEW_ROWS",
     "FLOAT32_PACKED_MIN_ROWS",
+    "FULL_ATTENTION",
     "KangarooAdapter",
     "KangarooCandidateGenerator",
     "KangarooCausalLMOutput",
@@ -2247,7 +2857,11 @@ __all__ = [
     "METRICS_NAME",
     "PER_CALL_SETTINGS",
     "PromptLookup",
+    "SLIDING_ATTENTION",
+    "SlotTable",
     "TRAINING_ARGS_NAME",
+    "accept_greedy",
+    "accept_sampled",
     "check_base_matches",
     "check_decoding_mode",
     "cpu_linear",
@@ -2255,21 +2869,25 @@ __all__ = [
     "encode_adapter_weights",
     "few_row_linear",
     "few_row_matmul",
+    "head_product",
     "is_peft_model",
     "layer_types",
     "load_adapter_weights",
     "load_kangaroo",
     "load_peft_base",
+    "move_slots",
     "pack_weight",
     "packed_linear",
     "packed_matmul",
     "packed_weights_supported",
     "peft_fingerprint",
+    "process_rows",
     "push_folder",
     "push_kangaroo",
     "read_adapter_file",
     "resolve_checkpoint",
     "save_kangaroo",
+    "select_cache_rows",
     "slice_masks",
     "unwrap_causal_lm",
     "unwrap_generation_config",

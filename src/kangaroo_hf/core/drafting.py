@@ -9,7 +9,6 @@ to the verification forward (`model_kwargs_overrides`), so the shallow layers ne
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -19,7 +18,7 @@ from transformers.generation import GenerationMode
 
 from .compat import LoopCandidateGenerator
 from .configuration import LOOKUP_FIELDS, validate_draft_settings, validate_lookup
-from .kernels import few_row_matmul, pack_weight, packed_matmul
+from .draft_head import DraftHead
 from .lookup import PromptLookup
 from .stats import KangarooStats
 
@@ -170,8 +169,7 @@ class KangarooCandidateGenerator(LoopCandidateGenerator):
         self.adapter_cache = DynamicCache()
         self.stats = KangarooStats(max_draft_tokens=settings.longest_draft)
         self.max_drafting_tokens = settings.longest_draft
-        self.draft_head = model.draft_head()
-        self._score_draft_head = self._draft_head_product(*self.draft_head[:2], use_few_row_matmul, use_packed_weights)
+        self.head = DraftHead(model, self.logits_processor, self.do_sample, use_few_row_matmul, use_packed_weights)
         # Kwargs merged into the loop's next forward: the prefill must return exit states, a verification reuses them.
         self.set_forward_overrides({"output_exit_hidden_states": True})
         self._first_verified_position = 0  # position of the first token of the last full forward
@@ -301,14 +299,18 @@ class KangarooCandidateGenerator(LoopCandidateGenerator):
                 exit_states[-1], position + step, self.adapter_cache, _extend_mask(attention_mask, step)
             )
             scores, vocab_ids = self._draft_scores(hidden[:, -1], candidate_ids)
-            confidence, top_token = self._top1(scores, vocab_ids)
-            if step == 0 and lookup is not None and self.lookup.prefers_copy(
-                self._lookup_first_token, top_token, confidence, self.settings.draft_threshold
+            confidence, top_token = (value.item() for value in self.head.top1(scores, vocab_ids))
+            if (
+                step == 0
+                and lookup is not None
+                and self.lookup.prefers_copy(
+                    self._lookup_first_token, top_token, confidence, self.settings.draft_threshold
+                )
             ):
                 return self._copy_drafts(lookup, input_ids, cache, model_kwargs, exit_states[0])
             if step == 0 and confidence < self.settings.first_draft_threshold:
                 break  # an unsure first draft is not worth a two-token verification: a plain step this round
-            token = self._choose(scores, vocab_ids)
+            token = self.head.choose(scores, vocab_ids).view(1, 1)
             extended = torch.cat([candidate_ids, token], dim=-1)
             # A draft that would end generation (EOS, stop string, max length) is left for the base to emit as its
             # own token: the loop checks stopping criteria only after a round, so a stop must fall on the round's end.
@@ -368,51 +370,8 @@ class KangarooCandidateGenerator(LoopCandidateGenerator):
     def _draft_scores(
         self, hidden: torch.Tensor, candidate_ids: torch.LongTensor
     ) -> tuple[torch.Tensor, torch.LongTensor | None]:
-        """Processed draft scores (1, V') from adapter states (1, D), and the vocabulary ids of their columns.
-
-        With a reduced draft vocabulary the head scores only `draft_vocab_ids` (None means the full vocabulary);
-        the scores are scattered back to the full vocabulary whenever logits processors or sampling need it.
-        """
-        vocab_ids = self.draft_head[2]
-        scores = self._score_draft_head(hidden).float()
-        if vocab_ids is not None and (self.do_sample or len(self.logits_processor)):
-            full = torch.full((1, self.model.parts.lm_head.out_features), float("-inf"), device=scores.device)
-            scores, vocab_ids = full.index_copy_(1, vocab_ids, scores), None
-        if len(self.logits_processor):
-            scores = self.logits_processor(candidate_ids, scores)
-        return scores, vocab_ids
-
-    @staticmethod
-    def _draft_head_product(
-        weight: torch.Tensor, bias: torch.Tensor | None, use_few_row_matmul: bool, use_packed_weights: bool
-    ) -> Callable[[torch.Tensor], torch.Tensor]:
-        """hidden -> draft logits through the kernel the model's other products use in this generate() call."""
-        if use_few_row_matmul:
-            return lambda hidden: few_row_matmul(hidden, weight, bias)
-        if use_packed_weights:
-            packed = pack_weight(weight)
-            return lambda hidden: packed_matmul(hidden, packed, bias)
-        return lambda hidden: torch.nn.functional.linear(hidden, weight, bias)
-
-    @staticmethod
-    def _top1(scores: torch.Tensor, vocab_ids: torch.LongTensor | None) -> tuple[float, int]:
-        """The draft's confidence (top-1 probability) and its top-1 token id."""
-        probs = scores.softmax(dim=-1)
-        confidence, index = probs.max(dim=-1)
-        token = vocab_ids[index] if vocab_ids is not None else index
-        return float(confidence), int(token)
-
-    def _choose(self, scores: torch.Tensor, vocab_ids: torch.LongTensor | None) -> torch.LongTensor:
-        """Pick a draft (1, 1) from processed `scores`: argmax, or a sample when sampling.
-
-        Speculative sampling accepts a draft d with probability min(1, p(d) / q(d)), where q is the distribution d was
-        drawn from: `scores` are exactly the processed logits returned to the loop as candidate logits.
-        """
-        if self.do_sample:
-            index = torch.multinomial(scores.softmax(dim=-1), num_samples=1)
-        else:
-            index = scores.argmax(dim=-1, keepdim=True)
-        return vocab_ids[index] if vocab_ids is not None else index
+        """Processed draft scores (1, V') from adapter states (1, D), and the vocabulary ids of their columns."""
+        return self.head.scores(hidden, [candidate_ids])
 
 
 __all__ = ["DRAFT_SETTINGS", "PER_CALL_SETTINGS", "DraftSettings", "KangarooCandidateGenerator", "check_decoding_mode"]

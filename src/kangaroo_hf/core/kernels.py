@@ -140,7 +140,6 @@ def packed_linear(modules: Iterable[nn.Module]) -> contextlib.AbstractContextMan
     return cpu_linear(modules, pack=True)
 
 
-
 @dataclass(frozen=True)
 class CpuKernels:
     r"""

@@ -88,7 +88,7 @@ class DecoderParts:
         start: int,
         end: int,
         position_ids: torch.LongTensor,
-        attention_mask: torch.Tensor | None,
+        attention_mask: torch.Tensor | dict[str, torch.Tensor] | None,
         cache: Cache | None,
     ) -> torch.Tensor:
         """Run `layers[start:end]` on `hidden_states` (B, T, D) at `position_ids` (B, T), updating `cache`."""
@@ -110,14 +110,19 @@ class DecoderParts:
 def slice_masks(
     config: PreTrainedConfig,
     hidden_states: torch.Tensor,
-    attention_mask: torch.Tensor | None,
+    attention_mask: torch.Tensor | dict[str, torch.Tensor] | None,
     cache: Cache | None,
     position_ids: torch.LongTensor,
     start: int,
     end: int,
 ) -> dict[str, torch.Tensor | None]:
-    """One attention mask per attention type used in `layers[start:end]`, sized against that slice's cache."""
+    """One attention mask per attention type used in `layers[start:end]`, sized against that slice's cache.
+
+    `attention_mask` is a 2D padding mask (B, K), or a dict of prepared 4D masks per attention type, used as given
+    (the batched loop builds its own, `slots.SlotTable.masks`)."""
     types = layer_types(config)
+    if isinstance(attention_mask, dict):
+        return {types[layer_idx]: attention_mask[types[layer_idx]] for layer_idx in range(start, end)}
     masks: dict[str, torch.Tensor | None] = {}
     for layer_idx in range(start, end):
         kind = types[layer_idx]

@@ -30,7 +30,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .adapter import KangarooAdapter, context_training_mask
 from .checkpoint import load_kangaroo, push_kangaroo, save_kangaroo
-from .compat import GenerationHooks, create_causal_mask
+from .batched import BatchedKangarooDecoder
+from .compat import GenerationHooks, attention_implementation, create_causal_mask
 from .configuration import KangarooConfig, check_settings
 from .drafting import DraftSettings, KangarooCandidateGenerator, check_decoding_mode
 from .kernels import CpuKernels
@@ -588,24 +589,9 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationHooks, GenerationMi
         """The candidate generator greedy search and sampling run with (`compat.GenerationHooks`): Kangaroo's when
         enabled for this call, else None (the base's own decoding)."""
         settings = self._draft_settings
-        if settings is None:
+        if settings is None or input_ids.shape[0] != 1:
             return None
-        if input_ids.shape[0] != 1:
-            raise ValueError(
-                f"Kangaroo decoding supports one sequence at a time, got a batch of {input_ids.shape[0]}; "
-                "loop over the prompts or pass use_kangaroo=False."
-            )
-        if generation_config.assistant_ensemble_weight is not None:
-            raise ValueError(
-                "assistant_ensemble_weight relaxes verification (lossy); Kangaroo decoding is lossless and does not "
-                f"support it (got {generation_config.assistant_ensemble_weight})."
-            )
-        cache = model_kwargs.get("cache")
-        if not isinstance(cache, DynamicCache) or cache.get_seq_length() > 0:
-            raise ValueError(
-                "Kangaroo decoding needs use_cache=True and a fresh DynamicCache (it writes the shallow layers' KV "
-                f"during drafting and crops after verification), got {type(cache).__name__}."
-            )
+        self._check_kangaroo_call(generation_config, model_kwargs)
         generator = KangarooCandidateGenerator(
             self,
             settings,
@@ -618,8 +604,62 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationHooks, GenerationMi
         self.last_generate_stats = generator.stats
         return generator
 
-    def decoding_context(self, generator: KangarooCandidateGenerator) -> contextlib.AbstractContextManager:
-        """The CPU kernels (`cpu_kernels`) around the whole assisted loop: the prefill, drafting steps and
+    def own_decoder_for(
+        self,
+        input_ids: torch.LongTensor,
+        logits_processor: LogitsProcessorList,
+        stopping_criteria: StoppingCriteriaList,
+        generation_config: GenerationConfig,
+        model_kwargs: dict[str, Any],
+    ) -> BatchedKangarooDecoder | None:
+        """The decoder of a batch (B > 1) when Kangaroo is enabled for this call (`compat.GenerationHooks`); None
+        otherwise (one sequence runs in transformers' assisted loop)."""
+        settings = self._draft_settings
+        if settings is None or input_ids.shape[0] == 1:
+            return None
+        self._check_kangaroo_call(generation_config, model_kwargs)
+        if model_kwargs.get("streamer") is not None:
+            raise ValueError(
+                f"Streamers handle one sequence; this batch has {input_ids.shape[0]}. Stream one prompt at a time, "
+                "or drop the streamer."
+            )
+        requested = [name for name in ("output_attentions", "output_hidden_states") if getattr(generation_config, name)]
+        if requested:
+            raise ValueError(f"{requested} are not available with batched Kangaroo decoding; use_kangaroo=False.")
+        attention = attention_implementation(self.parts.config)
+        if attention not in (None, "sdpa", "eager"):
+            raise ValueError(
+                f"Batched Kangaroo decoding builds 4D attention masks, which attn_implementation={attention!r} does "
+                "not take; load the base with attn_implementation='sdpa' or 'eager'."
+            )
+        decoder = BatchedKangarooDecoder(
+            self,
+            settings,
+            generation_config,
+            logits_processor,
+            stopping_criteria,
+            use_few_row_matmul=self.uses_few_row_matmul(),
+            use_packed_weights=self.uses_packed_weights(),
+        )
+        self.last_generate_stats = decoder.total_stats
+        return decoder
+
+    def _check_kangaroo_call(self, generation_config: GenerationConfig, model_kwargs: dict[str, Any]) -> None:
+        """Refuse what Kangaroo decoding cannot honour: a lossy acceptance rule, or no fresh dynamic cache."""
+        if generation_config.assistant_ensemble_weight is not None:
+            raise ValueError(
+                "assistant_ensemble_weight relaxes verification (lossy); Kangaroo decoding is lossless and does not "
+                f"support it (got {generation_config.assistant_ensemble_weight})."
+            )
+        cache = model_kwargs.get("cache")
+        if not isinstance(cache, DynamicCache) or cache.get_seq_length() > 0:
+            raise ValueError(
+                "Kangaroo decoding needs use_cache=True and a fresh DynamicCache (it writes the shallow layers' KV "
+                f"during drafting and crops after verification), got {type(cache).__name__}."
+            )
+
+    def decoding_context(self, decoder: Any) -> contextlib.AbstractContextManager:
+        """The CPU kernels (`cpu_kernels`) around the whole decoding loop: the prefill, drafting steps and
         verifications."""
         return self.decoding_kernels()
 

@@ -24,6 +24,8 @@ class KangarooStats:
     lookup_rounds: int = 0  # rounds whose drafts were copied from the context (prompt lookup)
     drafted_by_position: list[int] = field(default_factory=list)
     accepted_by_position: list[int] = field(default_factory=list)
+    # A batched call's per-row statistics (the fields above are their totals); empty for one sequence.
+    rows: list[KangarooStats] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.drafted_by_position = self.drafted_by_position or [0] * self.max_draft_tokens
@@ -79,4 +81,5 @@ class KangarooStats:
             "drafted_by_position": list(self.drafted_by_position),
             "accepted_by_position": list(self.accepted_by_position),
             "acceptance_rate_by_position": self.acceptance_rate_by_position,
+            **({"rows": [row.to_dict() for row in self.rows]} if self.rows else {}),
         }

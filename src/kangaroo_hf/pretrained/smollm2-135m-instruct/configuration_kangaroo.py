@@ -47,10 +47,12 @@ PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
     ("source:GenerationMixin._assisted_decoding:model_kwargs_overrides", "loop merges them into its next forward"),
     ("transformers.cache_utils:DynamicCache.crop", "the loop crops every layer to the accepted length"),
     ("transformers.cache_utils:DynamicCache.activate_past_recording", "the loop calls it before its first round"),
+    ("transformers.cache_utils:DynamicLayer.lazy_initialization", "batched loop: layers hold keys/values (B,H,S,d)"),
     ("transformers.configuration_utils:SubConfigSpec", "declares KangarooConfig.base_config as a sub-config"),
     ("transformers.masking_utils:create_causal_mask", "masks for slices of layers (per-layer cache lengths)"),
     ("transformers.masking_utils:create_sliding_window_causal_mask", "the same, for sliding-window layers"),
     ("transformers.modeling_utils:PreTrainedModel._init_weights", "post_init() initialises the adapter with it"),
+    ("transformers.configuration_utils:PreTrainedConfig._attn_implementation", "batches: kernels taking 4D masks"),
 )
 
 _warned_version: str | None = None
@@ -140,8 +142,17 @@ class GenerationHooks:
     def candidate_generator_for(self, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs):
         raise NotImplementedError
 
+    def own_decoder_for(self, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs):
+        """A decoder with a `decode(input_ids, attention_mask)` method that replaces transformers' loops for this call
+        (batches), or None."""
+        return None
+
     # Relies on: generate() dispatching greedy search and sampling to `_sample` with these arguments.
     def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
+        decoder = self.own_decoder_for(input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs)
+        if decoder is not None:
+            with self.decoding_context(decoder):
+                return decoder.decode(input_ids, model_kwargs.get("attention_mask"))
         generator = self.candidate_generator_for(
             input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs
         )
@@ -157,8 +168,8 @@ class GenerationHooks:
             finally:
                 self._active_candidate_generator = None
 
-    def decoding_context(self, generator: CandidateGenerator) -> contextlib.AbstractContextManager:
-        """Entered around the assisted loop (e.g. CPU kernels); nothing by default."""
+    def decoding_context(self, generator: Any) -> contextlib.AbstractContextManager:
+        """Entered around the assisted loop or the own decoder (e.g. CPU kernels); nothing by default."""
         return contextlib.nullcontext()
 
     # Relies on: the assisted loop getting its generator from `_get_candidate_generator` (once per call).
@@ -166,6 +177,30 @@ class GenerationHooks:
         if self._active_candidate_generator is not None:
             return self._active_candidate_generator
         return super()._get_candidate_generator(*args, **kwargs)
+
+
+class CacheLayerTensors:
+    """The key and value tensors (B, H, S, d) of one initialised layer of a `DynamicCache`, to gather slots from and
+    to replace (relies on: `DynamicCache.layers`, and each `DynamicLayer` keeping `keys` and `values`)."""
+
+    def __init__(self, layer: Any) -> None:
+        self.layer = layer
+
+    def tensors(self) -> tuple[Any, Any]:
+        return self.layer.keys, self.layer.values
+
+    def set(self, keys: Any, values: Any) -> None:
+        self.layer.keys, self.layer.values = keys, values
+
+
+def attention_implementation(config: Any) -> str | None:
+    """The attention kernel a model config selects ("sdpa", "eager", "flash_attention_2", ...)."""
+    return config._attn_implementation
+
+
+def cache_layer_tensors(cache: Any) -> list[CacheLayerTensors]:
+    """The tensors of every initialised layer of `cache` (a `DynamicCache` without sliding-window layers)."""
+    return [CacheLayerTensors(layer) for layer in cache.layers if layer.is_initialized and layer.keys.numel()]
 
 
 @contextlib.contextmanager
@@ -474,12 +509,15 @@ def validate_lookup(
 
 
 __all__ = [
+    "CacheLayerTensors",
     "GenerationHooks",
     "KangarooConfig",
     "LoopCandidateGenerator",
     "PRIVATE_NAMES",
     "SUPPORTED_TRANSFORMERS",
     "SubConfigSpec",
+    "attention_implementation",
+    "cache_layer_tensors",
     "check_settings",
     "create_causal_mask",
     "create_sliding_window_causal_mask",

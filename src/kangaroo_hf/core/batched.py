@@ -1,0 +1,374 @@
+"""Kangaroo decoding of a batch of left-padded prompts: every row drafts, is verified and accepts on its own.
+
+transformers' assisted loop decodes one sequence, so batches run in this loop of the project's own. It is built from
+the same pieces as batch 1 (the model's shallow slice, adapter and deep slice; `DraftHead`; `PromptLookup`) and keeps
+every cache in the slot layout of `slots.SlotTable`. A round:
+
+1. **draft**, in lockstep over the rows: the shallow layers on each row's newest token (its KV goes into the shared
+   cache), the adapter and the draft head on the exit states, until every row has stopped: its confidence fell below
+   `draft_threshold`, it drafted `max_draft_tokens`, or the tokens it copies from its context ran out;
+2. **verify**: the deep layers on every row's round tokens at once, reusing their exit states, and the LM head on the
+   rows' real slots only;
+3. **accept** per row (`acceptance.py`), with the logits processors and stopping criteria on the row's own sequence;
+4. **keep**: every cache (shallow, deep, adapter) keeps each row's accepted slots; finished rows leave the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from .acceptance import accept_greedy, accept_sampled
+from .configuration import LOOKUP_FIELDS
+from .draft_head import DraftHead, process_rows
+from .drafting import DraftingModel, DraftSettings
+from .layers import FULL_ATTENTION, layer_types
+from .lookup import PromptLookup
+from .slots import SlotTable, move_slots, select_cache_rows
+from .stats import KangarooStats
+
+
+@dataclass
+class DraftRound:
+    """One round's proposals: `tokens` (B, R), the row's newest token then its drafts (`counts[b]` of them, the
+    other slots hold nothing), their `exit_states` (B, R, D), and for sampling the distributions the drafts were drawn
+    from, `draft_scores` (B, R - 1, V) (one-hot for copied drafts)."""
+
+    tokens: torch.LongTensor
+    counts: list[int]
+    exit_states: torch.Tensor
+    draft_scores: torch.Tensor | None
+    copied: list[bool]
+    lookup_first_tokens: list[int | None]
+
+
+class BatchedKangarooDecoder:
+    """Decodes a batch (B > 1) with Kangaroo; `decode` returns what `generate()` returns."""
+
+    def __init__(
+        self,
+        model: DraftingModel,
+        settings: DraftSettings,
+        generation_config: GenerationConfig,
+        logits_processor: LogitsProcessorList,
+        stopping_criteria: StoppingCriteriaList,
+        use_few_row_matmul: bool = False,
+        use_packed_weights: bool = False,
+    ) -> None:
+        self.model = model
+        self.settings = settings
+        self.generation_config = generation_config
+        self.do_sample = bool(generation_config.do_sample)
+        self.logits_processor = logits_processor
+        self.stopping_criteria = stopping_criteria
+        self.head = DraftHead(model, logits_processor, self.do_sample, use_few_row_matmul, use_packed_weights)
+        base_config = model.parts.config
+        self.layer_kinds = set(layer_types(base_config)) | {FULL_ATTENTION}  # the adapter attends fully
+        self.sliding_window = getattr(base_config, "sliding_window", None)
+        self.final_context = model.config.adapter_context == "final"
+        # transformers pads the rows that an EOS criterion finished; without one, finished rows keep decoding.
+        self.pads_finished_rows = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
+        eos = generation_config.eos_token_id
+        self.eos_token_ids = set([eos] if isinstance(eos, int) else eos or [])
+        pad = generation_config.pad_token_id
+        self.pad_token_id = pad if pad is not None else next(iter(sorted(self.eos_token_ids)), None)
+        # The call's statistics (`model.last_generate_stats`): filled with the rows' totals, and each row's own in
+        # `rows`, when `decode` returns.
+        self.total_stats = KangarooStats(max_draft_tokens=settings.longest_draft)
+        self.keep_scores = bool(generation_config.return_dict_in_generate and generation_config.output_scores)
+        self.keep_logits = bool(generation_config.return_dict_in_generate and generation_config.output_logits)
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+
+    def decode(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> Any:
+        """Decode every row of `input_ids` (B, T), left-padded as `attention_mask` (B, T) says."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        self._prefill(input_ids, attention_mask)
+        while self.rows.numel():
+            round_ = self._draft()
+            target_logits = self._verify(round_)
+            paths = [self._accept(index, round_, logits) for index, logits in enumerate(target_logits)]
+            self._keep(paths)
+        return self._result(input_ids.shape[1])
+
+    def _prefill(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> None:
+        """All prompt tokens through every layer (and the adapter), and each row's first new token."""
+        model, batch = self.model, input_ids.shape[0]
+        self.cache, self.adapter_cache = DynamicCache(), DynamicCache()
+        self.table = SlotTable.from_attention_mask(attention_mask)
+        self.rows = torch.arange(batch)  # original indices of the rows still decoding
+        self.sequences = [input_ids[row : row + 1] for row in range(batch)]
+        self.finish_lengths: list[int | None] = [None] * batch
+        self.scores: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+        self.raw_logits: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+        self.stats = [KangarooStats(max_draft_tokens=self.settings.longest_draft) for _ in range(batch)]
+        self.lookups = [self._new_lookup() for _ in range(batch)]
+        positions = self.table.positions.clamp(min=0)
+        masks = self._masks(0)
+        exit_states = model.shallow_forward(input_ids, positions, self.cache, masks)
+        final_states = model.deep_forward(exit_states, positions, self.cache, masks)
+        self._feed_adapter(final_states if self.final_context else exit_states, positions, masks)
+        logits = model.lm_head_logits(final_states[:, -1]).float()  # left padding: every row's last slot is real
+        self.pending = torch.empty(batch, dtype=torch.long)
+        for row in range(batch):
+            scores = self._process(self.sequences[row], logits[row : row + 1])
+            token = int(self.head.choose(scores, None)) if self.do_sample else int(scores.argmax())
+            self._emit(row, [token], scores, logits[row : row + 1])
+            self.stats[row].record_step(0, 0)
+            self.pending[row] = token
+        self._keep([[] for _ in range(batch)])
+
+    def _draft(self) -> DraftRound:
+        """Lockstep drafting (see the module docstring): each step adds one slot to every row."""
+        model, table, settings = self.model, self.table, self.settings
+        table.start_round()
+        first_position = table.next_positions
+        budgets = torch.tensor([self._budget(int(row)) for row in self.rows])
+        copy_tokens, copy_lengths, copying = self._proposals(budgets)  # trusted matches copy outright
+        proposing, live = budgets > 0, torch.ones_like(budgets, dtype=torch.bool)
+        counts = torch.zeros_like(budgets)
+        tokens, exits, draft_scores, adapter_fed = [self.pending.clone()], [], [], 0
+        for step in range(settings.longest_draft + 1):
+            table.append((first_position + step).masked_fill(~live, -1)[:, None])
+            positions = table.positions[:, -1:].clamp(min=0)
+            exits.append(model.shallow_forward(tokens[-1][:, None], positions, self.cache, self._masks(-1)))
+            if step == settings.longest_draft or not proposing.any():
+                break
+            drafts, confidence, scores, vocab_ids = copy_tokens[:, step], None, None, None
+            if (proposing & ~copying).any():
+                hidden, adapter_fed = self._adapter_step(exits, adapter_fed), step + 1
+                scores, vocab_ids = self.head.scores(hidden, self._draft_sequences(tokens))
+                confidence, top = self.head.top1(scores, vocab_ids)
+                if step == 0:
+                    copying |= self._prefers_copy(copy_tokens, copy_lengths, top, confidence)
+                    proposing &= copying | (confidence >= settings.first_draft_threshold)
+                drafts = torch.where(copying, drafts, self.head.choose(scores, vocab_ids))
+            if self.do_sample:
+                draft_scores.append(self._draft_distribution(scores, vocab_ids, copying, drafts))
+            live = proposing.clone()  # the next slot holds a draft for these rows
+            counts += live.long()
+            tokens.append(torch.where(live, drafts, self.pending))
+            limit = torch.where(copying, copy_lengths, torch.full_like(counts, settings.max_draft_tokens))
+            proposing &= (counts < limit) & (counts < budgets) & ~self._is_eos(drafts)
+            if confidence is not None:  # draft early exit (paper section 3.2): an unsure draft ends the row's round
+                proposing &= copying | (confidence >= settings.draft_threshold)
+        if not self.final_context and adapter_fed < len(exits):
+            self._adapter_step(exits, adapter_fed)  # the adapter's cache follows the table: every slot in it
+        width = len(exits)
+        return DraftRound(
+            tokens=torch.stack(tokens[:width], dim=1),
+            counts=counts.tolist(),
+            exit_states=torch.cat(exits, dim=1),
+            draft_scores=torch.stack(draft_scores[: width - 1], dim=1) if self.do_sample and width > 1 else None,
+            copied=(copying & (counts > 0)).tolist(),
+            lookup_first_tokens=[int(copy_tokens[i, 0]) if copy_lengths[i] else None for i in range(len(budgets))],
+        )
+
+    def _verify(self, round_: DraftRound) -> list[torch.Tensor]:
+        """The deep layers over every row's round slots; the base's logits (k_b + 1, V) at each row's real slots."""
+        table = self.table
+        positions = table.positions[:, table.round_start :].clamp(min=0)
+        masks = self._masks(table.round_start)
+        final_states = self.model.deep_forward(round_.exit_states, positions, self.cache, masks)
+        if self.final_context:  # the adapter's context is the verified final states; the drafts' entries go
+            self.adapter_cache.crop(table.round_start - self.adapter_cache.get_seq_length())
+            self._feed_adapter(final_states, positions, masks)
+        real = table.positions[:, table.round_start :] >= 0
+        logits = self.model.lm_head_logits(final_states[real]).float()
+        return list(logits.split([count + 1 for count in round_.counts]))
+
+    def _accept(self, index: int, round_: DraftRound, logits: torch.Tensor) -> list[int]:
+        """Accept row `index`'s drafts, emit its tokens; returns the round slots its caches keep."""
+        row, count = int(self.rows[index]), round_.counts[index]
+        drafts = round_.tokens[index, 1 : count + 1]
+        sequence = self.sequences[row]
+        scores = logits
+        if len(self.logits_processor):
+            scores = torch.cat(
+                [self._process(torch.cat([sequence, drafts[None, :i]], 1), logits[i : i + 1]) for i in range(count + 1)]
+            )
+        if self.do_sample:
+            draft_scores = round_.draft_scores[index, :count] if count else None
+            accepted, token = accept_sampled(drafts, draft_scores, scores)
+        else:
+            accepted, token = accept_greedy(drafts, scores)
+        emitted = self._emit(row, [*drafts[:accepted].tolist(), token], scores, logits)
+        self.stats[row].record_step(count, emitted - 1)
+        if round_.copied[index]:
+            self.stats[row].lookup_rounds += 1
+        if self.lookups[row] is not None:
+            first = round_.lookup_first_tokens[index]
+            self.lookups[row].record_round(
+                first, int(self.sequences[row][0, sequence.shape[1]]), round_.copied[index], count, accepted
+            )
+        self.pending[index] = token
+        return list(range(accepted + 1))  # the round's first token and the accepted drafts
+
+    def _keep(self, paths: list[list[int]]) -> None:
+        """Every cache keeps each row's accepted slots; rows that are done leave the batch."""
+        rows, sources, destinations, length = self.table.keep(paths)
+        for cache in (self.cache, self.adapter_cache):
+            move_slots(cache, rows, sources, destinations, length)
+        staying = [index for index, row in enumerate(self.rows.tolist()) if not self._settled(row)]
+        if len(staying) < self.rows.numel():
+            staying_t = torch.tensor(staying, dtype=torch.long)
+            length = self.table.select_rows(staying_t) if staying else 0
+            for cache in (self.cache, self.adapter_cache):
+                select_cache_rows(cache, staying_t, length)
+            self.rows, self.pending = self.rows[staying_t], self.pending[staying_t]
+
+    # -- pieces ----------------------------------------------------------------------------------------------------
+
+    def _masks(self, query_start: int, end: int | None = None) -> dict[str, torch.Tensor]:
+        dtype = self.model.parts.lm_head.weight.dtype
+        return self.table.masks(query_start, self.layer_kinds, self.sliding_window, dtype, end=end)
+
+    def _adapter_step(self, exits: list[torch.Tensor], fed: int) -> torch.Tensor:
+        """The adapter on this round's exit states from slot `fed` on (those it has not seen); its last output."""
+        states = torch.cat(exits[fed:], dim=1)
+        start = self.table.round_start + fed
+        end = start + states.shape[1]
+        positions = self.table.positions[:, start:end].clamp(min=0)
+        masks = self._masks(start, end)
+        return self.model.adapter_forward(states, positions, self.adapter_cache, masks[FULL_ATTENTION])[:, -1]
+
+    def _feed_adapter(self, states: torch.Tensor, positions: torch.LongTensor, masks: dict[str, torch.Tensor]) -> None:
+        """Write verified tokens into the adapter's cache: their exit states, or their final states."""
+        feed = self.model.adapter_add_context if self.final_context else self.model.adapter_forward
+        feed(states, positions, self.adapter_cache, masks[FULL_ATTENTION])
+
+    def _new_lookup(self) -> PromptLookup | None:
+        settings = self.settings
+        return (
+            PromptLookup(*(getattr(settings, name) for name in LOOKUP_FIELDS)) if settings.lookup_num_tokens else None
+        )
+
+    def _proposals(self, budgets: torch.LongTensor) -> tuple[torch.LongTensor, torch.LongTensor, torch.Tensor]:
+        """Each row's copy from its context: tokens (B, longest draft) padded with 0, lengths (B,) within the row's
+        budget, and whether the match is long enough to copy without asking the adapter (B,)."""
+        batch = self.rows.numel()
+        tokens = torch.zeros(batch, self.settings.longest_draft + 1, dtype=torch.long)
+        lengths = torch.zeros(batch, dtype=torch.long)
+        trusted = torch.zeros(batch, dtype=torch.bool)
+        for index, row in enumerate(self.rows.tolist()):
+            lookup = self.lookups[row]
+            if lookup is None:
+                continue
+            proposal, match_length = lookup.propose(self.sequences[row][0])
+            proposal = proposal[: max(int(budgets[index]), 0)]
+            tokens[index, : proposal.numel()] = proposal
+            lengths[index] = proposal.numel()
+            trusted[index] = proposal.numel() > 0 and lookup.trusts(match_length)
+        return tokens, lengths, trusted
+
+    def _prefers_copy(self, copy_tokens, copy_lengths, top, confidence) -> torch.Tensor:
+        """Rows whose context proposal the lookup rules prefer to the adapter's first draft."""
+        return torch.tensor(
+            [
+                bool(copy_lengths[index])
+                and self.lookups[row].prefers_copy(
+                    int(copy_tokens[index, 0]),
+                    int(top[index]),
+                    float(confidence[index]),
+                    self.settings.draft_threshold,
+                )
+                for index, row in enumerate(self.rows.tolist())
+            ],
+            dtype=torch.bool,
+        )
+
+    def _draft_sequences(self, tokens: list[torch.LongTensor]) -> list[torch.LongTensor]:
+        """Each row's sequence with this round's drafts so far, for the logits processors (none: not built)."""
+        if not len(self.logits_processor):
+            return []
+        drafts = torch.stack(tokens[1:], dim=1) if len(tokens) > 1 else None
+        return [
+            self.sequences[row] if drafts is None else torch.cat([self.sequences[row], drafts[i : i + 1]], dim=1)
+            for i, row in enumerate(self.rows.tolist())
+        ]
+
+    def _draft_distribution(self, scores, vocab_ids, copying, drafts) -> torch.Tensor:
+        """(B, V) scores each row's draft was drawn from: the processed draft scores, one-hot for copied drafts."""
+        vocab_size = self.model.parts.lm_head.out_features
+        one_hot = torch.full((drafts.numel(), vocab_size), float("-inf"))
+        one_hot[torch.arange(drafts.numel()), drafts] = 0.0
+        if scores is None:
+            return one_hot
+        return torch.where(copying[:, None], one_hot, scores)
+
+    def _is_eos(self, tokens: torch.LongTensor) -> torch.Tensor:
+        return torch.tensor([int(token) in self.eos_token_ids for token in tokens], dtype=torch.bool)
+
+    def _budget(self, row: int) -> int:
+        """Drafts row `row` may propose: its emitted tokens (drafts + one) must fit in `max_length`."""
+        return self.generation_config.max_length - self.sequences[row].shape[1] - 1
+
+    def _process(self, sequence: torch.LongTensor, logits: torch.Tensor) -> torch.Tensor:
+        return process_rows(self.logits_processor, [sequence], logits)
+
+    def _emit(self, row: int, tokens: list[int], scores: torch.Tensor, logits: torch.Tensor) -> int:
+        """Append `tokens` to row `row` one by one, checking the stopping criteria after each; returns how many were
+        appended (all, unless the row finished first and transformers would pad it from there)."""
+        for index, token in enumerate(tokens):
+            sequence = torch.cat([self.sequences[row], torch.tensor([[token]])], dim=1)
+            self.sequences[row] = sequence
+            if self.keep_scores:
+                self.scores[row].append(scores[index])
+            if self.keep_logits:
+                self.raw_logits[row].append(logits[index])
+            if self.finish_lengths[row] is None and bool(self.stopping_criteria(sequence, None).any()):
+                self.finish_lengths[row] = sequence.shape[1]
+                if self.pads_finished_rows:
+                    return index + 1
+        return len(tokens)
+
+    def _settled(self, row: int) -> bool:
+        """Whether row `row` is done decoding. transformers pads the rows an EOS criterion finished; without one it
+        keeps decoding finished rows until every row has finished, and returns every row at that length."""
+        finished = self.finish_lengths[row]
+        if finished is None:
+            return False
+        if self.pads_finished_rows or self.sequences[row].shape[1] >= self.generation_config.max_length:
+            return True
+        return None not in self.finish_lengths and self.sequences[row].shape[1] >= max(self.finish_lengths)
+
+    # -- the result ------------------------------------------------------------------------------------------------
+
+    def _result(self, prompt_length: int) -> Any:
+        for stats in self.stats:
+            self.total_stats.add(stats)
+        self.total_stats.rows = self.stats
+        sequences = self.sequences
+        if not self.pads_finished_rows and None not in self.finish_lengths:
+            sequences = [sequence[:, : max(self.finish_lengths)] for sequence in sequences]
+        longest = max(sequence.shape[1] for sequence in sequences)
+        padded = torch.full((len(sequences), longest), self.pad_token_id if self.pad_token_id is not None else 0)
+        for row, sequence in enumerate(sequences):
+            padded[row, : sequence.shape[1]] = sequence[0]
+        config = self.generation_config
+        if not config.return_dict_in_generate:
+            return padded
+        steps = longest - prompt_length
+        return GenerateDecoderOnlyOutput(
+            sequences=padded,
+            scores=self._per_step(self.scores, steps) if self.keep_scores else None,
+            logits=self._per_step(self.raw_logits, steps) if self.keep_logits else None,
+        )
+
+    def _per_step(self, per_row: list[list[torch.Tensor]], steps: int) -> tuple[torch.Tensor, ...]:
+        """Per-step (B, V) scores as transformers returns them; a row past its end scores its padding token."""
+        vocab_size = self.model.parts.lm_head.out_features
+        filler = torch.full((vocab_size,), float("-inf"))
+        if self.pad_token_id is not None:
+            filler[self.pad_token_id] = 0.0
+        return tuple(
+            torch.stack([rows[step] if step < len(rows) else filler for rows in per_row]) for step in range(steps)
+        )
+
+
+__all__ = ["BatchedKangarooDecoder", "DraftRound"]
