@@ -11,7 +11,7 @@ import torch
 
 from conftest import VOCAB, make_kangaroo, spy_product_rows
 from kangaroo_hf import CpuKernels, KangarooCandidateGenerator, KangarooConfig, KangarooForCausalLM
-from kangaroo_hf.core import drafting as generation
+from kangaroo_hf.core import draft_head as generation
 from kangaroo_hf.core import kernels as backbone
 from kangaroo_hf.core.drafting import DraftSettings
 from kangaroo_hf.core.kernels import few_row_linear, packed_linear
