@@ -24,7 +24,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .acceptance import accept_greedy, accept_sampled
 from .configuration import LOOKUP_FIELDS
-from .draft_head import DraftHead, process_rows
+from .draft_head import DraftHead, RowProcessors
 from .drafting import DraftingModel, DraftSettings
 from .layers import FULL_ATTENTION, layer_types
 from .lookup import PromptLookup
@@ -56,6 +56,7 @@ class BatchedKangarooDecoder:
         generation_config: GenerationConfig,
         logits_processor: LogitsProcessorList,
         stopping_criteria: StoppingCriteriaList,
+        batch_size: int,
         use_few_row_matmul: bool = False,
         use_packed_weights: bool = False,
     ) -> None:
@@ -63,9 +64,9 @@ class BatchedKangarooDecoder:
         self.settings = settings
         self.generation_config = generation_config
         self.do_sample = bool(generation_config.do_sample)
-        self.logits_processor = logits_processor
+        self.processors = RowProcessors(logits_processor, batch_size)
         self.stopping_criteria = stopping_criteria
-        self.head = DraftHead(model, logits_processor, self.do_sample, use_few_row_matmul, use_packed_weights)
+        self.head = DraftHead(model, self.processors, self.do_sample, use_few_row_matmul, use_packed_weights)
         base_config = model.parts.config
         self.layer_kinds = set(layer_types(base_config)) | {FULL_ATTENTION}  # the adapter attends fully
         self.sliding_window = getattr(base_config, "sliding_window", None)
@@ -116,7 +117,7 @@ class BatchedKangarooDecoder:
         logits = model.lm_head_logits(final_states[:, -1]).float()  # left padding: every row's last slot is real
         self.pending = torch.empty(batch, dtype=torch.long)
         for row in range(batch):
-            scores = self._process(self.sequences[row], logits[row : row + 1])
+            scores = self._process([row], [self.sequences[row]], logits[row : row + 1])
             token = int(self.head.choose(scores, None)) if self.do_sample else int(scores.argmax())
             self._emit(row, [token], scores, logits[row : row + 1])
             self.stats[row].record_step(0, 0)
@@ -142,7 +143,7 @@ class BatchedKangarooDecoder:
             drafts, confidence, scores, vocab_ids = copy_tokens[:, step], None, None, None
             if (proposing & ~copying).any():
                 hidden, adapter_fed = self._adapter_step(exits, adapter_fed), step + 1
-                scores, vocab_ids = self.head.scores(hidden, self._draft_sequences(tokens))
+                scores, vocab_ids = self.head.scores(hidden, self.rows.tolist(), self._draft_sequences(tokens))
                 confidence, top = self.head.top1(scores, vocab_ids)
                 if step == 0:
                     copying |= self._prefers_copy(copy_tokens, copy_lengths, top, confidence)
@@ -188,10 +189,9 @@ class BatchedKangarooDecoder:
         drafts = round_.tokens[index, 1 : count + 1]
         sequence = self.sequences[row]
         scores = logits
-        if len(self.logits_processor):
-            scores = torch.cat(
-                [self._process(torch.cat([sequence, drafts[None, :i]], 1), logits[i : i + 1]) for i in range(count + 1)]
-            )
+        if len(self.processors):
+            sequences = [torch.cat([sequence, drafts[None, :i]], dim=1) for i in range(count + 1)]
+            scores = self._process([row] * (count + 1), sequences, logits)
         if self.do_sample:
             draft_scores = round_.draft_scores[index, :count] if count else None
             accepted, token = accept_sampled(drafts, draft_scores, scores)
@@ -284,7 +284,7 @@ class BatchedKangarooDecoder:
 
     def _draft_sequences(self, tokens: list[torch.LongTensor]) -> list[torch.LongTensor]:
         """Each row's sequence with this round's drafts so far, for the logits processors (none: not built)."""
-        if not len(self.logits_processor):
+        if not len(self.processors):
             return []
         drafts = torch.stack(tokens[1:], dim=1) if len(tokens) > 1 else None
         return [
@@ -308,8 +308,8 @@ class BatchedKangarooDecoder:
         """Drafts row `row` may propose: its emitted tokens (drafts + one) must fit in `max_length`."""
         return self.generation_config.max_length - self.sequences[row].shape[1] - 1
 
-    def _process(self, sequence: torch.LongTensor, logits: torch.Tensor) -> torch.Tensor:
-        return process_rows(self.logits_processor, [sequence], logits)
+    def _process(self, rows: list[int], sequences: list[torch.LongTensor], logits: torch.Tensor) -> torch.Tensor:
+        return self.processors(rows, sequences, logits) if len(self.processors) else logits
 
     def _emit(self, row: int, tokens: list[int], scores: torch.Tensor, logits: torch.Tensor) -> int:
         """Append `tokens` to row `row` one by one, checking the stopping criteria after each; returns how many were

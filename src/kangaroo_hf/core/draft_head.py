@@ -6,11 +6,13 @@ draft exactly alike: the same kernel, the same reduced vocabulary handling and t
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from transformers import LogitsProcessorList
+from transformers.generation import logits_process
 
 from .kernels import few_row_matmul, pack_weight, packed_matmul
 
@@ -27,16 +29,93 @@ def head_product(
     return lambda hidden: torch.nn.functional.linear(hidden, weight, bias)
 
 
-def process_rows(
-    logits_processor: LogitsProcessorList, sequences: Sequence[torch.LongTensor], scores: torch.Tensor
-) -> torch.Tensor:
-    """Apply `logits_processor` to each row of `scores` (B, V) with that row's own sequence (1, L_b): rows of a
-    batch decoded with Kangaroo have different lengths, and each row sees exactly what it would see alone."""
-    if not len(logits_processor):
+# Warpers that read only the scores, each row alone: applied to many rows in one call.
+_SCORES_ONLY = tuple(
+    getattr(logits_process, name)
+    for name in (
+        "TemperatureLogitsWarper",
+        "TopKLogitsWarper",
+        "TopPLogitsWarper",
+        "MinPLogitsWarper",
+        "TypicalLogitsWarper",
+        "EpsilonLogitsWarper",
+        "EtaLogitsWarper",
+        "TopHLogitsWarper",
+    )
+    if hasattr(logits_process, name)
+)
+# Processors whose state couples the rows of a batch: a row cannot be processed on its own.
+_BATCH_COUPLED = tuple(
+    getattr(logits_process, name)
+    for name in (
+        "PrefixConstrainedLogitsProcessor",
+        "WatermarkLogitsProcessor",
+        "SynthIDTextWatermarkLogitsProcessor",
+        "ClassifierFreeGuidanceLogitsProcessor",
+        "UnbatchedClassifierFreeGuidanceLogitsProcessor",
+    )
+    if hasattr(logits_process, name)
+)
+# Per-row state some processors hold for a whole batch (first dimension: the batch), sliced for one row.
+_PER_ROW_STATE = {logits_process.RepetitionPenaltyLogitsProcessor: ("prompt_ignore_length",)}
+
+
+class RowProcessors:
+    """A `generate()` call's logits processors, applied to rows that may have different lengths.
+
+    Rows of a batch decoded with Kangaroo advance at their own pace, so each row is processed with its own sequence
+    (1, L), exactly what it would see in transformers' batched loop; per-row state built for the whole batch (the
+    repetition penalty's prompt lengths) is sliced to the row. Trailing warpers that read only the scores
+    (temperature, top-k, top-p, ...) run once over all rows. Processors that couple the rows are refused for batches.
+    """
+
+    def __init__(self, logits_processor: LogitsProcessorList | None, batch_size: int = 1) -> None:
+        processors = list(logits_processor or [])
+        split = len(processors)
+        while split and isinstance(processors[split - 1], _SCORES_ONLY):
+            split -= 1
+        self.shared = LogitsProcessorList(processors[split:])
+        coupled = [type(p).__name__ for p in processors[:split] if isinstance(p, _BATCH_COUPLED)]
+        if coupled and batch_size > 1:
+            raise ValueError(
+                f"{', '.join(coupled)} couples the rows of a batch, which batched Kangaroo decoding processes one by "
+                "one; decode one prompt at a time or pass use_kangaroo=False."
+            )
+        self.per_row = [
+            LogitsProcessorList(_row_view(p, row, batch_size) for p in processors[:split]) for row in range(batch_size)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.shared) + len(self.per_row[0])
+
+    def __call__(
+        self, rows: Sequence[int], sequences: Sequence[torch.LongTensor], scores: torch.Tensor
+    ) -> torch.Tensor:
+        """Process `scores` (N, V): line i belongs to batch row `rows[i]`, whose sequence is `sequences[i]` (1, L)."""
+        if len(self.per_row[0]):
+            scores = torch.cat(
+                [
+                    self.per_row[row](seq, scores[i : i + 1])
+                    for i, (row, seq) in enumerate(zip(rows, sequences, strict=True))
+                ]
+            )
+        if len(self.shared):
+            scores = self.shared(sequences[0], scores)  # these read the scores only
         return scores
-    if len(sequences) == 1:
-        return logits_processor(sequences[0], scores)
-    return torch.cat([logits_processor(seq, scores[row : row + 1]) for row, seq in enumerate(sequences)])
+
+
+def _row_view(processor: Any, row: int, batch_size: int) -> Any:
+    names = _PER_ROW_STATE.get(type(processor), ())
+    state = {
+        name: value[row : row + 1]
+        for name in names
+        if isinstance(value := getattr(processor, name, None), torch.Tensor) and value.shape[:1] == (batch_size,)
+    }
+    if not state:
+        return processor
+    view = copy.copy(processor)
+    vars(view).update(state)
+    return view
 
 
 class DraftHead:
@@ -49,29 +128,32 @@ class DraftHead:
     def __init__(
         self,
         model: Any,
-        logits_processor: LogitsProcessorList | None,
+        processors: RowProcessors,
         do_sample: bool,
         use_few_row_matmul: bool = False,
         use_packed_weights: bool = False,
     ) -> None:
         weight, bias, self.vocab_ids = model.draft_head()
         self.vocab_size = model.parts.lm_head.out_features
-        self.logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
+        self.processors = processors
         self.do_sample = do_sample
         self._product = head_product(weight, bias, use_few_row_matmul, use_packed_weights)
-        self._full_scores = self.vocab_ids is not None and (do_sample or len(self.logits_processor) > 0)
+        self._full_scores = self.vocab_ids is not None and (do_sample or len(processors) > 0)
 
     def scores(
-        self, hidden: torch.Tensor, sequences: Sequence[torch.LongTensor]
+        self, hidden: torch.Tensor, rows: Sequence[int], sequences: Sequence[torch.LongTensor]
     ) -> tuple[torch.Tensor, torch.LongTensor | None]:
         """Processed draft scores (B, V') from adapter states (B, D), and the vocabulary ids of their columns (None:
-        the full vocabulary). `sequences[b]` (1, L_b) is row b's sequence so far, for the logits processors."""
+        the full vocabulary). Line b belongs to batch row `rows[b]`, whose sequence so far is `sequences[b]` (1, L);
+        neither is read without logits processors."""
         scores = self._product(hidden).float()
         vocab_ids = self.vocab_ids
         if self._full_scores:
             full = torch.full((scores.shape[0], self.vocab_size), float("-inf"), device=scores.device)
             scores, vocab_ids = full.index_copy_(1, vocab_ids, scores), None
-        return process_rows(self.logits_processor, sequences, scores), vocab_ids
+        if len(self.processors):
+            scores = self.processors(rows, sequences, scores)
+        return scores, vocab_ids
 
     @staticmethod
     def top1(scores: torch.Tensor, vocab_ids: torch.LongTensor | None) -> tuple[torch.Tensor, torch.LongTensor]:
@@ -92,4 +174,4 @@ class DraftHead:
         return vocab_ids[index] if vocab_ids is not None else index
 
 
-__all__ = ["DraftHead", "head_product", "process_rows"]
+__all__ = ["DraftHead", "RowProcessors", "head_product"]

@@ -18,7 +18,7 @@ from transformers.generation import GenerationMode
 
 from .compat import LoopCandidateGenerator
 from .configuration import LOOKUP_FIELDS, validate_draft_settings, validate_lookup
-from .draft_head import DraftHead
+from .draft_head import DraftHead, RowProcessors
 from .lookup import PromptLookup
 from .stats import KangarooStats
 
@@ -169,7 +169,8 @@ class KangarooCandidateGenerator(LoopCandidateGenerator):
         self.adapter_cache = DynamicCache()
         self.stats = KangarooStats(max_draft_tokens=settings.longest_draft)
         self.max_drafting_tokens = settings.longest_draft
-        self.head = DraftHead(model, self.logits_processor, self.do_sample, use_few_row_matmul, use_packed_weights)
+        processors = RowProcessors(self.logits_processor)
+        self.head = DraftHead(model, processors, self.do_sample, use_few_row_matmul, use_packed_weights)
         # Kwargs merged into the loop's next forward: the prefill must return exit states, a verification reuses them.
         self.set_forward_overrides({"output_exit_hidden_states": True})
         self._first_verified_position = 0  # position of the first token of the last full forward
@@ -371,7 +372,7 @@ class KangarooCandidateGenerator(LoopCandidateGenerator):
         self, hidden: torch.Tensor, candidate_ids: torch.LongTensor
     ) -> tuple[torch.Tensor, torch.LongTensor | None]:
         """Processed draft scores (1, V') from adapter states (1, D), and the vocabulary ids of their columns."""
-        return self.head.scores(hidden, [candidate_ids])
+        return self.head.scores(hidden, [0], [candidate_ids])
 
 
 __all__ = ["DRAFT_SETTINGS", "PER_CALL_SETTINGS", "DraftSettings", "KangarooCandidateGenerator", "check_decoding_mode"]

@@ -29,8 +29,8 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .adapter import KangarooAdapter, context_training_mask
-from .checkpoint import load_kangaroo, push_kangaroo, save_kangaroo
 from .batched import BatchedKangarooDecoder
+from .checkpoint import load_kangaroo, push_kangaroo, save_kangaroo
 from .compat import GenerationHooks, attention_implementation, create_causal_mask
 from .configuration import KangarooConfig, check_settings
 from .drafting import DraftSettings, KangarooCandidateGenerator, check_decoding_mode
@@ -559,6 +559,9 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationHooks, GenerationMi
         self.last_generate_stats = None
         if settings is not None:
             check_decoding_mode(generation_config or self.generation_config, kwargs)
+            prompts = inputs if inputs is not None else kwargs.get("input_ids")
+            if kwargs.get("streamer") is not None and prompts is not None and prompts.shape[0] > 1:
+                self._refuse_streamer(prompts.shape[0])
         if cpu_kernels is None or cpu_kernels is True:
             cpu_kernels = self.cpu_kernels
         elif cpu_kernels is False:
@@ -619,11 +622,10 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationHooks, GenerationMi
             return None
         self._check_kangaroo_call(generation_config, model_kwargs)
         if model_kwargs.get("streamer") is not None:
-            raise ValueError(
-                f"Streamers handle one sequence; this batch has {input_ids.shape[0]}. Stream one prompt at a time, "
-                "or drop the streamer."
-            )
-        requested = [name for name in ("output_attentions", "output_hidden_states") if getattr(generation_config, name)]
+            self._refuse_streamer(input_ids.shape[0])
+        requested = [
+            name for name in ("output_attentions", "output_hidden_states") if getattr(generation_config, name)
+        ]
         if requested:
             raise ValueError(f"{requested} are not available with batched Kangaroo decoding; use_kangaroo=False.")
         attention = attention_implementation(self.parts.config)
@@ -638,11 +640,19 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationHooks, GenerationMi
             generation_config,
             logits_processor,
             stopping_criteria,
+            batch_size=input_ids.shape[0],
             use_few_row_matmul=self.uses_few_row_matmul(),
             use_packed_weights=self.uses_packed_weights(),
         )
         self.last_generate_stats = decoder.total_stats
         return decoder
+
+    @staticmethod
+    def _refuse_streamer(batch_size: int) -> None:
+        raise ValueError(
+            f"Streamers handle one sequence; this batch has {batch_size}. Stream one prompt at a time, or drop the "
+            "streamer."
+        )
 
     def _check_kangaroo_call(self, generation_config: GenerationConfig, model_kwargs: dict[str, Any]) -> None:
         """Refuse what Kangaroo decoding cannot honour: a lossy acceptance rule, or no fresh dynamic cache."""

@@ -577,11 +577,13 @@ class KangarooStats:
 # kangaroo_hf/core/draft_head.py
 # ------------------------------------------------------------------------------
 
+import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from transformers import LogitsProcessorList
+from transformers.generation import logits_process
 
 
 def head_product(
@@ -596,16 +598,93 @@ def head_product(
     return lambda hidden: torch.nn.functional.linear(hidden, weight, bias)
 
 
-def process_rows(
-    logits_processor: LogitsProcessorList, sequences: Sequence[torch.LongTensor], scores: torch.Tensor
-) -> torch.Tensor:
-    """Apply `logits_processor` to each row of `scores` (B, V) with that row's own sequence (1, L_b): rows of a
-    batch decoded with Kangaroo have different lengths, and each row sees exactly what it would see alone."""
-    if not len(logits_processor):
+# Warpers that read only the scores, each row alone: applied to many rows in one call.
+_SCORES_ONLY = tuple(
+    getattr(logits_process, name)
+    for name in (
+        "TemperatureLogitsWarper",
+        "TopKLogitsWarper",
+        "TopPLogitsWarper",
+        "MinPLogitsWarper",
+        "TypicalLogitsWarper",
+        "EpsilonLogitsWarper",
+        "EtaLogitsWarper",
+        "TopHLogitsWarper",
+    )
+    if hasattr(logits_process, name)
+)
+# Processors whose state couples the rows of a batch: a row cannot be processed on its own.
+_BATCH_COUPLED = tuple(
+    getattr(logits_process, name)
+    for name in (
+        "PrefixConstrainedLogitsProcessor",
+        "WatermarkLogitsProcessor",
+        "SynthIDTextWatermarkLogitsProcessor",
+        "ClassifierFreeGuidanceLogitsProcessor",
+        "UnbatchedClassifierFreeGuidanceLogitsProcessor",
+    )
+    if hasattr(logits_process, name)
+)
+# Per-row state some processors hold for a whole batch (first dimension: the batch), sliced for one row.
+_PER_ROW_STATE = {logits_process.RepetitionPenaltyLogitsProcessor: ("prompt_ignore_length",)}
+
+
+class RowProcessors:
+    """A `generate()` call's logits processors, applied to rows that may have different lengths.
+
+    Rows of a batch decoded with Kangaroo advance at their own pace, so each row is processed with its own sequence
+    (1, L), exactly what it would see in transformers' batched loop; per-row state built for the whole batch (the
+    repetition penalty's prompt lengths) is sliced to the row. Trailing warpers that read only the scores
+    (temperature, top-k, top-p, ...) run once over all rows. Processors that couple the rows are refused for batches.
+    """
+
+    def __init__(self, logits_processor: LogitsProcessorList | None, batch_size: int = 1) -> None:
+        processors = list(logits_processor or [])
+        split = len(processors)
+        while split and isinstance(processors[split - 1], _SCORES_ONLY):
+            split -= 1
+        self.shared = LogitsProcessorList(processors[split:])
+        coupled = [type(p).__name__ for p in processors[:split] if isinstance(p, _BATCH_COUPLED)]
+        if coupled and batch_size > 1:
+            raise ValueError(
+                f"{', '.join(coupled)} couples the rows of a batch, which batched Kangaroo decoding processes one by "
+                "one; decode one prompt at a time or pass use_kangaroo=False."
+            )
+        self.per_row = [
+            LogitsProcessorList(_row_view(p, row, batch_size) for p in processors[:split]) for row in range(batch_size)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.shared) + len(self.per_row[0])
+
+    def __call__(
+        self, rows: Sequence[int], sequences: Sequence[torch.LongTensor], scores: torch.Tensor
+    ) -> torch.Tensor:
+        """Process `scores` (N, V): line i belongs to batch row `rows[i]`, whose sequence is `sequences[i]` (1, L)."""
+        if len(self.per_row[0]):
+            scores = torch.cat(
+                [
+                    self.per_row[row](seq, scores[i : i + 1])
+                    for i, (row, seq) in enumerate(zip(rows, sequences, strict=True))
+                ]
+            )
+        if len(self.shared):
+            scores = self.shared(sequences[0], scores)  # these read the scores only
         return scores
-    if len(sequences) == 1:
-        return logits_processor(sequences[0], scores)
-    return torch.cat([logits_processor(seq, scores[row : row + 1]) for row, seq in enumerate(sequences)])
+
+
+def _row_view(processor: Any, row: int, batch_size: int) -> Any:
+    names = _PER_ROW_STATE.get(type(processor), ())
+    state = {
+        name: value[row : row + 1]
+        for name in names
+        if isinstance(value := getattr(processor, name, None), torch.Tensor) and value.shape[:1] == (batch_size,)
+    }
+    if not state:
+        return processor
+    view = copy.copy(processor)
+    vars(view).update(state)
+    return view
 
 
 class DraftHead:
@@ -618,29 +697,32 @@ class DraftHead:
     def __init__(
         self,
         model: Any,
-        logits_processor: LogitsProcessorList | None,
+        processors: RowProcessors,
         do_sample: bool,
         use_few_row_matmul: bool = False,
         use_packed_weights: bool = False,
     ) -> None:
         weight, bias, self.vocab_ids = model.draft_head()
         self.vocab_size = model.parts.lm_head.out_features
-        self.logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
+        self.processors = processors
         self.do_sample = do_sample
         self._product = head_product(weight, bias, use_few_row_matmul, use_packed_weights)
-        self._full_scores = self.vocab_ids is not None and (do_sample or len(self.logits_processor) > 0)
+        self._full_scores = self.vocab_ids is not None and (do_sample or len(processors) > 0)
 
     def scores(
-        self, hidden: torch.Tensor, sequences: Sequence[torch.LongTensor]
+        self, hidden: torch.Tensor, rows: Sequence[int], sequences: Sequence[torch.LongTensor]
     ) -> tuple[torch.Tensor, torch.LongTensor | None]:
         """Processed draft scores (B, V') from adapter states (B, D), and the vocabulary ids of their columns (None:
-        the full vocabulary). `sequences[b]` (1, L_b) is row b's sequence so far, for the logits processors."""
+        the full vocabulary). Line b belongs to batch row `rows[b]`, whose sequence so far is `sequences[b]` (1, L);
+        neither is read without logits processors."""
         scores = self._product(hidden).float()
         vocab_ids = self.vocab_ids
         if self._full_scores:
             full = torch.full((scores.shape[0], self.vocab_size), float("-inf"), device=scores.device)
             scores, vocab_ids = full.index_copy_(1, vocab_ids, scores), None
-        return process_rows(self.logits_processor, sequences, scores), vocab_ids
+        if len(self.processors):
+            scores = self.processors(rows, sequences, scores)
+        return scores, vocab_ids
 
     @staticmethod
     def top1(scores: torch.Tensor, vocab_ids: torch.LongTensor | None) -> tuple[torch.Tensor, torch.LongTensor]:
@@ -893,7 +975,8 @@ class KangarooCandidateGenerator(LoopCandidateGenerator):
         self.adapter_cache = DynamicCache()
         self.stats = KangarooStats(max_draft_tokens=settings.longest_draft)
         self.max_drafting_tokens = settings.longest_draft
-        self.head = DraftHead(model, self.logits_processor, self.do_sample, use_few_row_matmul, use_packed_weights)
+        processors = RowProcessors(self.logits_processor)
+        self.head = DraftHead(model, processors, self.do_sample, use_few_row_matmul, use_packed_weights)
         # Kwargs merged into the loop's next forward: the prefill must return exit states, a verification reuses them.
         self.set_forward_overrides({"output_exit_hidden_states": True})
         self._first_verified_position = 0  # position of the first token of the last full forward
@@ -1095,7 +1178,7 @@ class KangarooCandidateGenerator(LoopCandidateGenerator):
         self, hidden: torch.Tensor, candidate_ids: torch.LongTensor
     ) -> tuple[torch.Tensor, torch.LongTensor | None]:
         """Processed draft scores (1, V') from adapter states (1, D), and the vocabulary ids of their columns."""
-        return self.head.scores(hidden, [candidate_ids])
+        return self.head.scores(hidden, [0], [candidate_ids])
 
 
 # ------------------------------------------------------------------------------
@@ -1867,6 +1950,7 @@ class BatchedKangarooDecoder:
         generation_config: GenerationConfig,
         logits_processor: LogitsProcessorList,
         stopping_criteria: StoppingCriteriaList,
+        batch_size: int,
         use_few_row_matmul: bool = False,
         use_packed_weights: bool = False,
     ) -> None:
@@ -1874,9 +1958,9 @@ class BatchedKangarooDecoder:
         self.settings = settings
         self.generation_config = generation_config
         self.do_sample = bool(generation_config.do_sample)
-        self.logits_processor = logits_processor
+        self.processors = RowProcessors(logits_processor, batch_size)
         self.stopping_criteria = stopping_criteria
-        self.head = DraftHead(model, logits_processor, self.do_sample, use_few_row_matmul, use_packed_weights)
+        self.head = DraftHead(model, self.processors, self.do_sample, use_few_row_matmul, use_packed_weights)
         base_config = model.parts.config
         self.layer_kinds = set(layer_types(base_config)) | {FULL_ATTENTION}  # the adapter attends fully
         self.sliding_window = getattr(base_config, "sliding_window", None)
@@ -1927,7 +2011,7 @@ class BatchedKangarooDecoder:
         logits = model.lm_head_logits(final_states[:, -1]).float()  # left padding: every row's last slot is real
         self.pending = torch.empty(batch, dtype=torch.long)
         for row in range(batch):
-            scores = self._process(self.sequences[row], logits[row : row + 1])
+            scores = self._process([row], [self.sequences[row]], logits[row : row + 1])
             token = int(self.head.choose(scores, None)) if self.do_sample else int(scores.argmax())
             self._emit(row, [token], scores, logits[row : row + 1])
             self.stats[row].record_step(0, 0)
@@ -1953,7 +2037,7 @@ class BatchedKangarooDecoder:
             drafts, confidence, scores, vocab_ids = copy_tokens[:, step], None, None, None
             if (proposing & ~copying).any():
                 hidden, adapter_fed = self._adapter_step(exits, adapter_fed), step + 1
-                scores, vocab_ids = self.head.scores(hidden, self._draft_sequences(tokens))
+                scores, vocab_ids = self.head.scores(hidden, self.rows.tolist(), self._draft_sequences(tokens))
                 confidence, top = self.head.top1(scores, vocab_ids)
                 if step == 0:
                     copying |= self._prefers_copy(copy_tokens, copy_lengths, top, confidence)
@@ -1999,10 +2083,9 @@ class BatchedKangarooDecoder:
         drafts = round_.tokens[index, 1 : count + 1]
         sequence = self.sequences[row]
         scores = logits
-        if len(self.logits_processor):
-            scores = torch.cat(
-                [self._process(torch.cat([sequence, drafts[None, :i]], 1), logits[i : i + 1]) for i in range(count + 1)]
-            )
+        if len(self.processors):
+            sequences = [torch.cat([sequence, drafts[None, :i]], dim=1) for i in range(count + 1)]
+            scores = self._process([row] * (count + 1), sequences, logits)
         if self.do_sample:
             draft_scores = round_.draft_scores[index, :count] if count else None
             accepted, token = accept_sampled(drafts, draft_scores, scores)
@@ -2095,7 +2178,7 @@ class BatchedKangarooDecoder:
 
     def _draft_sequences(self, tokens: list[torch.LongTensor]) -> list[torch.LongTensor]:
         """Each row's sequence with this round's drafts so far, for the logits processors (none: not built)."""
-        if not len(self.logits_processor):
+        if not len(self.processors):
             return []
         drafts = torch.stack(tokens[1:], dim=1) if len(tokens) > 1 else None
         return [
@@ -2119,8 +2202,8 @@ class BatchedKangarooDecoder:
         """Drafts row `row` may propose: its emitted tokens (drafts + one) must fit in `max_length`."""
         return self.generation_config.max_length - self.sequences[row].shape[1] - 1
 
-    def _process(self, sequence: torch.LongTensor, logits: torch.Tensor) -> torch.Tensor:
-        return process_rows(self.logits_processor, [sequence], logits)
+    def _process(self, rows: list[int], sequences: list[torch.LongTensor], logits: torch.Tensor) -> torch.Tensor:
+        return self.processors(rows, sequences, logits) if len(self.processors) else logits
 
     def _emit(self, row: int, tokens: list[int], scores: torch.Tensor, logits: torch.Tensor) -> int:
         """Append `tokens` to row `row` one by one, checking the stopping criteria after each; returns how many were
@@ -2728,6 +2811,9 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationHooks, GenerationMi
         self.last_generate_stats = None
         if settings is not None:
             check_decoding_mode(generation_config or self.generation_config, kwargs)
+            prompts = inputs if inputs is not None else kwargs.get("input_ids")
+            if kwargs.get("streamer") is not None and prompts is not None and prompts.shape[0] > 1:
+                self._refuse_streamer(prompts.shape[0])
         if cpu_kernels is None or cpu_kernels is True:
             cpu_kernels = self.cpu_kernels
         elif cpu_kernels is False:
@@ -2788,11 +2874,10 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationHooks, GenerationMi
             return None
         self._check_kangaroo_call(generation_config, model_kwargs)
         if model_kwargs.get("streamer") is not None:
-            raise ValueError(
-                f"Streamers handle one sequence; this batch has {input_ids.shape[0]}. Stream one prompt at a time, "
-                "or drop the streamer."
-            )
-        requested = [name for name in ("output_attentions", "output_hidden_states") if getattr(generation_config, name)]
+            self._refuse_streamer(input_ids.shape[0])
+        requested = [
+            name for name in ("output_attentions", "output_hidden_states") if getattr(generation_config, name)
+        ]
         if requested:
             raise ValueError(f"{requested} are not available with batched Kangaroo decoding; use_kangaroo=False.")
         attention = attention_implementation(self.parts.config)
@@ -2807,11 +2892,19 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationHooks, GenerationMi
             generation_config,
             logits_processor,
             stopping_criteria,
+            batch_size=input_ids.shape[0],
             use_few_row_matmul=self.uses_few_row_matmul(),
             use_packed_weights=self.uses_packed_weights(),
         )
         self.last_generate_stats = decoder.total_stats
         return decoder
+
+    @staticmethod
+    def _refuse_streamer(batch_size: int) -> None:
+        raise ValueError(
+            f"Streamers handle one sequence; this batch has {batch_size}. Stream one prompt at a time, or drop the "
+            "streamer."
+        )
 
     def _check_kangaroo_call(self, generation_config: GenerationConfig, model_kwargs: dict[str, Any]) -> None:
         """Refuse what Kangaroo decoding cannot honour: a lossy acceptance rule, or no fresh dynamic cache."""
@@ -2857,6 +2950,7 @@ __all__ = [
     "METRICS_NAME",
     "PER_CALL_SETTINGS",
     "PromptLookup",
+    "RowProcessors",
     "SLIDING_ATTENTION",
     "SlotTable",
     "TRAINING_ARGS_NAME",
@@ -2881,7 +2975,6 @@ __all__ = [
     "packed_matmul",
     "packed_weights_supported",
     "peft_fingerprint",
-    "process_rows",
     "push_folder",
     "push_kangaroo",
     "read_adapter_file",
