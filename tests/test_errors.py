@@ -47,12 +47,12 @@ def test_adapter_whose_shapes_do_not_match_the_base():
         small.load_adapter_state_dict(state)
 
 
-def test_batch_of_more_than_one_sequence():
+def test_a_batch_without_padding_needs_no_attention_mask():
     model = make_kangaroo("llama")
-    with pytest.raises(ValueError, match="one sequence at a time, got a batch of 2"):
-        model.generate(torch.randint(2, VOCAB, (2, 5)), max_new_tokens=4)
-    # Plain decoding still serves batches.
-    assert model.generate(torch.randint(2, VOCAB, (2, 5)), max_new_tokens=4, use_kangaroo=False).shape == (2, 9)
+    prompts = torch.randint(2, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    expected = model.get_base_model().generate(prompts, max_new_tokens=6, do_sample=False)
+    assert model.generate(prompts, max_new_tokens=6, do_sample=False).tolist() == expected.tolist()
+    assert len(model.last_generate_stats.rows) == 2
 
 
 def test_non_llama_base_names_what_is_missing():

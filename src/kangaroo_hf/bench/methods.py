@@ -104,9 +104,7 @@ def run_vanilla(model: Any, input_ids: torch.LongTensor, gen_kwargs: dict[str, A
     return _new_tokens(model.get_base_model().generate(input_ids, **gen_kwargs), input_ids), None
 
 
-def run_pld(
-    model: Any, input_ids: torch.LongTensor, gen_kwargs: dict[str, Any]
-) -> tuple[list[int], KangarooStats]:
+def run_pld(model: Any, input_ids: torch.LongTensor, gen_kwargs: dict[str, Any]) -> tuple[list[int], KangarooStats]:
     """Prompt lookup decoding on the base (`gen_kwargs` carry `prompt_lookup_num_tokens`)."""
     if not gen_kwargs.get("prompt_lookup_num_tokens"):
         raise ValueError(f"prompt lookup needs prompt_lookup_num_tokens > 0 in its options, got {gen_kwargs}.")

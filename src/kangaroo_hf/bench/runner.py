@@ -352,12 +352,41 @@ def _run_bench(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     description = {"model": args.model or "default (shipped SmolLM2-135M-Instruct Kangaroo)", "questions": str(path)}
     description["limit_per_category"] = args.limit_per_category
+    if args.batch_size:
+        return _run_batched(args, model, tokenizer, questions, description)
     try:
         results = run_benchmark(model, tokenizer, questions, args.output, settings, description)
     except LosslessnessError as error:
         logger.error("%s", error)
         return 1
     print(format_summary(results, Path(args.output)))
+    return 0
+
+
+def _run_batched(args: argparse.Namespace, model: Any, tokenizer: Any, questions: list[Question], description) -> int:
+    from .batched import BATCH_METHODS, render_batched_markdown, run_batched_benchmark
+
+    batch_sizes = [int(size) for size in args.batch_size.split(",")]
+    methods = tuple(resolve_method(name.strip()) for name in args.methods.split(",") if name.strip())
+    if methods == DEFAULT_METHODS:  # the batch-1 defaults include methods transformers cannot batch
+        methods = tuple(BATCH_METHODS)
+    if args.do_sample:
+        raise ValueError(
+            "--batch-size measures greedy decoding (outputs are compared with the base's); drop --do-sample."
+        )
+    results = run_batched_benchmark(
+        model,
+        tokenizer,
+        questions,
+        args.output,
+        batch_sizes,
+        methods,
+        args.max_new_tokens,
+        args.repeats,
+        warmup=args.warmup > 0,
+        description=description,
+    )
+    print(render_batched_markdown(results))
     return 0
 
 
@@ -389,6 +418,12 @@ def add_bench(subparsers: Any) -> None:
     )
     parser.add_argument("--pld-num-tokens", type=int, default=10, help="pld, pld_cpu_kernels: tokens per step")
     parser.add_argument("--pld-max-ngram", type=int, default=2, help="pld, pld_cpu_kernels: longest n-gram matched")
+    parser.add_argument(
+        "--batch-size",
+        default=None,
+        help="comma list of batch sizes (e.g. 1,2,4,8): batched Kangaroo against batched plain generate() (methods "
+        "vanilla, vanilla_cpu_kernels, kangaroo; greedy)",
+    )
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help="report folder")
     parser.add_argument("--strict", action="store_true", help="exit non-zero if an output is not lossless")
     parser.set_defaults(handler=_run_bench)
