@@ -235,11 +235,13 @@ def test_pipeline_with_batch_size_uses_batched_kangaroo():
     assert ours == theirs
 
 
-def test_caches_hold_exactly_each_row_verified_tokens_and_shallow_layers_see_each_slot_once(monkeypatch):
+@pytest.mark.parametrize("tree", [False, True])
+def test_caches_hold_exactly_each_row_verified_tokens_and_shallow_layers_see_each_slot_once(monkeypatch, tree):
     """After every round each row's caches (base and adapter) equal a fresh forward over its verified tokens, and
     the shallow layers process as many token slots as the deep ones: no slot goes through them twice."""
-    model = make_kangaroo("mistral", draft_threshold=0.2, max_draft_tokens=5)
-    input_ids, attention_mask = batch(seed=12)
+    settings = dict(lookup_num_tokens=3, tree_rounds=True) if tree else {}
+    model = make_kangaroo("mistral", draft_threshold=0.2, max_draft_tokens=5, **settings)
+    input_ids, attention_mask = batch(seed=12, repeat=tree)
     rows_through = {"shallow": 0, "deep": 0}
     hooks = [
         model.parts.layers[0].register_forward_pre_hook(

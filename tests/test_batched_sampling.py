@@ -52,12 +52,14 @@ def test_every_row_keeps_the_base_distribution(model):
     assert min(p_values) > 1e-4, p_values
 
 
-def _accept_every_draft(drafts, draft_scores, target_scores):
-    return drafts.numel(), int(torch.multinomial(target_scores[drafts.numel()].softmax(-1), 1))
+def _accept_every_draft(branches):
+    drafts, _, target_scores = branches[0]
+    return 0, drafts.numel(), int(torch.multinomial(target_scores[drafts.numel()].softmax(-1), 1))
 
 
-def _resample_from_p_not_residual(drafts, draft_scores, target_scores):
+def _resample_from_p_not_residual(branches):
     """Accept with min(1, p/q), but resample a rejection from p instead of norm(max(0, p - q))."""
+    drafts, draft_scores, target_scores = branches[0]
     p = target_scores.softmax(-1)
     count = drafts.numel()
     if count:
@@ -65,11 +67,11 @@ def _resample_from_p_not_residual(drafts, draft_scores, target_scores):
         accepted = int(((torch.rand_like(ratio) >= ratio).long().cumsum(0) == 0).sum())
     else:
         accepted = 0
-    return accepted, int(torch.multinomial(p[accepted], 1))
+    return 0, accepted, int(torch.multinomial(p[accepted], 1))
 
 
 @pytest.mark.parametrize("broken_rule", [_accept_every_draft, _resample_from_p_not_residual])
 def test_a_wrong_acceptance_rule_is_detected(model, monkeypatch, broken_rule):
-    monkeypatch.setattr(batched, "accept_sampled", broken_rule)
+    monkeypatch.setattr(batched, "accept_tree_sampled", broken_rule)
     p_values, _ = _min_p_value_per_row(model)
     assert min(p_values) < 1e-6

@@ -356,8 +356,6 @@ def test_float32_splits_products_between_the_few_row_kernel_and_packed_weights(a
     assert few_row_rows and packed_rows == []
 
 
-
-
 def _lookup_rounds_by_setting(arch: str, field: str, values: tuple, max_new_tokens: int) -> dict:
     """Copied rounds on repetitive prompts for each value of a lookup setting, checking every output is the base's.
     Threshold 0: the adapter always counts as sure, so only agreement or the setting under test makes it copy."""

@@ -99,9 +99,7 @@ def test_core_imports_nothing_outside_itself():
 
 def test_no_module_is_too_long():
     long = {
-        name: lines
-        for name, path in _modules().items()
-        if (lines := len(path.read_text().splitlines())) > MAX_LINES
+        name: lines for name, path in _modules().items() if (lines := len(path.read_text().splitlines())) > MAX_LINES
     }
     assert not long, f"modules over {MAX_LINES} lines: {long}"
 

@@ -71,6 +71,16 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flag_bool(text: str) -> bool:
+    """A bool flag's value: true/false, yes/no, on/off or 1/0."""
+    value = text.strip().lower()
+    if value in ("true", "yes", "on", "1"):
+        return True
+    if value in ("false", "no", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def add_generate(subparsers) -> None:
     parser = subparsers.add_parser("generate", help="answer a prompt with Kangaroo and print speculation statistics")
     parser.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help="user message (default: a short question)")
@@ -81,7 +91,8 @@ def add_generate(subparsers) -> None:
     hints = typing.get_type_hints(DraftSettings)
     for name in PER_CALL_SETTINGS:  # the settings `generate()` overrides per call, described where they are defined
         help_text = f"override the model's {name}: {setting_help(name)}"
-        parser.add_argument("--" + name.replace("_", "-"), type=hints[name], default=None, help=help_text)
+        kind = _flag_bool if hints[name] is bool else hints[name]
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_text)
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)

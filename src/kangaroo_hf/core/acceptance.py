@@ -5,6 +5,12 @@ Sampling (Leviathan et al., 2023, algorithm 1; the rule of transformers' assiste
 is accepted with probability `min(1, p_i(d_i) / q_i(d_i))`; at the first rejection the token is resampled from
 `norm(max(0, p_i - q_i))`; if every draft is accepted, the next token is sampled from `p_k`. A draft copied from the
 context is a one-hot `q`. Either way each output token has the base's distribution.
+
+Token trees (several branches below the round's first token, e.g. the context's copy and the adapter's chain):
+greedy keeps the branch with the longest accepted prefix; sampling runs SpecInfer's multi-candidate rule at the root
+(Miao et al., 2024): the branches' first tokens are tried in turn, each accepted with probability
+`min(1, p(d) / q(d))` against the residual `p` left by the ones rejected before it, and a rejection turns `p` into
+`norm(max(0, p - q))`; below an accepted first token its branch is a chain.
 """
 
 from __future__ import annotations
@@ -44,4 +50,33 @@ def accept_sampled(
     return accepted, int(torch.multinomial(distribution, num_samples=1))
 
 
-__all__ = ["accept_greedy", "accept_sampled"]
+def accept_tree_greedy(branches: list[tuple[torch.LongTensor, torch.Tensor]]) -> tuple[int, int, int]:
+    """(branch, accepted drafts, next token) for `branches`, each (drafts (k,), the base's processed scores at the
+    root and after each draft (k + 1, V)): the branch with the longest accepted prefix (the first on a tie)."""
+    results = [accept_greedy(drafts, scores) for drafts, scores in branches]
+    best = max(range(len(results)), key=lambda index: (results[index][0], -index))
+    return best, *results[best]
+
+
+def accept_tree_sampled(
+    branches: list[tuple[torch.LongTensor, torch.Tensor, torch.Tensor]],
+) -> tuple[int | None, int, int]:
+    """(branch or None, accepted drafts, next token) for `branches`, each (drafts (k,), the scores they were drawn
+    from (k, V), the base's processed scores at the root and after each draft (k + 1, V)); every branch has the same
+    root scores. SpecInfer's rule at the root, then speculative sampling down the accepted branch."""
+    p = branches[0][2][0].softmax(dim=-1)
+    for index, (drafts, draft_scores, target_scores) in enumerate(branches):
+        if not drafts.numel():
+            continue
+        q = draft_scores[0].softmax(dim=-1)
+        first = int(drafts[0])
+        if float(torch.rand(())) < float(p[first] / q[first]):
+            accepted, token = accept_sampled(drafts[1:], draft_scores[1:], target_scores[1:])
+            return index, accepted + 1, token
+        residual = (p - q).clamp(min=0)
+        total = residual.sum()
+        p = residual / total if total > torch.finfo(total.dtype).tiny else p
+    return None, 0, int(torch.multinomial(p, num_samples=1))
+
+
+__all__ = ["accept_greedy", "accept_sampled", "accept_tree_greedy", "accept_tree_sampled"]

@@ -1,6 +1,7 @@
 """Kangaroo decoding of a batch of left-padded prompts: every row drafts, is verified and accepts on its own.
 
-transformers' assisted loop decodes one sequence, so batches run in this loop of the project's own. It is built from
+transformers' assisted loop decodes one sequence and verifies one chain, so batches and tree rounds (the context's
+copy and the adapter's chain verified together, `tree_rounds`) run in this loop of the project's own. It is built from
 the same pieces as batch 1 (the model's shallow slice, adapter and deep slice; `DraftHead`; `PromptLookup`) and keeps
 every cache in the slot layout of `slots.SlotTable`. A round:
 
@@ -22,7 +23,7 @@ import torch
 from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .acceptance import accept_greedy, accept_sampled
+from .acceptance import accept_greedy, accept_tree_greedy, accept_tree_sampled
 from .configuration import LOOKUP_FIELDS
 from .draft_head import DraftHead, RowProcessors
 from .drafting import DraftingModel, DraftSettings
@@ -34,20 +35,23 @@ from .stats import KangarooStats
 
 @dataclass
 class DraftRound:
-    """One round's proposals: `tokens` (B, R), the row's newest token then its drafts (`counts[b]` of them, the
-    other slots hold nothing), their `exit_states` (B, R, D), and for sampling the distributions the drafts were drawn
-    from, `draft_scores` (B, R - 1, V) (one-hot for copied drafts)."""
+    """One round's proposals. `tokens` (B, R): the round's slots, slot 0 holding each row's newest token; the other
+    slots hold drafts, in `branches[b]` (each branch the slot offsets of its drafts in order; a chain round has one
+    branch, a tree round the context's copy, `copy_branch[b]`, and the adapter's chain), or nothing. `exit_states`
+    (B, R, D) are the slots' exit states; for sampling, `draft_scores` (B, R, V) are the scores each slot's draft was
+    drawn from (one-hot for copied drafts)."""
 
     tokens: torch.LongTensor
-    counts: list[int]
     exit_states: torch.Tensor
+    branches: list[list[list[int]]]
+    copy_branch: list[int | None]
     draft_scores: torch.Tensor | None
-    copied: list[bool]
     lookup_first_tokens: list[int | None]
 
 
 class BatchedKangarooDecoder:
-    """Decodes a batch (B > 1) with Kangaroo; `decode` returns what `generate()` returns."""
+    """Decodes a batch, or one sequence with tree rounds, with Kangaroo; `decode` returns what `generate()`
+    returns."""
 
     def __init__(
         self,
@@ -59,7 +63,11 @@ class BatchedKangarooDecoder:
         batch_size: int,
         use_few_row_matmul: bool = False,
         use_packed_weights: bool = False,
+        streamer: Any = None,
     ) -> None:
+        if streamer is not None and batch_size > 1:
+            raise ValueError(f"Streamers handle one sequence; this batch has {batch_size}.")
+        self.streamer = streamer
         self.model = model
         self.settings = settings
         self.generation_config = generation_config
@@ -93,7 +101,7 @@ class BatchedKangarooDecoder:
         while self.rows.numel():
             round_ = self._draft()
             target_logits = self._verify(round_)
-            paths = [self._accept(index, round_, logits) for index, logits in enumerate(target_logits)]
+            paths = [self._accept(index, round_, target_logits[index]) for index in range(self.rows.numel())]
             self._keep(paths)
         return self._result(input_ids.shape[1])
 
@@ -120,58 +128,91 @@ class BatchedKangarooDecoder:
             scores = self._process([row], [self.sequences[row]], logits[row : row + 1])
             token = int(self.head.choose(scores, None)) if self.do_sample else int(scores.argmax())
             self._emit(row, [token], scores, logits[row : row + 1])
+            if self.streamer is not None:
+                self.streamer.put(torch.tensor([token]))
             self.stats[row].record_step(0, 0)
             self.pending[row] = token
         self._keep([[] for _ in range(batch)])
 
     def _draft(self) -> DraftRound:
-        """Lockstep drafting (see the module docstring): each step adds one slot to every row."""
-        model, table, settings = self.model, self.table, self.settings
+        """Lockstep drafting (see the module docstring). A tree round first puts the context's copy below the newest
+        token (known in advance: one shallow call for both); then each step adds one chain slot to every row."""
+        model, table, settings, tree = self.model, self.table, self.settings, self.settings.tree_rounds
         table.start_round()
         first_position = table.next_positions
         budgets = torch.tensor([self._budget(int(row)) for row in self.rows])
         copy_tokens, copy_lengths, copying = self._proposals(budgets)  # trusted matches copy outright
-        proposing, live = budgets > 0, torch.ones_like(budgets, dtype=torch.bool)
-        counts = torch.zeros_like(budgets)
-        tokens, exits, draft_scores, adapter_fed = [self.pending.clone()], [], [], 0
-        for step in range(settings.longest_draft + 1):
-            table.append((first_position + step).masked_fill(~live, -1)[:, None])
-            positions = table.positions[:, -1:].clamp(min=0)
-            exits.append(model.shallow_forward(tokens[-1][:, None], positions, self.cache, self._masks(-1)))
-            if step == settings.longest_draft or not proposing.any():
+        batch, rows = budgets.numel(), torch.arange(budgets.numel())
+        copy_width = int(copy_lengths.max()) if tree else 0
+        depths = torch.arange(copy_width + 1)
+        first = torch.cat([self.pending[:, None], copy_tokens[:, :copy_width]], dim=1)
+        table.append((first_position[:, None] + depths).masked_fill(depths > copy_lengths[:, None] * tree, -1))
+        exits = [
+            model.shallow_forward(
+                first, table.positions[:, -first.shape[1] :].clamp(min=0), self.cache, self._masks(table.round_start)
+            )
+        ]
+        tokens = [first]
+        scores_by_slot = [self._one_hot(first[:, i]) for i in range(first.shape[1])] if self.do_sample else []
+        branches = [[list(range(1, int(length) + 1))] if tree and length else [] for length in copy_lengths]
+        chains: list[list[int]] = [[] for _ in range(batch)]
+        copying &= not tree  # a tree round verifies the copy as its own branch beside the adapter's chain
+        proposing, counts = budgets > 0, torch.zeros_like(budgets)
+        last_slot, adapter_fed = torch.zeros_like(budgets), 0
+        for step in range(settings.max_draft_tokens if tree else settings.longest_draft):
+            if not proposing.any():
                 break
             drafts, confidence, scores, vocab_ids = copy_tokens[:, step], None, None, None
             if (proposing & ~copying).any():
-                hidden, adapter_fed = self._adapter_step(exits, adapter_fed), step + 1
-                scores, vocab_ids = self.head.scores(hidden, self.rows.tolist(), self._draft_sequences(tokens))
+                states = torch.cat(exits, dim=1)
+                # rows that stopped read a stale slot (clamped): their outputs are not used
+                hidden = self._adapter_step(states, adapter_fed)[rows, (last_slot - adapter_fed).clamp(min=0)]
+                adapter_fed = states.shape[1]
+                scores, vocab_ids = self.head.scores(hidden, self.rows.tolist(), self._draft_sequences(chains, tokens))
                 confidence, top = self.head.top1(scores, vocab_ids)
                 if step == 0:
-                    copying |= self._prefers_copy(copy_tokens, copy_lengths, top, confidence)
+                    copying |= self._prefers_copy(copy_tokens, copy_lengths, top, confidence) & (not tree)
                     proposing &= copying | (confidence >= settings.first_draft_threshold)
                 drafts = torch.where(copying, drafts, self.head.choose(scores, vocab_ids))
-            if self.do_sample:
-                draft_scores.append(self._draft_distribution(scores, vocab_ids, copying, drafts))
-            live = proposing.clone()  # the next slot holds a draft for these rows
+            live = proposing.clone()  # the new slot holds a draft for these rows
             counts += live.long()
-            tokens.append(torch.where(live, drafts, self.pending))
+            offset = table.length - table.round_start
+            table.append((first_position + counts).masked_fill(~live, -1)[:, None], last_slot[:, None])
+            drafts = torch.where(live, drafts, self.pending)
+            tokens.append(drafts[:, None])
+            exits.append(
+                model.shallow_forward(
+                    drafts[:, None], table.positions[:, -1:].clamp(min=0), self.cache, self._masks(-1)
+                )
+            )
+            if self.do_sample:
+                scores_by_slot.append(self._draft_distribution(scores, vocab_ids, copying, drafts))
+            last_slot = torch.where(live, offset, last_slot)
+            for index in live.nonzero().view(-1).tolist():
+                chains[index].append(offset)
             limit = torch.where(copying, copy_lengths, torch.full_like(counts, settings.max_draft_tokens))
             proposing &= (counts < limit) & (counts < budgets) & ~self._is_eos(drafts)
             if confidence is not None:  # draft early exit (paper section 3.2): an unsure draft ends the row's round
                 proposing &= copying | (confidence >= settings.draft_threshold)
-        if not self.final_context and adapter_fed < len(exits):
-            self._adapter_step(exits, adapter_fed)  # the adapter's cache follows the table: every slot in it
-        width = len(exits)
+        exit_states = torch.cat(exits, dim=1)
+        if not self.final_context and adapter_fed < exit_states.shape[1]:
+            self._adapter_step(exit_states, adapter_fed)  # the adapter's cache follows the table: every slot in it
+        for index, chain in enumerate(chains):
+            if chain:
+                branches[index].append(chain)
+        copied = [bool(copying[i]) and bool(chains[i]) for i in range(batch)]
         return DraftRound(
-            tokens=torch.stack(tokens[:width], dim=1),
-            counts=counts.tolist(),
-            exit_states=torch.cat(exits, dim=1),
-            draft_scores=torch.stack(draft_scores[: width - 1], dim=1) if self.do_sample and width > 1 else None,
-            copied=(copying & (counts > 0)).tolist(),
-            lookup_first_tokens=[int(copy_tokens[i, 0]) if copy_lengths[i] else None for i in range(len(budgets))],
+            tokens=torch.cat(tokens, dim=1),
+            exit_states=exit_states,
+            branches=branches,
+            copy_branch=[0 if (tree and copy_lengths[i]) or copied[i] else None for i in range(batch)],
+            draft_scores=torch.stack(scores_by_slot, dim=1) if self.do_sample else None,
+            lookup_first_tokens=[int(copy_tokens[i, 0]) if copy_lengths[i] else None for i in range(batch)],
         )
 
-    def _verify(self, round_: DraftRound) -> list[torch.Tensor]:
-        """The deep layers over every row's round slots; the base's logits (k_b + 1, V) at each row's real slots."""
+    def _verify(self, round_: DraftRound) -> torch.Tensor:
+        """The deep layers over every row's round slots; the base's logits (B, R, V) at the real slots (zeros
+        elsewhere: the LM head runs on real slots only)."""
         table = self.table
         positions = table.positions[:, table.round_start :].clamp(min=0)
         masks = self._masks(table.round_start)
@@ -181,33 +222,47 @@ class BatchedKangarooDecoder:
             self._feed_adapter(final_states, positions, masks)
         real = table.positions[:, table.round_start :] >= 0
         logits = self.model.lm_head_logits(final_states[real]).float()
-        return list(logits.split([count + 1 for count in round_.counts]))
+        full = logits.new_zeros(*real.shape, logits.shape[-1])
+        full[real] = logits
+        return full
 
     def _accept(self, index: int, round_: DraftRound, logits: torch.Tensor) -> list[int]:
-        """Accept row `index`'s drafts, emit its tokens; returns the round slots its caches keep."""
-        row, count = int(self.rows[index]), round_.counts[index]
-        drafts = round_.tokens[index, 1 : count + 1]
+        """Accept row `index`'s drafts (the best branch), emit its tokens; returns the round slots its caches keep."""
+        row, branches = int(self.rows[index]), round_.branches[index] or [[]]
         sequence = self.sequences[row]
-        scores = logits
-        if len(self.processors):
-            sequences = [torch.cat([sequence, drafts[None, :i]], dim=1) for i in range(count + 1)]
-            scores = self._process([row] * (count + 1), sequences, logits)
+        candidates = []
+        for branch in branches:
+            drafts = round_.tokens[index, branch]
+            slots = [0, *branch]  # the base's scores at the root and after each draft
+            scores = logits[slots]
+            if len(self.processors):
+                paths = [torch.cat([sequence, drafts[None, :i]], dim=1) for i in range(len(slots))]
+                scores = self._process([row] * len(slots), paths, scores)
+            sampled = round_.draft_scores[index, branch] if self.do_sample else None
+            candidates.append((drafts, scores, logits[slots], sampled))
         if self.do_sample:
-            draft_scores = round_.draft_scores[index, :count] if count else None
-            accepted, token = accept_sampled(drafts, draft_scores, scores)
+            chosen, accepted, token = accept_tree_sampled([(d, q, p) for d, p, _, q in candidates])
         else:
-            accepted, token = accept_greedy(drafts, scores)
-        emitted = self._emit(row, [*drafts[:accepted].tolist(), token], scores, logits)
-        self.stats[row].record_step(count, emitted - 1)
-        if round_.copied[index]:
-            self.stats[row].lookup_rounds += 1
+            chosen, accepted, token = accept_tree_greedy([(d, p) for d, p, _, _ in candidates])
+        drafts, scores, raw, _ = candidates[chosen if chosen is not None else 0]
+        emitted = self._emit(row, [*drafts[:accepted].tolist(), token], scores, raw)
+        if self.streamer is not None:
+            self.streamer.put(self.sequences[row][0, sequence.shape[1] :].cpu())
+        copy_branch = round_.copy_branch[index]
+        kept_copy = copy_branch is not None and chosen == copy_branch and accepted > 0
+        self.stats[row].record_step(len(branches[chosen if chosen is not None else 0]), emitted - 1)
+        self.stats[row].lookup_rounds += int(kept_copy)
         if self.lookups[row] is not None:
+            copy = branches[copy_branch] if copy_branch is not None else []
+            copy_accepted = accepted if kept_copy else 0
+            if copy and not self.do_sample and chosen != copy_branch:  # greedy knows how far the copy would have gone
+                copy_accepted = accept_greedy(candidates[copy_branch][0], candidates[copy_branch][1])[0]
+            emitted_first = int(self.sequences[row][0, sequence.shape[1]])
             first = round_.lookup_first_tokens[index]
-            self.lookups[row].record_round(
-                first, int(self.sequences[row][0, sequence.shape[1]]), round_.copied[index], count, accepted
-            )
+            self.lookups[row].record_round(first, emitted_first, bool(copy), len(copy), copy_accepted)
         self.pending[index] = token
-        return list(range(accepted + 1))  # the round's first token and the accepted drafts
+        branch = branches[chosen] if chosen is not None else []
+        return [0, *branch[:accepted]]  # the round's first token and the accepted drafts
 
     def _keep(self, paths: list[list[int]]) -> None:
         """Every cache keeps each row's accepted slots; rows that are done leave the batch."""
@@ -228,14 +283,15 @@ class BatchedKangarooDecoder:
         dtype = self.model.parts.lm_head.weight.dtype
         return self.table.masks(query_start, self.layer_kinds, self.sliding_window, dtype, end=end)
 
-    def _adapter_step(self, exits: list[torch.Tensor], fed: int) -> torch.Tensor:
-        """The adapter on this round's exit states from slot `fed` on (those it has not seen); its last output."""
-        states = torch.cat(exits[fed:], dim=1)
+    def _adapter_step(self, exit_states: torch.Tensor, fed: int) -> torch.Tensor:
+        """The adapter on this round's exit states (B, R, D) from slot `fed` on (those it has not seen); its
+        outputs (B, R - fed, D)."""
+        states = exit_states[:, fed:]
         start = self.table.round_start + fed
         end = start + states.shape[1]
         positions = self.table.positions[:, start:end].clamp(min=0)
         masks = self._masks(start, end)
-        return self.model.adapter_forward(states, positions, self.adapter_cache, masks[FULL_ATTENTION])[:, -1]
+        return self.model.adapter_forward(states, positions, self.adapter_cache, masks[FULL_ATTENTION])
 
     def _feed_adapter(self, states: torch.Tensor, positions: torch.LongTensor, masks: dict[str, torch.Tensor]) -> None:
         """Write verified tokens into the adapter's cache: their exit states, or their final states."""
@@ -260,7 +316,7 @@ class BatchedKangarooDecoder:
             if lookup is None:
                 continue
             proposal, match_length = lookup.propose(self.sequences[row][0])
-            proposal = proposal[: max(int(budgets[index]), 0)]
+            proposal = proposal[: max(min(int(budgets[index]), self.settings.longest_copy), 0)]
             tokens[index, : proposal.numel()] = proposal
             lengths[index] = proposal.numel()
             trusted[index] = proposal.numel() > 0 and lookup.trusts(match_length)
@@ -282,21 +338,25 @@ class BatchedKangarooDecoder:
             dtype=torch.bool,
         )
 
-    def _draft_sequences(self, tokens: list[torch.LongTensor]) -> list[torch.LongTensor]:
-        """Each row's sequence with this round's drafts so far, for the logits processors (none: not built)."""
+    def _draft_sequences(self, chains: list[list[int]], tokens: list[torch.LongTensor]) -> list[torch.LongTensor]:
+        """Each row's sequence with its chain's drafts so far, for the logits processors (none: not built)."""
         if not len(self.processors):
             return []
-        drafts = torch.stack(tokens[1:], dim=1) if len(tokens) > 1 else None
+        slots = torch.cat(tokens, dim=1)
         return [
-            self.sequences[row] if drafts is None else torch.cat([self.sequences[row], drafts[i : i + 1]], dim=1)
-            for i, row in enumerate(self.rows.tolist())
+            torch.cat([self.sequences[row], slots[index : index + 1, chains[index]]], dim=1)
+            for index, row in enumerate(self.rows.tolist())
         ]
+
+    def _one_hot(self, tokens: torch.LongTensor) -> torch.Tensor:
+        """(B, V) scores of deterministic proposals `tokens` (B,): 0 at the token, -inf elsewhere."""
+        one_hot = torch.full((tokens.numel(), self.model.parts.lm_head.out_features), float("-inf"))
+        one_hot[torch.arange(tokens.numel()), tokens] = 0.0
+        return one_hot
 
     def _draft_distribution(self, scores, vocab_ids, copying, drafts) -> torch.Tensor:
         """(B, V) scores each row's draft was drawn from: the processed draft scores, one-hot for copied drafts."""
-        vocab_size = self.model.parts.lm_head.out_features
-        one_hot = torch.full((drafts.numel(), vocab_size), float("-inf"))
-        one_hot[torch.arange(drafts.numel()), drafts] = 0.0
+        one_hot = self._one_hot(drafts)
         if scores is None:
             return one_hot
         return torch.where(copying[:, None], one_hot, scores)
@@ -340,6 +400,8 @@ class BatchedKangarooDecoder:
     # -- the result ------------------------------------------------------------------------------------------------
 
     def _result(self, prompt_length: int) -> Any:
+        if self.streamer is not None:
+            self.streamer.end()
         for stats in self.stats:
             self.total_stats.add(stats)
         self.total_stats.rows = self.stats

@@ -82,6 +82,16 @@ class KangarooConfig(PreTrainedConfig):
             Copy-heavy answers (extraction, quoting) then copy even where a sure adapter disagrees, while answers whose
             matches miss keep the adapter's drafts. The rate is checked against the token the base actually emits,
             whatever was proposed. 0 turns this off; must be in [0, 1).
+        tree_rounds (`bool`, *optional*, defaults to `False`):
+            Verify the context's copy and the adapter's chain together, as one token tree. Each round puts the
+            prompt-lookup continuation and the adapter's drafts side by side below the round's first token, verifies
+            both in one forward (a tree attention mask, per-node positions) and keeps the branch the base accepts
+            further, so a round gains at least what the better of the two would. Needs `lookup_num_tokens > 0`.
+            Decodes in Kangaroo's own loop (batch 1 included); `lookup_trust_ngram` and `lookup_hit_rate_decay`
+            choose between copy and chain, so they do not apply.
+        tree_max_nodes (`int`, *optional*, defaults to 16):
+            Most drafted tokens a tree round verifies per sequence. The adapter's chain takes up to
+            `max_draft_tokens`, the copy branch the rest; must exceed `max_draft_tokens`.
         peft_adapter_name_or_path (`str`, *optional*):
             The PEFT (e.g. LoRA) adapter the base was tuned with when the Kangaroo adapter was trained.
         peft_adapter_revision (`str`, *optional*):
@@ -132,6 +142,9 @@ class KangarooConfig(PreTrainedConfig):
     lookup_max_tokens: int = 0
     lookup_trust_ngram: int = 0
     lookup_hit_rate_decay: float = 0.0
+    # Tree rounds: the copy and the chain verified together, so a round never has to guess which one lands.
+    tree_rounds: bool = False
+    tree_max_nodes: int = 16
     # The PEFT adapter of a LoRA-tuned base, so loading rebuilds the same tuned model.
     peft_adapter_name_or_path: str | None = None
     peft_adapter_revision: str | None = None
@@ -177,6 +190,7 @@ class KangarooConfig(PreTrainedConfig):
                 f"got {self.draft_vocab_size!r}."
             )
         validate_lookup(*(getattr(self, name) for name in LOOKUP_FIELDS))
+        validate_tree(self.tree_rounds, self.tree_max_nodes, self.max_draft_tokens, self.lookup_num_tokens)
 
     def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> PreTrainedConfig:
         """The base's config: caches, masks and generation are sized by the wrapped model."""
@@ -287,6 +301,23 @@ def validate_lookup(
         raise ValueError(f"lookup_hit_rate_decay must be a number in [0, 1) (0 = off), got {hit_rate_decay!r}.")
 
 
+def validate_tree(tree_rounds: bool, tree_max_nodes: int, max_draft_tokens: int, lookup_num_tokens: int) -> None:
+    """Raise `ValueError` for a non-bool switch, a node cap that leaves the copy branch no room, or tree rounds
+    without prompt lookup (no copy branch to verify beside the chain)."""
+    if not isinstance(tree_rounds, bool):
+        raise ValueError(f"tree_rounds must be a bool, got {tree_rounds!r}.")
+    if not _is_int(tree_max_nodes) or tree_max_nodes <= max_draft_tokens:
+        raise ValueError(
+            f"tree_max_nodes must be an int above max_draft_tokens ({max_draft_tokens}), so that the copy branch has "
+            f"room beside the chain, got {tree_max_nodes!r}."
+        )
+    if tree_rounds and not lookup_num_tokens:
+        raise ValueError(
+            "tree_rounds verifies the context's copy beside the adapter's chain: set lookup_num_tokens > 0 "
+            "(prompt lookup), or leave tree_rounds off."
+        )
+
+
 __all__ = [
     "KangarooConfig",
     "check_settings",
@@ -295,4 +326,5 @@ __all__ = [
     "setting_summary",
     "validate_draft_settings",
     "validate_lookup",
+    "validate_tree",
 ]

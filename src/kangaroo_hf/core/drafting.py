@@ -17,7 +17,7 @@ from transformers import Cache, DynamicCache, GenerationConfig, LogitsProcessorL
 from transformers.generation import GenerationMode
 
 from .compat import LoopCandidateGenerator
-from .configuration import LOOKUP_FIELDS, validate_draft_settings, validate_lookup
+from .configuration import LOOKUP_FIELDS, validate_draft_settings, validate_lookup, validate_tree
 from .draft_head import DraftHead, RowProcessors
 from .lookup import PromptLookup
 from .stats import KangarooStats
@@ -44,10 +44,18 @@ DRAFT_SETTINGS = (
     "max_draft_tokens",
     "first_draft_threshold",
     *LOOKUP_FIELDS,
+    "tree_rounds",
+    "tree_max_nodes",
 )
 
 # The settings `generate()` (and `kangaroo-hf generate`) can override for one call.
-PER_CALL_SETTINGS = ("draft_threshold", "max_draft_tokens", "first_draft_threshold", "lookup_num_tokens")
+PER_CALL_SETTINGS = (
+    "draft_threshold",
+    "max_draft_tokens",
+    "first_draft_threshold",
+    "lookup_num_tokens",
+    "tree_rounds",
+)
 
 
 @dataclass(frozen=True)
@@ -65,10 +73,13 @@ class DraftSettings:
     lookup_max_tokens: int = 0
     lookup_trust_ngram: int = 0
     lookup_hit_rate_decay: float = 0.0
+    tree_rounds: bool = False
+    tree_max_nodes: int = 16
 
     def __post_init__(self) -> None:
         validate_draft_settings(self.draft_threshold, self.max_draft_tokens, self.first_draft_threshold)
         validate_lookup(*(getattr(self, name) for name in LOOKUP_FIELDS))
+        validate_tree(self.tree_rounds, self.tree_max_nodes, self.max_draft_tokens, self.lookup_num_tokens)
 
     @classmethod
     def from_config(cls, config: Any, **overrides: Any) -> DraftSettings:
@@ -84,6 +95,13 @@ class DraftSettings:
     @property
     def longest_lookup(self) -> int:
         return max(self.lookup_num_tokens, self.lookup_max_tokens) if self.lookup_num_tokens else 0
+
+    @property
+    def longest_copy(self) -> int:
+        """Most tokens a round copies from the context (in tree rounds, what the node cap leaves beside the chain)."""
+        if self.tree_rounds:
+            return min(self.longest_lookup, self.tree_max_nodes - self.max_draft_tokens)
+        return self.longest_lookup
 
     @property
     def longest_draft(self) -> int:

@@ -22,18 +22,16 @@ from transformers import (
     DynamicCache,
     GenerationConfig,
     GenerationMixin,
-    LogitsProcessorList,
     PreTrainedModel,
-    StoppingCriteriaList,
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .adapter import KangarooAdapter, context_training_mask
-from .batched import BatchedKangarooDecoder
 from .checkpoint import load_kangaroo, push_kangaroo, save_kangaroo
-from .compat import GenerationHooks, attention_implementation, create_causal_mask
+from .compat import create_causal_mask
 from .configuration import KangarooConfig, check_settings
-from .drafting import DraftSettings, KangarooCandidateGenerator, check_decoding_mode
+from .decoding import KangarooDecoding
+from .drafting import DraftSettings, check_decoding_mode
 from .kernels import CpuKernels
 from .layers import DecoderParts, unwrap_generation_config
 from .peft import peft_fingerprint
@@ -72,7 +70,7 @@ class KangarooPreTrainedModel(PreTrainedModel):
             nn.init.ones_(module.weight)  # RMSNorm
 
 
-class KangarooForCausalLM(KangarooPreTrainedModel, GenerationHooks, GenerationMixin):
+class KangarooForCausalLM(KangarooPreTrainedModel, KangarooDecoding, GenerationMixin):
     r"""
     A LLaMA-family causal LM with Kangaroo self-speculative decoding.
 
@@ -530,6 +528,7 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationHooks, GenerationMi
         max_draft_tokens: int | None = None,
         lookup_num_tokens: int | None = None,
         first_draft_threshold: float | None = None,
+        tree_rounds: bool | None = None,
         use_kangaroo: bool = True,
         cpu_kernels: CpuKernels | bool | None = None,
         **kwargs: Any,
@@ -541,6 +540,8 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationHooks, GenerationMi
             max_draft_tokens: per-call override of `config.max_draft_tokens`.
             lookup_num_tokens: per-call override of `config.lookup_num_tokens` (0 disables copying from context).
             first_draft_threshold: per-call override of `config.first_draft_threshold`.
+            tree_rounds: per-call override of `config.tree_rounds` (verify the context's copy and the adapter's
+                chain together; needs prompt lookup).
             use_kangaroo: `False` decodes with the base alone (no drafting).
             cpu_kernels: per-call override of `self.cpu_kernels` (a `CpuKernels`; `False` turns the CPU kernels off).
             **kwargs: every usual `generate()` argument (max_new_tokens, do_sample, streamer, stop_strings, ...).
@@ -555,6 +556,7 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationHooks, GenerationMi
                 max_draft_tokens=max_draft_tokens,
                 lookup_num_tokens=lookup_num_tokens,
                 first_draft_threshold=first_draft_threshold,
+                tree_rounds=tree_rounds,
             )
         self.last_generate_stats = None
         if settings is not None:
@@ -580,98 +582,6 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationHooks, GenerationMi
             yield
         finally:
             setattr(self, name, previous)
-
-    def candidate_generator_for(
-        self,
-        input_ids: torch.LongTensor,
-        logits_processor: LogitsProcessorList,
-        stopping_criteria: StoppingCriteriaList,
-        generation_config: GenerationConfig,
-        model_kwargs: dict[str, Any],
-    ) -> KangarooCandidateGenerator | None:
-        """The candidate generator greedy search and sampling run with (`compat.GenerationHooks`): Kangaroo's when
-        enabled for this call, else None (the base's own decoding)."""
-        settings = self._draft_settings
-        if settings is None or input_ids.shape[0] != 1:
-            return None
-        self._check_kangaroo_call(generation_config, model_kwargs)
-        generator = KangarooCandidateGenerator(
-            self,
-            settings,
-            generation_config,
-            logits_processor,
-            stopping_criteria,
-            use_few_row_matmul=self.uses_few_row_matmul(),
-            use_packed_weights=self.uses_packed_weights(),
-        )
-        self.last_generate_stats = generator.stats
-        return generator
-
-    def own_decoder_for(
-        self,
-        input_ids: torch.LongTensor,
-        logits_processor: LogitsProcessorList,
-        stopping_criteria: StoppingCriteriaList,
-        generation_config: GenerationConfig,
-        model_kwargs: dict[str, Any],
-    ) -> BatchedKangarooDecoder | None:
-        """The decoder of a batch (B > 1) when Kangaroo is enabled for this call (`compat.GenerationHooks`); None
-        otherwise (one sequence runs in transformers' assisted loop)."""
-        settings = self._draft_settings
-        if settings is None or input_ids.shape[0] == 1:
-            return None
-        self._check_kangaroo_call(generation_config, model_kwargs)
-        if model_kwargs.get("streamer") is not None:
-            self._refuse_streamer(input_ids.shape[0])
-        requested = [
-            name for name in ("output_attentions", "output_hidden_states") if getattr(generation_config, name)
-        ]
-        if requested:
-            raise ValueError(f"{requested} are not available with batched Kangaroo decoding; use_kangaroo=False.")
-        attention = attention_implementation(self.parts.config)
-        if attention not in (None, "sdpa", "eager"):
-            raise ValueError(
-                f"Batched Kangaroo decoding builds 4D attention masks, which attn_implementation={attention!r} does "
-                "not take; load the base with attn_implementation='sdpa' or 'eager'."
-            )
-        decoder = BatchedKangarooDecoder(
-            self,
-            settings,
-            generation_config,
-            logits_processor,
-            stopping_criteria,
-            batch_size=input_ids.shape[0],
-            use_few_row_matmul=self.uses_few_row_matmul(),
-            use_packed_weights=self.uses_packed_weights(),
-        )
-        self.last_generate_stats = decoder.total_stats
-        return decoder
-
-    @staticmethod
-    def _refuse_streamer(batch_size: int) -> None:
-        raise ValueError(
-            f"Streamers handle one sequence; this batch has {batch_size}. Stream one prompt at a time, or drop the "
-            "streamer."
-        )
-
-    def _check_kangaroo_call(self, generation_config: GenerationConfig, model_kwargs: dict[str, Any]) -> None:
-        """Refuse what Kangaroo decoding cannot honour: a lossy acceptance rule, or no fresh dynamic cache."""
-        if generation_config.assistant_ensemble_weight is not None:
-            raise ValueError(
-                "assistant_ensemble_weight relaxes verification (lossy); Kangaroo decoding is lossless and does not "
-                f"support it (got {generation_config.assistant_ensemble_weight})."
-            )
-        cache = model_kwargs.get("cache")
-        if not isinstance(cache, DynamicCache) or cache.get_seq_length() > 0:
-            raise ValueError(
-                "Kangaroo decoding needs use_cache=True and a fresh DynamicCache (it writes the shallow layers' KV "
-                f"during drafting and crops after verification), got {type(cache).__name__}."
-            )
-
-    def decoding_context(self, decoder: Any) -> contextlib.AbstractContextManager:
-        """The CPU kernels (`cpu_kernels`) around the whole decoding loop: the prefill, drafting steps and
-        verifications."""
-        return self.decoding_kernels()
 
 
 __all__ = ["KangarooAdapter", "KangarooCausalLMOutput", "KangarooForCausalLM", "KangarooPreTrainedModel"]

@@ -24,6 +24,8 @@ class SlotTable:
         self.positions = positions  # (B, S)
         self.fill = (positions >= 0).long().cumsum(-1).argmax(-1) + 1  # one past each row's last filled slot
         self.round_start = positions.shape[1]
+        # ancestors[b, i, j]: round slot j is slot i or one of its ancestors in row b's token tree this round.
+        self.ancestors = torch.zeros(positions.shape[0], 0, 0, dtype=torch.bool, device=positions.device)
 
     @classmethod
     def from_attention_mask(cls, attention_mask: torch.Tensor) -> SlotTable:
@@ -49,9 +51,26 @@ class SlotTable:
     def start_round(self) -> None:
         """The slots appended from now on belong to a new round (drafts and their verification)."""
         self.round_start = self.length
+        self.ancestors = self.ancestors.new_zeros(self.positions.shape[0], 0, 0)
 
-    def append(self, positions: torch.LongTensor) -> None:
-        """Append slots (B, T) at `positions` (-1: the slot holds nothing for that row)."""
+    def append(self, positions: torch.LongTensor, parents: torch.LongTensor | None = None) -> None:
+        """Append round slots (B, T) at `positions` (-1: the slot holds nothing for that row), each the child of the
+        round slot `parents` (B, T) (offsets from the round's first slot; -1: a root; default: a chain, each slot
+        the child of the slot before it)."""
+        batch, count = positions.shape
+        offset = self.length - self.round_start
+        if parents is None:
+            parents = torch.arange(offset - 1, offset + count - 1, device=positions.device).expand(batch, count)
+        width = offset + count
+        ancestors = torch.zeros(batch, width, width, dtype=torch.bool, device=positions.device)
+        ancestors[:, :offset, :offset] = self.ancestors
+        rows = torch.arange(batch, device=positions.device)
+        for index in range(count):
+            parent = parents[:, index]
+            line = ancestors[rows, parent.clamp(min=0)] & (parent >= 0)[:, None]
+            line[:, offset + index] = True
+            ancestors[:, offset + index] = line
+        self.ancestors = ancestors
         self.positions = torch.cat([self.positions, positions], dim=1)
 
     def masks(
@@ -70,6 +89,10 @@ class SlotTable:
         keys = self.positions[:, :end]  # (B, K)
         queries = keys[:, query_start:]  # (B, Q)
         seen = (keys[:, None, :] >= 0) & (keys[:, None, :] <= queries[:, :, None])  # (B, Q, K)
+        if end > self.round_start:  # within the round a query sees its own ancestors only (other branches: never)
+            first = max(query_start, self.round_start) - self.round_start
+            in_round = self.ancestors[:, first : end - self.round_start, : end - self.round_start]
+            seen[:, seen.shape[1] - in_round.shape[1] :, self.round_start :] &= in_round
         # A query slot holding nothing sees itself only, so that no attention row is empty.
         own = torch.arange(query_start, end, device=keys.device)[:, None] == torch.arange(end, device=keys.device)
         result = {}
@@ -102,7 +125,7 @@ class SlotTable:
         self.fill = self.fill + torch.tensor([len(path) for path in paths], dtype=torch.long, device=device)
         length = int(self.fill.max())
         self.positions = self.positions[:, :length]
-        self.round_start = length
+        self.start_round()
         return rows_t, sources_t, destinations_t, length
 
     def select_rows(self, rows: torch.LongTensor) -> int:
@@ -110,7 +133,7 @@ class SlotTable:
         self.fill = self.fill[rows]
         length = int(self.fill.max())
         self.positions = self.positions[rows, :length]
-        self.round_start = length
+        self.start_round()
         return length
 
 

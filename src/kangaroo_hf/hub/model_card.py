@@ -167,11 +167,7 @@ def render_model_card(folder: str | os.PathLike, repo_id: str | None = None) -> 
     params, size, dtype = adapter_size(folder)
     metrics = _read_json(folder / METRICS_NAME)
     training_args = _read_json(folder / TRAINING_ARGS_NAME)
-    training_section = (
-        _recipe(training_args)
-        if training_args
-        else "Training settings and data were not recorded."
-    )
+    training_section = _recipe(training_args) if training_args else "Training settings and data were not recorded."
     metrics_section = _measured(metrics) if metrics else "No measurements were recorded for this checkpoint yet."
     return load_template().substitute(
         yaml_base_model=f"base_model: {base_name}\nbase_model_relation: adapter\n" if _is_hub_id(base_name) else "",

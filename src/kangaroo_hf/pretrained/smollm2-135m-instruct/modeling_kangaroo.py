@@ -1,12 +1,12 @@
 # GENERATED FILE, DO NOT EDIT. `python -m kangaroo_hf.hub.remote_code` built it from the sources of
-# kangaroo_hf 0.1.0: kangaroo_hf/core/layers.py, kangaroo_hf/core/kernels.py, kangaroo_hf/core/adapter.py, kangaroo_hf/core/stats.py, kangaroo_hf/core/draft_head.py, kangaroo_hf/core/lookup.py, kangaroo_hf/core/drafting.py, kangaroo_hf/core/peft.py, kangaroo_hf/core/checkpoint.py, kangaroo_hf/core/acceptance.py, kangaroo_hf/core/slots.py, kangaroo_hf/core/batched.py, kangaroo_hf/core/modeling.py. Edit those and regenerate.
+# kangaroo_hf 0.1.0: kangaroo_hf/core/layers.py, kangaroo_hf/core/kernels.py, kangaroo_hf/core/adapter.py, kangaroo_hf/core/stats.py, kangaroo_hf/core/draft_head.py, kangaroo_hf/core/lookup.py, kangaroo_hf/core/drafting.py, kangaroo_hf/core/peft.py, kangaroo_hf/core/checkpoint.py, kangaroo_hf/core/acceptance.py, kangaroo_hf/core/slots.py, kangaroo_hf/core/batched.py, kangaroo_hf/core/decoding.py, kangaroo_hf/core/modeling.py. Edit those and regenerate.
 # ruff: noqa
 """Kangaroo self-speculative decoding (arXiv 2404.18911), `modeling_kangaroo.py` for loading with
 `trust_remote_code=True` where the `kangaroo_hf` package is not installed."""
 
 from __future__ import annotations
 
-from .configuration_kangaroo import GenerationHooks, KangarooConfig, LOOKUP_FIELDS, LoopCandidateGenerator, __version__, attention_implementation, cache_layer_tensors, check_settings, create_causal_mask, create_sliding_window_causal_mask, validate_draft_settings, validate_lookup
+from .configuration_kangaroo import GenerationHooks, KangarooConfig, LOOKUP_FIELDS, LoopCandidateGenerator, __version__, attention_implementation, cache_layer_tensors, check_settings, create_causal_mask, create_sliding_window_causal_mask, validate_draft_settings, validate_lookup, validate_tree
 
 
 # ------------------------------------------------------------------------------
@@ -850,10 +850,18 @@ DRAFT_SETTINGS = (
     "max_draft_tokens",
     "first_draft_threshold",
     *LOOKUP_FIELDS,
+    "tree_rounds",
+    "tree_max_nodes",
 )
 
 # The settings `generate()` (and `kangaroo-hf generate`) can override for one call.
-PER_CALL_SETTINGS = ("draft_threshold", "max_draft_tokens", "first_draft_threshold", "lookup_num_tokens")
+PER_CALL_SETTINGS = (
+    "draft_threshold",
+    "max_draft_tokens",
+    "first_draft_threshold",
+    "lookup_num_tokens",
+    "tree_rounds",
+)
 
 
 @dataclass(frozen=True)
@@ -871,10 +879,13 @@ class DraftSettings:
     lookup_max_tokens: int = 0
     lookup_trust_ngram: int = 0
     lookup_hit_rate_decay: float = 0.0
+    tree_rounds: bool = False
+    tree_max_nodes: int = 16
 
     def __post_init__(self) -> None:
         validate_draft_settings(self.draft_threshold, self.max_draft_tokens, self.first_draft_threshold)
         validate_lookup(*(getattr(self, name) for name in LOOKUP_FIELDS))
+        validate_tree(self.tree_rounds, self.tree_max_nodes, self.max_draft_tokens, self.lookup_num_tokens)
 
     @classmethod
     def from_config(cls, config: Any, **overrides: Any) -> DraftSettings:
@@ -890,6 +901,13 @@ class DraftSettings:
     @property
     def longest_lookup(self) -> int:
         return max(self.lookup_num_tokens, self.lookup_max_tokens) if self.lookup_num_tokens else 0
+
+    @property
+    def longest_copy(self) -> int:
+        """Most tokens a round copies from the context (in tree rounds, what the node cap leaves beside the chain)."""
+        if self.tree_rounds:
+            return min(self.longest_lookup, self.tree_max_nodes - self.max_draft_tokens)
+        return self.longest_lookup
 
     @property
     def longest_draft(self) -> int:
@@ -1792,6 +1810,35 @@ def accept_sampled(
     return accepted, int(torch.multinomial(distribution, num_samples=1))
 
 
+def accept_tree_greedy(branches: list[tuple[torch.LongTensor, torch.Tensor]]) -> tuple[int, int, int]:
+    """(branch, accepted drafts, next token) for `branches`, each (drafts (k,), the base's processed scores at the
+    root and after each draft (k + 1, V)): the branch with the longest accepted prefix (the first on a tie)."""
+    results = [accept_greedy(drafts, scores) for drafts, scores in branches]
+    best = max(range(len(results)), key=lambda index: (results[index][0], -index))
+    return best, *results[best]
+
+
+def accept_tree_sampled(
+    branches: list[tuple[torch.LongTensor, torch.Tensor, torch.Tensor]],
+) -> tuple[int | None, int, int]:
+    """(branch or None, accepted drafts, next token) for `branches`, each (drafts (k,), the scores they were drawn
+    from (k, V), the base's processed scores at the root and after each draft (k + 1, V)); every branch has the same
+    root scores. SpecInfer's rule at the root, then speculative sampling down the accepted branch."""
+    p = branches[0][2][0].softmax(dim=-1)
+    for index, (drafts, draft_scores, target_scores) in enumerate(branches):
+        if not drafts.numel():
+            continue
+        q = draft_scores[0].softmax(dim=-1)
+        first = int(drafts[0])
+        if float(torch.rand(())) < float(p[first] / q[first]):
+            accepted, token = accept_sampled(drafts[1:], draft_scores[1:], target_scores[1:])
+            return index, accepted + 1, token
+        residual = (p - q).clamp(min=0)
+        total = residual.sum()
+        p = residual / total if total > torch.finfo(total.dtype).tiny else p
+    return None, 0, int(torch.multinomial(p, num_samples=1))
+
+
 # ------------------------------------------------------------------------------
 # kangaroo_hf/core/slots.py
 # ------------------------------------------------------------------------------
@@ -1806,6 +1853,8 @@ class SlotTable:
         self.positions = positions  # (B, S)
         self.fill = (positions >= 0).long().cumsum(-1).argmax(-1) + 1  # one past each row's last filled slot
         self.round_start = positions.shape[1]
+        # ancestors[b, i, j]: round slot j is slot i or one of its ancestors in row b's token tree this round.
+        self.ancestors = torch.zeros(positions.shape[0], 0, 0, dtype=torch.bool, device=positions.device)
 
     @classmethod
     def from_attention_mask(cls, attention_mask: torch.Tensor) -> SlotTable:
@@ -1831,9 +1880,26 @@ class SlotTable:
     def start_round(self) -> None:
         """The slots appended from now on belong to a new round (drafts and their verification)."""
         self.round_start = self.length
+        self.ancestors = self.ancestors.new_zeros(self.positions.shape[0], 0, 0)
 
-    def append(self, positions: torch.LongTensor) -> None:
-        """Append slots (B, T) at `positions` (-1: the slot holds nothing for that row)."""
+    def append(self, positions: torch.LongTensor, parents: torch.LongTensor | None = None) -> None:
+        """Append round slots (B, T) at `positions` (-1: the slot holds nothing for that row), each the child of the
+        round slot `parents` (B, T) (offsets from the round's first slot; -1: a root; default: a chain, each slot
+        the child of the slot before it)."""
+        batch, count = positions.shape
+        offset = self.length - self.round_start
+        if parents is None:
+            parents = torch.arange(offset - 1, offset + count - 1, device=positions.device).expand(batch, count)
+        width = offset + count
+        ancestors = torch.zeros(batch, width, width, dtype=torch.bool, device=positions.device)
+        ancestors[:, :offset, :offset] = self.ancestors
+        rows = torch.arange(batch, device=positions.device)
+        for index in range(count):
+            parent = parents[:, index]
+            line = ancestors[rows, parent.clamp(min=0)] & (parent >= 0)[:, None]
+            line[:, offset + index] = True
+            ancestors[:, offset + index] = line
+        self.ancestors = ancestors
         self.positions = torch.cat([self.positions, positions], dim=1)
 
     def masks(
@@ -1852,6 +1918,10 @@ class SlotTable:
         keys = self.positions[:, :end]  # (B, K)
         queries = keys[:, query_start:]  # (B, Q)
         seen = (keys[:, None, :] >= 0) & (keys[:, None, :] <= queries[:, :, None])  # (B, Q, K)
+        if end > self.round_start:  # within the round a query sees its own ancestors only (other branches: never)
+            first = max(query_start, self.round_start) - self.round_start
+            in_round = self.ancestors[:, first : end - self.round_start, : end - self.round_start]
+            seen[:, seen.shape[1] - in_round.shape[1] :, self.round_start :] &= in_round
         # A query slot holding nothing sees itself only, so that no attention row is empty.
         own = torch.arange(query_start, end, device=keys.device)[:, None] == torch.arange(end, device=keys.device)
         result = {}
@@ -1884,7 +1954,7 @@ class SlotTable:
         self.fill = self.fill + torch.tensor([len(path) for path in paths], dtype=torch.long, device=device)
         length = int(self.fill.max())
         self.positions = self.positions[:, :length]
-        self.round_start = length
+        self.start_round()
         return rows_t, sources_t, destinations_t, length
 
     def select_rows(self, rows: torch.LongTensor) -> int:
@@ -1892,7 +1962,7 @@ class SlotTable:
         self.fill = self.fill[rows]
         length = int(self.fill.max())
         self.positions = self.positions[rows, :length]
-        self.round_start = length
+        self.start_round()
         return length
 
 
@@ -1928,20 +1998,23 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 @dataclass
 class DraftRound:
-    """One round's proposals: `tokens` (B, R), the row's newest token then its drafts (`counts[b]` of them, the
-    other slots hold nothing), their `exit_states` (B, R, D), and for sampling the distributions the drafts were drawn
-    from, `draft_scores` (B, R - 1, V) (one-hot for copied drafts)."""
+    """One round's proposals. `tokens` (B, R): the round's slots, slot 0 holding each row's newest token; the other
+    slots hold drafts, in `branches[b]` (each branch the slot offsets of its drafts in order; a chain round has one
+    branch, a tree round the context's copy, `copy_branch[b]`, and the adapter's chain), or nothing. `exit_states`
+    (B, R, D) are the slots' exit states; for sampling, `draft_scores` (B, R, V) are the scores each slot's draft was
+    drawn from (one-hot for copied drafts)."""
 
     tokens: torch.LongTensor
-    counts: list[int]
     exit_states: torch.Tensor
+    branches: list[list[list[int]]]
+    copy_branch: list[int | None]
     draft_scores: torch.Tensor | None
-    copied: list[bool]
     lookup_first_tokens: list[int | None]
 
 
 class BatchedKangarooDecoder:
-    """Decodes a batch (B > 1) with Kangaroo; `decode` returns what `generate()` returns."""
+    """Decodes a batch, or one sequence with tree rounds, with Kangaroo; `decode` returns what `generate()`
+    returns."""
 
     def __init__(
         self,
@@ -1953,7 +2026,11 @@ class BatchedKangarooDecoder:
         batch_size: int,
         use_few_row_matmul: bool = False,
         use_packed_weights: bool = False,
+        streamer: Any = None,
     ) -> None:
+        if streamer is not None and batch_size > 1:
+            raise ValueError(f"Streamers handle one sequence; this batch has {batch_size}.")
+        self.streamer = streamer
         self.model = model
         self.settings = settings
         self.generation_config = generation_config
@@ -1987,7 +2064,7 @@ class BatchedKangarooDecoder:
         while self.rows.numel():
             round_ = self._draft()
             target_logits = self._verify(round_)
-            paths = [self._accept(index, round_, logits) for index, logits in enumerate(target_logits)]
+            paths = [self._accept(index, round_, target_logits[index]) for index in range(self.rows.numel())]
             self._keep(paths)
         return self._result(input_ids.shape[1])
 
@@ -2014,58 +2091,91 @@ class BatchedKangarooDecoder:
             scores = self._process([row], [self.sequences[row]], logits[row : row + 1])
             token = int(self.head.choose(scores, None)) if self.do_sample else int(scores.argmax())
             self._emit(row, [token], scores, logits[row : row + 1])
+            if self.streamer is not None:
+                self.streamer.put(torch.tensor([token]))
             self.stats[row].record_step(0, 0)
             self.pending[row] = token
         self._keep([[] for _ in range(batch)])
 
     def _draft(self) -> DraftRound:
-        """Lockstep drafting (see the module docstring): each step adds one slot to every row."""
-        model, table, settings = self.model, self.table, self.settings
+        """Lockstep drafting (see the module docstring). A tree round first puts the context's copy below the newest
+        token (known in advance: one shallow call for both); then each step adds one chain slot to every row."""
+        model, table, settings, tree = self.model, self.table, self.settings, self.settings.tree_rounds
         table.start_round()
         first_position = table.next_positions
         budgets = torch.tensor([self._budget(int(row)) for row in self.rows])
         copy_tokens, copy_lengths, copying = self._proposals(budgets)  # trusted matches copy outright
-        proposing, live = budgets > 0, torch.ones_like(budgets, dtype=torch.bool)
-        counts = torch.zeros_like(budgets)
-        tokens, exits, draft_scores, adapter_fed = [self.pending.clone()], [], [], 0
-        for step in range(settings.longest_draft + 1):
-            table.append((first_position + step).masked_fill(~live, -1)[:, None])
-            positions = table.positions[:, -1:].clamp(min=0)
-            exits.append(model.shallow_forward(tokens[-1][:, None], positions, self.cache, self._masks(-1)))
-            if step == settings.longest_draft or not proposing.any():
+        batch, rows = budgets.numel(), torch.arange(budgets.numel())
+        copy_width = int(copy_lengths.max()) if tree else 0
+        depths = torch.arange(copy_width + 1)
+        first = torch.cat([self.pending[:, None], copy_tokens[:, :copy_width]], dim=1)
+        table.append((first_position[:, None] + depths).masked_fill(depths > copy_lengths[:, None] * tree, -1))
+        exits = [
+            model.shallow_forward(
+                first, table.positions[:, -first.shape[1] :].clamp(min=0), self.cache, self._masks(table.round_start)
+            )
+        ]
+        tokens = [first]
+        scores_by_slot = [self._one_hot(first[:, i]) for i in range(first.shape[1])] if self.do_sample else []
+        branches = [[list(range(1, int(length) + 1))] if tree and length else [] for length in copy_lengths]
+        chains: list[list[int]] = [[] for _ in range(batch)]
+        copying &= not tree  # a tree round verifies the copy as its own branch beside the adapter's chain
+        proposing, counts = budgets > 0, torch.zeros_like(budgets)
+        last_slot, adapter_fed = torch.zeros_like(budgets), 0
+        for step in range(settings.max_draft_tokens if tree else settings.longest_draft):
+            if not proposing.any():
                 break
             drafts, confidence, scores, vocab_ids = copy_tokens[:, step], None, None, None
             if (proposing & ~copying).any():
-                hidden, adapter_fed = self._adapter_step(exits, adapter_fed), step + 1
-                scores, vocab_ids = self.head.scores(hidden, self.rows.tolist(), self._draft_sequences(tokens))
+                states = torch.cat(exits, dim=1)
+                # rows that stopped read a stale slot (clamped): their outputs are not used
+                hidden = self._adapter_step(states, adapter_fed)[rows, (last_slot - adapter_fed).clamp(min=0)]
+                adapter_fed = states.shape[1]
+                scores, vocab_ids = self.head.scores(hidden, self.rows.tolist(), self._draft_sequences(chains, tokens))
                 confidence, top = self.head.top1(scores, vocab_ids)
                 if step == 0:
-                    copying |= self._prefers_copy(copy_tokens, copy_lengths, top, confidence)
+                    copying |= self._prefers_copy(copy_tokens, copy_lengths, top, confidence) & (not tree)
                     proposing &= copying | (confidence >= settings.first_draft_threshold)
                 drafts = torch.where(copying, drafts, self.head.choose(scores, vocab_ids))
-            if self.do_sample:
-                draft_scores.append(self._draft_distribution(scores, vocab_ids, copying, drafts))
-            live = proposing.clone()  # the next slot holds a draft for these rows
+            live = proposing.clone()  # the new slot holds a draft for these rows
             counts += live.long()
-            tokens.append(torch.where(live, drafts, self.pending))
+            offset = table.length - table.round_start
+            table.append((first_position + counts).masked_fill(~live, -1)[:, None], last_slot[:, None])
+            drafts = torch.where(live, drafts, self.pending)
+            tokens.append(drafts[:, None])
+            exits.append(
+                model.shallow_forward(
+                    drafts[:, None], table.positions[:, -1:].clamp(min=0), self.cache, self._masks(-1)
+                )
+            )
+            if self.do_sample:
+                scores_by_slot.append(self._draft_distribution(scores, vocab_ids, copying, drafts))
+            last_slot = torch.where(live, offset, last_slot)
+            for index in live.nonzero().view(-1).tolist():
+                chains[index].append(offset)
             limit = torch.where(copying, copy_lengths, torch.full_like(counts, settings.max_draft_tokens))
             proposing &= (counts < limit) & (counts < budgets) & ~self._is_eos(drafts)
             if confidence is not None:  # draft early exit (paper section 3.2): an unsure draft ends the row's round
                 proposing &= copying | (confidence >= settings.draft_threshold)
-        if not self.final_context and adapter_fed < len(exits):
-            self._adapter_step(exits, adapter_fed)  # the adapter's cache follows the table: every slot in it
-        width = len(exits)
+        exit_states = torch.cat(exits, dim=1)
+        if not self.final_context and adapter_fed < exit_states.shape[1]:
+            self._adapter_step(exit_states, adapter_fed)  # the adapter's cache follows the table: every slot in it
+        for index, chain in enumerate(chains):
+            if chain:
+                branches[index].append(chain)
+        copied = [bool(copying[i]) and bool(chains[i]) for i in range(batch)]
         return DraftRound(
-            tokens=torch.stack(tokens[:width], dim=1),
-            counts=counts.tolist(),
-            exit_states=torch.cat(exits, dim=1),
-            draft_scores=torch.stack(draft_scores[: width - 1], dim=1) if self.do_sample and width > 1 else None,
-            copied=(copying & (counts > 0)).tolist(),
-            lookup_first_tokens=[int(copy_tokens[i, 0]) if copy_lengths[i] else None for i in range(len(budgets))],
+            tokens=torch.cat(tokens, dim=1),
+            exit_states=exit_states,
+            branches=branches,
+            copy_branch=[0 if (tree and copy_lengths[i]) or copied[i] else None for i in range(batch)],
+            draft_scores=torch.stack(scores_by_slot, dim=1) if self.do_sample else None,
+            lookup_first_tokens=[int(copy_tokens[i, 0]) if copy_lengths[i] else None for i in range(batch)],
         )
 
-    def _verify(self, round_: DraftRound) -> list[torch.Tensor]:
-        """The deep layers over every row's round slots; the base's logits (k_b + 1, V) at each row's real slots."""
+    def _verify(self, round_: DraftRound) -> torch.Tensor:
+        """The deep layers over every row's round slots; the base's logits (B, R, V) at the real slots (zeros
+        elsewhere: the LM head runs on real slots only)."""
         table = self.table
         positions = table.positions[:, table.round_start :].clamp(min=0)
         masks = self._masks(table.round_start)
@@ -2075,33 +2185,47 @@ class BatchedKangarooDecoder:
             self._feed_adapter(final_states, positions, masks)
         real = table.positions[:, table.round_start :] >= 0
         logits = self.model.lm_head_logits(final_states[real]).float()
-        return list(logits.split([count + 1 for count in round_.counts]))
+        full = logits.new_zeros(*real.shape, logits.shape[-1])
+        full[real] = logits
+        return full
 
     def _accept(self, index: int, round_: DraftRound, logits: torch.Tensor) -> list[int]:
-        """Accept row `index`'s drafts, emit its tokens; returns the round slots its caches keep."""
-        row, count = int(self.rows[index]), round_.counts[index]
-        drafts = round_.tokens[index, 1 : count + 1]
+        """Accept row `index`'s drafts (the best branch), emit its tokens; returns the round slots its caches keep."""
+        row, branches = int(self.rows[index]), round_.branches[index] or [[]]
         sequence = self.sequences[row]
-        scores = logits
-        if len(self.processors):
-            sequences = [torch.cat([sequence, drafts[None, :i]], dim=1) for i in range(count + 1)]
-            scores = self._process([row] * (count + 1), sequences, logits)
+        candidates = []
+        for branch in branches:
+            drafts = round_.tokens[index, branch]
+            slots = [0, *branch]  # the base's scores at the root and after each draft
+            scores = logits[slots]
+            if len(self.processors):
+                paths = [torch.cat([sequence, drafts[None, :i]], dim=1) for i in range(len(slots))]
+                scores = self._process([row] * len(slots), paths, scores)
+            sampled = round_.draft_scores[index, branch] if self.do_sample else None
+            candidates.append((drafts, scores, logits[slots], sampled))
         if self.do_sample:
-            draft_scores = round_.draft_scores[index, :count] if count else None
-            accepted, token = accept_sampled(drafts, draft_scores, scores)
+            chosen, accepted, token = accept_tree_sampled([(d, q, p) for d, p, _, q in candidates])
         else:
-            accepted, token = accept_greedy(drafts, scores)
-        emitted = self._emit(row, [*drafts[:accepted].tolist(), token], scores, logits)
-        self.stats[row].record_step(count, emitted - 1)
-        if round_.copied[index]:
-            self.stats[row].lookup_rounds += 1
+            chosen, accepted, token = accept_tree_greedy([(d, p) for d, p, _, _ in candidates])
+        drafts, scores, raw, _ = candidates[chosen if chosen is not None else 0]
+        emitted = self._emit(row, [*drafts[:accepted].tolist(), token], scores, raw)
+        if self.streamer is not None:
+            self.streamer.put(self.sequences[row][0, sequence.shape[1] :].cpu())
+        copy_branch = round_.copy_branch[index]
+        kept_copy = copy_branch is not None and chosen == copy_branch and accepted > 0
+        self.stats[row].record_step(len(branches[chosen if chosen is not None else 0]), emitted - 1)
+        self.stats[row].lookup_rounds += int(kept_copy)
         if self.lookups[row] is not None:
+            copy = branches[copy_branch] if copy_branch is not None else []
+            copy_accepted = accepted if kept_copy else 0
+            if copy and not self.do_sample and chosen != copy_branch:  # greedy knows how far the copy would have gone
+                copy_accepted = accept_greedy(candidates[copy_branch][0], candidates[copy_branch][1])[0]
+            emitted_first = int(self.sequences[row][0, sequence.shape[1]])
             first = round_.lookup_first_tokens[index]
-            self.lookups[row].record_round(
-                first, int(self.sequences[row][0, sequence.shape[1]]), round_.copied[index], count, accepted
-            )
+            self.lookups[row].record_round(first, emitted_first, bool(copy), len(copy), copy_accepted)
         self.pending[index] = token
-        return list(range(accepted + 1))  # the round's first token and the accepted drafts
+        branch = branches[chosen] if chosen is not None else []
+        return [0, *branch[:accepted]]  # the round's first token and the accepted drafts
 
     def _keep(self, paths: list[list[int]]) -> None:
         """Every cache keeps each row's accepted slots; rows that are done leave the batch."""
@@ -2122,14 +2246,15 @@ class BatchedKangarooDecoder:
         dtype = self.model.parts.lm_head.weight.dtype
         return self.table.masks(query_start, self.layer_kinds, self.sliding_window, dtype, end=end)
 
-    def _adapter_step(self, exits: list[torch.Tensor], fed: int) -> torch.Tensor:
-        """The adapter on this round's exit states from slot `fed` on (those it has not seen); its last output."""
-        states = torch.cat(exits[fed:], dim=1)
+    def _adapter_step(self, exit_states: torch.Tensor, fed: int) -> torch.Tensor:
+        """The adapter on this round's exit states (B, R, D) from slot `fed` on (those it has not seen); its
+        outputs (B, R - fed, D)."""
+        states = exit_states[:, fed:]
         start = self.table.round_start + fed
         end = start + states.shape[1]
         positions = self.table.positions[:, start:end].clamp(min=0)
         masks = self._masks(start, end)
-        return self.model.adapter_forward(states, positions, self.adapter_cache, masks[FULL_ATTENTION])[:, -1]
+        return self.model.adapter_forward(states, positions, self.adapter_cache, masks[FULL_ATTENTION])
 
     def _feed_adapter(self, states: torch.Tensor, positions: torch.LongTensor, masks: dict[str, torch.Tensor]) -> None:
         """Write verified tokens into the adapter's cache: their exit states, or their final states."""
@@ -2154,7 +2279,7 @@ class BatchedKangarooDecoder:
             if lookup is None:
                 continue
             proposal, match_length = lookup.propose(self.sequences[row][0])
-            proposal = proposal[: max(int(budgets[index]), 0)]
+            proposal = proposal[: max(min(int(budgets[index]), self.settings.longest_copy), 0)]
             tokens[index, : proposal.numel()] = proposal
             lengths[index] = proposal.numel()
             trusted[index] = proposal.numel() > 0 and lookup.trusts(match_length)
@@ -2176,21 +2301,25 @@ class BatchedKangarooDecoder:
             dtype=torch.bool,
         )
 
-    def _draft_sequences(self, tokens: list[torch.LongTensor]) -> list[torch.LongTensor]:
-        """Each row's sequence with this round's drafts so far, for the logits processors (none: not built)."""
+    def _draft_sequences(self, chains: list[list[int]], tokens: list[torch.LongTensor]) -> list[torch.LongTensor]:
+        """Each row's sequence with its chain's drafts so far, for the logits processors (none: not built)."""
         if not len(self.processors):
             return []
-        drafts = torch.stack(tokens[1:], dim=1) if len(tokens) > 1 else None
+        slots = torch.cat(tokens, dim=1)
         return [
-            self.sequences[row] if drafts is None else torch.cat([self.sequences[row], drafts[i : i + 1]], dim=1)
-            for i, row in enumerate(self.rows.tolist())
+            torch.cat([self.sequences[row], slots[index : index + 1, chains[index]]], dim=1)
+            for index, row in enumerate(self.rows.tolist())
         ]
+
+    def _one_hot(self, tokens: torch.LongTensor) -> torch.Tensor:
+        """(B, V) scores of deterministic proposals `tokens` (B,): 0 at the token, -inf elsewhere."""
+        one_hot = torch.full((tokens.numel(), self.model.parts.lm_head.out_features), float("-inf"))
+        one_hot[torch.arange(tokens.numel()), tokens] = 0.0
+        return one_hot
 
     def _draft_distribution(self, scores, vocab_ids, copying, drafts) -> torch.Tensor:
         """(B, V) scores each row's draft was drawn from: the processed draft scores, one-hot for copied drafts."""
-        vocab_size = self.model.parts.lm_head.out_features
-        one_hot = torch.full((drafts.numel(), vocab_size), float("-inf"))
-        one_hot[torch.arange(drafts.numel()), drafts] = 0.0
+        one_hot = self._one_hot(drafts)
         if scores is None:
             return one_hot
         return torch.where(copying[:, None], one_hot, scores)
@@ -2234,6 +2363,8 @@ class BatchedKangarooDecoder:
     # -- the result ------------------------------------------------------------------------------------------------
 
     def _result(self, prompt_length: int) -> Any:
+        if self.streamer is not None:
+            self.streamer.end()
         for stats in self.stats:
             self.total_stats.add(stats)
         self.total_stats.rows = self.stats
@@ -2266,6 +2397,117 @@ class BatchedKangarooDecoder:
 
 
 # ------------------------------------------------------------------------------
+# kangaroo_hf/core/decoding.py
+# ------------------------------------------------------------------------------
+
+import contextlib
+from typing import Any
+
+import torch
+from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+
+
+class KangarooDecoding(GenerationHooks):
+    """The decoding hooks of a Kangaroo model (mixed into `KangarooForCausalLM`, which provides `_draft_settings`
+    for the current call, `last_generate_stats`, `parts` and the CPU kernels)."""
+
+    def candidate_generator_for(
+        self,
+        input_ids: torch.LongTensor,
+        logits_processor: LogitsProcessorList,
+        stopping_criteria: StoppingCriteriaList,
+        generation_config: GenerationConfig,
+        model_kwargs: dict[str, Any],
+    ) -> KangarooCandidateGenerator | None:
+        """The candidate generator greedy search and sampling run with (`compat.GenerationHooks`): Kangaroo's when
+        enabled for this call, else None (the base's own decoding)."""
+        settings = self._draft_settings
+        if settings is None or input_ids.shape[0] != 1:
+            return None
+        self._check_kangaroo_call(generation_config, model_kwargs)
+        generator = KangarooCandidateGenerator(
+            self,
+            settings,
+            generation_config,
+            logits_processor,
+            stopping_criteria,
+            use_few_row_matmul=self.uses_few_row_matmul(),
+            use_packed_weights=self.uses_packed_weights(),
+        )
+        self.last_generate_stats = generator.stats
+        return generator
+
+    def own_decoder_for(
+        self,
+        input_ids: torch.LongTensor,
+        logits_processor: LogitsProcessorList,
+        stopping_criteria: StoppingCriteriaList,
+        generation_config: GenerationConfig,
+        model_kwargs: dict[str, Any],
+    ) -> BatchedKangarooDecoder | None:
+        """Kangaroo's own decoding loop for this call (`compat.GenerationHooks`): for a batch (B > 1) or tree rounds;
+        None otherwise (one sequence with chain rounds runs in transformers' assisted loop)."""
+        settings = self._draft_settings
+        if settings is None or (input_ids.shape[0] == 1 and not settings.tree_rounds):
+            return None
+        self._check_kangaroo_call(generation_config, model_kwargs)
+        streamer = model_kwargs.get("streamer")
+        if streamer is not None and input_ids.shape[0] > 1:
+            self._refuse_streamer(input_ids.shape[0])
+        requested = [
+            name for name in ("output_attentions", "output_hidden_states") if getattr(generation_config, name)
+        ]
+        if requested:
+            raise ValueError(f"{requested} are not available with batched Kangaroo decoding; use_kangaroo=False.")
+        attention = attention_implementation(self.parts.config)
+        if attention not in (None, "sdpa", "eager"):
+            raise ValueError(
+                f"Batched Kangaroo decoding and tree rounds build 4D attention masks, which "
+                f"attn_implementation={attention!r} does not take; load the base with attn_implementation='sdpa' or "
+                "'eager'."
+            )
+        decoder = BatchedKangarooDecoder(
+            self,
+            settings,
+            generation_config,
+            logits_processor,
+            stopping_criteria,
+            batch_size=input_ids.shape[0],
+            use_few_row_matmul=self.uses_few_row_matmul(),
+            use_packed_weights=self.uses_packed_weights(),
+            streamer=streamer,
+        )
+        self.last_generate_stats = decoder.total_stats
+        return decoder
+
+    @staticmethod
+    def _refuse_streamer(batch_size: int) -> None:
+        raise ValueError(
+            f"Streamers handle one sequence; this batch has {batch_size}. Stream one prompt at a time, or drop the "
+            "streamer."
+        )
+
+    def _check_kangaroo_call(self, generation_config: GenerationConfig, model_kwargs: dict[str, Any]) -> None:
+        """Refuse what Kangaroo decoding cannot honour: a lossy acceptance rule, or no fresh dynamic cache."""
+        if generation_config.assistant_ensemble_weight is not None:
+            raise ValueError(
+                "assistant_ensemble_weight relaxes verification (lossy); Kangaroo decoding is lossless and does not "
+                f"support it (got {generation_config.assistant_ensemble_weight})."
+            )
+        cache = model_kwargs.get("cache")
+        if not isinstance(cache, DynamicCache) or cache.get_seq_length() > 0:
+            raise ValueError(
+                "Kangaroo decoding needs use_cache=True and a fresh DynamicCache (it writes the shallow layers' KV "
+                f"during drafting and crops after verification), got {type(cache).__name__}."
+            )
+
+    def decoding_context(self, decoder: Any) -> contextlib.AbstractContextManager:
+        """The CPU kernels (`cpu_kernels`) around the whole decoding loop: the prefill, drafting steps and
+        verifications."""
+        return self.decoding_kernels()
+
+
+# ------------------------------------------------------------------------------
 # kangaroo_hf/core/modeling.py
 # ------------------------------------------------------------------------------
 
@@ -2284,9 +2526,7 @@ from transformers import (
     DynamicCache,
     GenerationConfig,
     GenerationMixin,
-    LogitsProcessorList,
     PreTrainedModel,
-    StoppingCriteriaList,
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -2324,7 +2564,7 @@ class KangarooPreTrainedModel(PreTrainedModel):
             nn.init.ones_(module.weight)  # RMSNorm
 
 
-class KangarooForCausalLM(KangarooPreTrainedModel, GenerationHooks, GenerationMixin):
+class KangarooForCausalLM(KangarooPreTrainedModel, KangarooDecoding, GenerationMixin):
     r"""
     A LLaMA-family causal LM with Kangaroo self-speculative decoding.
 
@@ -2782,6 +3022,7 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationHooks, GenerationMi
         max_draft_tokens: int | None = None,
         lookup_num_tokens: int | None = None,
         first_draft_threshold: float | None = None,
+        tree_rounds: bool | None = None,
         use_kangaroo: bool = True,
         cpu_kernels: CpuKernels | bool | None = None,
         **kwargs: Any,
@@ -2793,6 +3034,8 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationHooks, GenerationMi
             max_draft_tokens: per-call override of `config.max_draft_tokens`.
             lookup_num_tokens: per-call override of `config.lookup_num_tokens` (0 disables copying from context).
             first_draft_threshold: per-call override of `config.first_draft_threshold`.
+            tree_rounds: per-call override of `config.tree_rounds` (verify the context's copy and the adapter's
+                chain together; needs prompt lookup).
             use_kangaroo: `False` decodes with the base alone (no drafting).
             cpu_kernels: per-call override of `self.cpu_kernels` (a `CpuKernels`; `False` turns the CPU kernels off).
             **kwargs: every usual `generate()` argument (max_new_tokens, do_sample, streamer, stop_strings, ...).
@@ -2807,6 +3050,7 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationHooks, GenerationMi
                 max_draft_tokens=max_draft_tokens,
                 lookup_num_tokens=lookup_num_tokens,
                 first_draft_threshold=first_draft_threshold,
+                tree_rounds=tree_rounds,
             )
         self.last_generate_stats = None
         if settings is not None:
@@ -2833,98 +3077,6 @@ class KangarooForCausalLM(KangarooPreTrainedModel, GenerationHooks, GenerationMi
         finally:
             setattr(self, name, previous)
 
-    def candidate_generator_for(
-        self,
-        input_ids: torch.LongTensor,
-        logits_processor: LogitsProcessorList,
-        stopping_criteria: StoppingCriteriaList,
-        generation_config: GenerationConfig,
-        model_kwargs: dict[str, Any],
-    ) -> KangarooCandidateGenerator | None:
-        """The candidate generator greedy search and sampling run with (`compat.GenerationHooks`): Kangaroo's when
-        enabled for this call, else None (the base's own decoding)."""
-        settings = self._draft_settings
-        if settings is None or input_ids.shape[0] != 1:
-            return None
-        self._check_kangaroo_call(generation_config, model_kwargs)
-        generator = KangarooCandidateGenerator(
-            self,
-            settings,
-            generation_config,
-            logits_processor,
-            stopping_criteria,
-            use_few_row_matmul=self.uses_few_row_matmul(),
-            use_packed_weights=self.uses_packed_weights(),
-        )
-        self.last_generate_stats = generator.stats
-        return generator
-
-    def own_decoder_for(
-        self,
-        input_ids: torch.LongTensor,
-        logits_processor: LogitsProcessorList,
-        stopping_criteria: StoppingCriteriaList,
-        generation_config: GenerationConfig,
-        model_kwargs: dict[str, Any],
-    ) -> BatchedKangarooDecoder | None:
-        """The decoder of a batch (B > 1) when Kangaroo is enabled for this call (`compat.GenerationHooks`); None
-        otherwise (one sequence runs in transformers' assisted loop)."""
-        settings = self._draft_settings
-        if settings is None or input_ids.shape[0] == 1:
-            return None
-        self._check_kangaroo_call(generation_config, model_kwargs)
-        if model_kwargs.get("streamer") is not None:
-            self._refuse_streamer(input_ids.shape[0])
-        requested = [
-            name for name in ("output_attentions", "output_hidden_states") if getattr(generation_config, name)
-        ]
-        if requested:
-            raise ValueError(f"{requested} are not available with batched Kangaroo decoding; use_kangaroo=False.")
-        attention = attention_implementation(self.parts.config)
-        if attention not in (None, "sdpa", "eager"):
-            raise ValueError(
-                f"Batched Kangaroo decoding builds 4D attention masks, which attn_implementation={attention!r} does "
-                "not take; load the base with attn_implementation='sdpa' or 'eager'."
-            )
-        decoder = BatchedKangarooDecoder(
-            self,
-            settings,
-            generation_config,
-            logits_processor,
-            stopping_criteria,
-            batch_size=input_ids.shape[0],
-            use_few_row_matmul=self.uses_few_row_matmul(),
-            use_packed_weights=self.uses_packed_weights(),
-        )
-        self.last_generate_stats = decoder.total_stats
-        return decoder
-
-    @staticmethod
-    def _refuse_streamer(batch_size: int) -> None:
-        raise ValueError(
-            f"Streamers handle one sequence; this batch has {batch_size}. Stream one prompt at a time, or drop the "
-            "streamer."
-        )
-
-    def _check_kangaroo_call(self, generation_config: GenerationConfig, model_kwargs: dict[str, Any]) -> None:
-        """Refuse what Kangaroo decoding cannot honour: a lossy acceptance rule, or no fresh dynamic cache."""
-        if generation_config.assistant_ensemble_weight is not None:
-            raise ValueError(
-                "assistant_ensemble_weight relaxes verification (lossy); Kangaroo decoding is lossless and does not "
-                f"support it (got {generation_config.assistant_ensemble_weight})."
-            )
-        cache = model_kwargs.get("cache")
-        if not isinstance(cache, DynamicCache) or cache.get_seq_length() > 0:
-            raise ValueError(
-                "Kangaroo decoding needs use_cache=True and a fresh DynamicCache (it writes the shallow layers' KV "
-                f"during drafting and crops after verification), got {type(cache).__name__}."
-            )
-
-    def decoding_context(self, decoder: Any) -> contextlib.AbstractContextManager:
-        """The CPU kernels (`cpu_kernels`) around the whole decoding loop: the prefill, drafting steps and
-        verifications."""
-        return self.decoding_kernels()
-
 
 __all__ = [
     "ADAPTER_WEIGHTS_NAME",
@@ -2945,6 +3097,7 @@ __all__ = [
     "KangarooAdapter",
     "KangarooCandidateGenerator",
     "KangarooCausalLMOutput",
+    "KangarooDecoding",
     "KangarooForCausalLM",
     "KangarooPreTrainedModel",
     "METRICS_NAME",
@@ -2956,6 +3109,8 @@ __all__ = [
     "TRAINING_ARGS_NAME",
     "accept_greedy",
     "accept_sampled",
+    "accept_tree_greedy",
+    "accept_tree_sampled",
     "check_base_matches",
     "check_decoding_mode",
     "cpu_linear",
