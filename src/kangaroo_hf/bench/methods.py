@@ -164,11 +164,21 @@ def run_kangaroo(
     return _new_tokens(output, input_ids), model.last_generate_stats
 
 
+def run_kangaroo_tree(
+    model: Any, input_ids: torch.LongTensor, gen_kwargs: dict[str, Any]
+) -> tuple[list[int], KangarooStats]:
+    """Kangaroo decoding with tree rounds (`tree_rounds=True`: the context's copy and the adapter's chain verified
+    together; needs the model's prompt lookup)."""
+    output = model.generate(input_ids, use_kangaroo=True, tree_rounds=True, **gen_kwargs)
+    return _new_tokens(output, input_ids), model.last_generate_stats
+
+
 METHODS: dict[str, MethodRunner] = {
     "vanilla": run_vanilla,
     "pld": run_pld,
     "early_exit": run_early_exit,
     "kangaroo": run_kangaroo,
+    "kangaroo_tree": run_kangaroo_tree,
     "vanilla_cpu_kernels": run_vanilla_cpu_kernels,
     "pld_cpu_kernels": run_pld_cpu_kernels,
 }
@@ -185,7 +195,7 @@ def resolve_method(name: str) -> str:
 
 def method_kernels(name: str, model: Any) -> str:
     """Which products the method's linear layers ran through, for the report."""
-    if name == "kangaroo" or name == "pld_cpu_kernels":
+    if name in ("kangaroo", "kangaroo_tree", "pld_cpu_kernels"):
         few_row, packed = model.uses_few_row_matmul(), model.uses_packed_weights()
     elif name == "vanilla_cpu_kernels":  # what pays for one-token steps: no packing in float32
         few_row = model.uses_few_row_matmul()
@@ -211,6 +221,7 @@ __all__ = [
     "MethodRunner",
     "run_early_exit",
     "run_kangaroo",
+    "run_kangaroo_tree",
     "run_pld",
     "run_pld_cpu_kernels",
     "run_vanilla",

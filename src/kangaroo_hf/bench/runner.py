@@ -12,6 +12,7 @@ Methods (the `METHODS` registry in `bench/methods.py`; add a runner there to add
 - `early_exit`: transformers' `assistant_early_exit` on the base, exiting at Kangaroo's `exit_layer`, with Kangaroo's
   `draft_threshold` and `max_draft_tokens` as confidence threshold and draft cap: Kangaroo without the adapter.
 - `kangaroo`: `model.generate(..., use_kangaroo=True)`.
+- `kangaroo_tree` (not run by default): `kangaroo` with tree rounds (the copy and the chain verified together).
 - `vanilla_cpu_kernels`, `pld_cpu_kernels` (not run by default; their earlier names `vanilla_few_row`, `pld_few_row`
   are accepted): `vanilla` and `pld` through the CPU kernels Kangaroo decoding uses (`model.decoding_kernels`), to
   separate the kernels' share of Kangaroo's speed-up from speculation's. `vanilla_cpu_kernels` gets those that pay for

@@ -29,7 +29,7 @@ from .draft_head import DraftHead, RowProcessors
 from .drafting import DraftingModel, DraftSettings
 from .layers import FULL_ATTENTION, layer_types
 from .lookup import PromptLookup
-from .slots import SlotTable, move_slots, select_cache_rows
+from .slots import SlotTable, move_slots, reorder_slots, select_cache_rows
 from .stats import KangarooStats
 
 
@@ -135,79 +135,106 @@ class BatchedKangarooDecoder:
         self._keep([[] for _ in range(batch)])
 
     def _draft(self) -> DraftRound:
-        """Lockstep drafting (see the module docstring). A tree round first puts the context's copy below the newest
-        token (known in advance: one shallow call for both); then each step adds one chain slot to every row."""
+        """Lockstep drafting (see the module docstring). Step 0 puts each row's newest token and its context's copy
+        (known in advance) through the shallow layers in one call; the adapter's first draft then decides, per row,
+        between the copy and the chain (a tree round keeps both); each later step adds one chain slot to every row."""
         model, table, settings, tree = self.model, self.table, self.settings, self.settings.tree_rounds
         table.start_round()
         first_position = table.next_positions
         budgets = torch.tensor([self._budget(int(row)) for row in self.rows])
         copy_tokens, copy_lengths, copying = self._proposals(budgets)  # trusted matches copy outright
         batch, rows = budgets.numel(), torch.arange(budgets.numel())
-        copy_width = int(copy_lengths.max()) if tree else 0
-        depths = torch.arange(copy_width + 1)
-        first = torch.cat([self.pending[:, None], copy_tokens[:, :copy_width]], dim=1)
-        table.append((first_position[:, None] + depths).masked_fill(depths > copy_lengths[:, None] * tree, -1))
-        exits = [
-            model.shallow_forward(
-                first, table.positions[:, -first.shape[1] :].clamp(min=0), self.cache, self._masks(table.round_start)
-            )
-        ]
+        depths = torch.arange(int(copy_lengths.max()) + 1)
+        first = torch.cat([self.pending[:, None], copy_tokens[:, : depths.numel() - 1]], dim=1)
+        table.append((first_position[:, None] + depths).masked_fill(depths > copy_lengths[:, None], -1))
+        positions = table.positions[:, table.round_start :].clamp(min=0)
+        exits = [model.shallow_forward(first, positions, self.cache, self._masks(table.round_start))]
         tokens = [first]
         scores_by_slot = [self._one_hot(first[:, i]) for i in range(first.shape[1])] if self.do_sample else []
-        branches = [[list(range(1, int(length) + 1))] if tree and length else [] for length in copy_lengths]
         chains: list[list[int]] = [[] for _ in range(batch)]
         copying &= not tree  # a tree round verifies the copy as its own branch beside the adapter's chain
-        proposing, counts = budgets > 0, torch.zeros_like(budgets)
+        proposing, counts = (budgets > 0) & ~copying, torch.zeros_like(budgets)
         last_slot, adapter_fed = torch.zeros_like(budgets), 0
-        for step in range(settings.max_draft_tokens if tree else settings.longest_draft):
+        for step in range(settings.max_draft_tokens):
             if not proposing.any():
                 break
-            drafts, confidence, scores, vocab_ids = copy_tokens[:, step], None, None, None
-            if (proposing & ~copying).any():
-                states = torch.cat(exits, dim=1)
-                # rows that stopped read a stale slot (clamped): their outputs are not used
-                hidden = self._adapter_step(states, adapter_fed)[rows, (last_slot - adapter_fed).clamp(min=0)]
-                adapter_fed = states.shape[1]
-                scores, vocab_ids = self.head.scores(hidden, self.rows.tolist(), self._draft_sequences(chains, tokens))
-                confidence, top = self.head.top1(scores, vocab_ids)
-                if step == 0:
-                    copying |= self._prefers_copy(copy_tokens, copy_lengths, top, confidence) & (not tree)
-                    proposing &= copying | (confidence >= settings.first_draft_threshold)
-                drafts = torch.where(copying, drafts, self.head.choose(scores, vocab_ids))
-            live = proposing.clone()  # the new slot holds a draft for these rows
-            counts += live.long()
+            states = torch.cat(exits, dim=1)
+            # rows that stopped read a stale slot (clamped): their outputs are not used
+            hidden = self._adapter_step(states, adapter_fed)[rows, (last_slot - adapter_fed).clamp(min=0)]
+            adapter_fed = states.shape[1]
+            scores, vocab_ids = self.head.scores(hidden, self.rows.tolist(), self._draft_sequences(chains, tokens))
+            confidence, top = self.head.top1(scores, vocab_ids)
+            if step == 0:
+                if not tree:
+                    copying |= proposing & self._prefers_copy(copy_tokens, copy_lengths, top, confidence)
+                    proposing &= ~copying
+                proposing &= confidence >= settings.first_draft_threshold
+            drafts = torch.where(proposing, self.head.choose(scores, vocab_ids), self.pending)
+            counts += proposing.long()
             offset = table.length - table.round_start
-            table.append((first_position + counts).masked_fill(~live, -1)[:, None], last_slot[:, None])
-            drafts = torch.where(live, drafts, self.pending)
+            table.append((first_position + counts).masked_fill(~proposing, -1)[:, None], last_slot[:, None])
             tokens.append(drafts[:, None])
-            exits.append(
-                model.shallow_forward(
-                    drafts[:, None], table.positions[:, -1:].clamp(min=0), self.cache, self._masks(-1)
-                )
-            )
+            positions = table.positions[:, -1:].clamp(min=0)
+            exits.append(model.shallow_forward(drafts[:, None], positions, self.cache, self._masks(-1)))
             if self.do_sample:
-                scores_by_slot.append(self._draft_distribution(scores, vocab_ids, copying, drafts))
-            last_slot = torch.where(live, offset, last_slot)
-            for index in live.nonzero().view(-1).tolist():
+                scores_by_slot.append(scores)
+            last_slot = torch.where(proposing, offset, last_slot)
+            for index in proposing.nonzero().view(-1).tolist():
                 chains[index].append(offset)
-            limit = torch.where(copying, copy_lengths, torch.full_like(counts, settings.max_draft_tokens))
-            proposing &= (counts < limit) & (counts < budgets) & ~self._is_eos(drafts)
-            if confidence is not None:  # draft early exit (paper section 3.2): an unsure draft ends the row's round
-                proposing &= copying | (confidence >= settings.draft_threshold)
+            proposing &= (counts < settings.max_draft_tokens) & (counts < budgets) & ~self._is_eos(drafts)
+            proposing &= confidence >= settings.draft_threshold  # draft early exit (paper section 3.2)
+        if not tree:  # the copies of rows that chose the chain are not verified
+            dropped = ~copying[:, None] & (torch.arange(table.length - table.round_start) < depths.numel())
+            dropped[:, 0] = False
+            table.positions[:, table.round_start :].masked_fill_(dropped, -1)
         exit_states = torch.cat(exits, dim=1)
         if not self.final_context and adapter_fed < exit_states.shape[1]:
             self._adapter_step(exit_states, adapter_fed)  # the adapter's cache follows the table: every slot in it
-        for index, chain in enumerate(chains):
-            if chain:
-                branches[index].append(chain)
-        copied = [bool(copying[i]) and bool(chains[i]) for i in range(batch)]
-        return DraftRound(
+        copies = [
+            list(range(1, int(length) + 1)) if tree or copying[i] else [] for i, length in enumerate(copy_lengths)
+        ]
+        round_ = DraftRound(
             tokens=torch.cat(tokens, dim=1),
             exit_states=exit_states,
-            branches=branches,
-            copy_branch=[0 if (tree and copy_lengths[i]) or copied[i] else None for i in range(batch)],
+            branches=[
+                [branch for branch in (copy, chain) if branch] for copy, chain in zip(copies, chains, strict=True)
+            ],
+            copy_branch=[0 if copy else None for copy in copies],
             draft_scores=torch.stack(scores_by_slot, dim=1) if self.do_sample else None,
             lookup_first_tokens=[int(copy_tokens[i, 0]) if copy_lengths[i] else None for i in range(batch)],
+        )
+        return self._compact(round_)
+
+    def _compact(self, round_: DraftRound) -> DraftRound:
+        """Move each row's real round slots to the front (in order, so parents stay before children) and drop the
+        columns no row uses, in the table, the shallow layers' and the adapter's caches and the round itself: the
+        verification then runs on as few slots per row as the row with the most drafts needs."""
+        table, start = self.table, self.table.round_start
+        real = table.positions[:, start:] >= 0
+        width = int(real.sum(dim=1).max())
+        if width == real.shape[1]:
+            return round_
+        order = torch.sort((~real).long(), dim=1, stable=True).indices  # real slots first, in their order
+        new_offset = order.argsort(dim=1)
+        table.reorder_round(order, width)
+        reorder_slots(self.cache, start, order, width)
+        if self.final_context:  # its drafting entries are replaced after verification anyway
+            self.adapter_cache.crop(start - self.adapter_cache.get_seq_length())
+        else:
+            reorder_slots(self.adapter_cache, start, order, width)
+        gather = order[:, :width]
+        remap = [new_offset[index].tolist() for index in range(order.shape[0])]
+        return DraftRound(
+            tokens=round_.tokens.gather(1, gather),
+            exit_states=round_.exit_states.gather(1, gather[:, :, None].expand(-1, -1, round_.exit_states.shape[2])),
+            branches=[
+                [[remap[i][o] for o in branch] for branch in branches] for i, branches in enumerate(round_.branches)
+            ],
+            copy_branch=round_.copy_branch,
+            draft_scores=None
+            if round_.draft_scores is None
+            else round_.draft_scores.gather(1, gather[:, :, None].expand(-1, -1, round_.draft_scores.shape[2])),
+            lookup_first_tokens=round_.lookup_first_tokens,
         )
 
     def _verify(self, round_: DraftRound) -> torch.Tensor:
@@ -353,13 +380,6 @@ class BatchedKangarooDecoder:
         one_hot = torch.full((tokens.numel(), self.model.parts.lm_head.out_features), float("-inf"))
         one_hot[torch.arange(tokens.numel()), tokens] = 0.0
         return one_hot
-
-    def _draft_distribution(self, scores, vocab_ids, copying, drafts) -> torch.Tensor:
-        """(B, V) scores each row's draft was drawn from: the processed draft scores, one-hot for copied drafts."""
-        one_hot = self._one_hot(drafts)
-        if scores is None:
-            return one_hot
-        return torch.where(copying[:, None], one_hot, scores)
 
     def _is_eos(self, tokens: torch.LongTensor) -> torch.Tensor:
         return torch.tensor([int(token) in self.eos_token_ids for token in tokens], dtype=torch.bool)

@@ -128,6 +128,14 @@ class SlotTable:
         self.start_round()
         return rows_t, sources_t, destinations_t, length
 
+    def reorder_round(self, order: torch.LongTensor, width: int) -> None:
+        """Put row b's round slot `order[b, i]` at round offset i, and keep the first `width` round slots."""
+        start = self.round_start
+        self.positions = torch.cat([self.positions[:, :start], self.positions[:, start:].gather(1, order)], 1)
+        self.positions = self.positions[:, : start + width]
+        rows = torch.arange(order.shape[0], device=order.device)[:, None, None]
+        self.ancestors = self.ancestors[rows, order[:, :width, None], order[:, None, :width]]
+
     def select_rows(self, rows: torch.LongTensor) -> int:
         """Keep only `rows` of the batch; returns the new length (the longest remaining row's fill)."""
         self.fill = self.fill[rows]
@@ -149,10 +157,24 @@ def move_slots(
         layer.set(*(tensor[:, :, :length] for tensor in layer.tensors()))
 
 
+def reorder_slots(cache, start: int, order: torch.LongTensor, width: int) -> None:
+    """In every layer of `cache` holding slots past `start`, put row b's slot `start + order[b, i]` at `start + i`
+    and keep `start + width` slots (`SlotTable.reorder_round` for the caches)."""
+    for layer in cache_layer_tensors(cache):
+        tensors = layer.tensors()
+        if tensors[0].shape[2] <= start:
+            continue  # a layer the round has not reached yet (the deep layers, before verification)
+        moved = []
+        for tensor in tensors:
+            index = order[:, None, :width, None].expand(-1, tensor.shape[1], -1, tensor.shape[3])
+            moved.append(torch.cat([tensor[:, :, :start], tensor[:, :, start:].gather(2, index)], dim=2))
+        layer.set(*moved)
+
+
 def select_cache_rows(cache, rows: torch.LongTensor, length: int) -> None:
     """Keep only `rows` of the batch, and the first `length` slots, in every layer of `cache`."""
     for layer in cache_layer_tensors(cache):
         layer.set(*(tensor[rows, :, :length] for tensor in layer.tensors()))
 
 
-__all__ = ["FULL_ATTENTION", "SLIDING_ATTENTION", "SlotTable", "move_slots", "select_cache_rows"]
+__all__ = ["FULL_ATTENTION", "SLIDING_ATTENTION", "SlotTable", "move_slots", "reorder_slots", "select_cache_rows"]
