@@ -439,3 +439,34 @@ def test_prompt_lookup_flags_set_both_prompt_lookup_methods(monkeypatch, tmp_pat
     assert args.handler(args) == 1
     expected = {"prompt_lookup_num_tokens": 3, "max_matching_ngram_size": 3}
     assert seen["options"]["pld"] == seen["options"]["pld_cpu_kernels"] == expected
+
+
+def test_batched_bench_reports_every_batch_size_and_is_lossless(tmp_path, monkeypatch, capsys):
+    """`kangaroo-hf bench --batch-size`: tokens/s per method and batch size, identical rows, tau beside batch 1."""
+    model = make_kangaroo("llama", draft_threshold=0.3, max_draft_tokens=4, lookup_num_tokens=2)
+    path = _write_questions(tmp_path / "q.jsonl", categories=("math", "rag"), per_category=2)
+    tokenizer = tiny_tokenizer()
+    tokenizer.pad_token = "<unk>"
+    monkeypatch.setattr(loading, "load_model", lambda name, dtype, device="cpu": (model, tokenizer))
+    argv = ["--questions", str(path), "--batch-size", "1,2,4", "--max-new-tokens", "8", "--output", str(tmp_path)]
+    assert bench.main(argv) == 0
+    results = json.loads((tmp_path / "batch_results.json").read_text())
+    assert set(results["batch_sizes"]) == {"1", "2", "4"} and results["prompts"] == 4
+    assert results["lossless"] is True
+    for summary in results["batch_sizes"].values():
+        assert set(summary) == {"vanilla", "vanilla_cpu_kernels", "kangaroo"}
+        assert summary["kangaroo"]["identical_fraction"] == 1.0 and summary["kangaroo"]["failed_rows"] == 0
+        assert summary["kangaroo"]["tau_gap_vs_batch_1"]["max_abs"] == 0.0  # float32: rows draft as they do alone
+    assert (tmp_path / "batch_speedup.png").exists() and "| 4 |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="Batched benchmark methods"):
+        bench.main([*argv, "--methods", "vanilla,pld"])
+
+
+def test_kangaroo_tree_method_runs_tree_rounds(tmp_path):
+    model = make_kangaroo("llama", draft_threshold=0.3, max_draft_tokens=4, lookup_num_tokens=2)
+    questions = load_questions(_write_questions(tmp_path / "q.jsonl"))[:2]
+    results = run_benchmark(
+        model, tiny_tokenizer(), questions, tmp_path, _settings(methods=("vanilla", "kangaroo", "kangaroo_tree"))
+    )
+    assert results["lossless"] is True
+    assert results["methods"]["kangaroo_tree"]["overall"]["identical_fraction"] == 1.0
