@@ -2093,6 +2093,7 @@ class BatchedKangarooDecoder:
     def _prefill(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> None:
         """All prompt tokens through every layer (and the adapter), and each row's first new token."""
         model, batch = self.model, input_ids.shape[0]
+        self.device = device = input_ids.device
         self.cache, self.adapter_cache = DynamicCache(), DynamicCache()
         self.table = SlotTable.from_attention_mask(attention_mask)
         self.rows = torch.arange(batch)  # original indices of the rows still decoding
@@ -2108,7 +2109,7 @@ class BatchedKangarooDecoder:
         final_states = model.deep_forward(exit_states, positions, self.cache, masks)
         self._feed_adapter(final_states if self.final_context else exit_states, positions, masks)
         logits = model.lm_head_logits(final_states[:, -1]).float()  # left padding: every row's last slot is real
-        self.pending = torch.empty(batch, dtype=torch.long)
+        self.pending = torch.empty(batch, dtype=torch.long, device=device)
         for row in range(batch):
             scores = self._process([row], [self.sequences[row]], logits[row : row + 1])
             token = int(self.head.choose(scores, None)) if self.do_sample else int(scores.argmax())
@@ -2126,10 +2127,10 @@ class BatchedKangarooDecoder:
         model, table, settings, tree = self.model, self.table, self.settings, self.settings.tree_rounds
         table.start_round()
         first_position = table.next_positions
-        budgets = torch.tensor([self._budget(int(row)) for row in self.rows])
+        budgets = torch.tensor([self._budget(int(row)) for row in self.rows], device=self.device)
         copy_tokens, copy_lengths, copying = self._proposals(budgets)  # trusted matches copy outright
-        batch, rows = budgets.numel(), torch.arange(budgets.numel())
-        depths = torch.arange(int(copy_lengths.max()) + 1)
+        batch, rows = budgets.numel(), torch.arange(budgets.numel(), device=self.device)
+        depths = torch.arange(int(copy_lengths.max()) + 1, device=self.device)
         first = torch.cat([self.pending[:, None], copy_tokens[:, : depths.numel() - 1]], dim=1)
         table.append((first_position[:, None] + depths).masked_fill(depths > copy_lengths[:, None], -1))
         positions = table.positions[:, table.round_start :].clamp(min=0)
@@ -2169,7 +2170,9 @@ class BatchedKangarooDecoder:
             proposing &= (counts < settings.max_draft_tokens) & (counts < budgets) & ~self._is_eos(drafts)
             proposing &= confidence >= settings.draft_threshold  # draft early exit (paper section 3.2)
         if not tree:  # the copies of rows that chose the chain are not verified
-            dropped = ~copying[:, None] & (torch.arange(table.length - table.round_start) < depths.numel())
+            dropped = ~copying[:, None] & (
+                torch.arange(table.length - table.round_start, device=self.device) < depths.numel()
+            )
             dropped[:, 0] = False
             table.positions[:, table.round_start :].masked_fill_(dropped, -1)
         exit_states = torch.cat(exits, dim=1)
@@ -2283,11 +2286,11 @@ class BatchedKangarooDecoder:
             move_slots(cache, rows, sources, destinations, length)
         staying = [index for index, row in enumerate(self.rows.tolist()) if not self._settled(row)]
         if len(staying) < self.rows.numel():
-            staying_t = torch.tensor(staying, dtype=torch.long)
+            staying_t = torch.tensor(staying, dtype=torch.long, device=self.device)
             length = self.table.select_rows(staying_t) if staying else 0
             for cache in (self.cache, self.adapter_cache):
                 select_cache_rows(cache, staying_t, length)
-            self.rows, self.pending = self.rows[staying_t], self.pending[staying_t]
+            self.rows, self.pending = self.rows[staying_t.cpu()], self.pending[staying_t]
 
     # -- pieces ----------------------------------------------------------------------------------------------------
 
@@ -2320,9 +2323,9 @@ class BatchedKangarooDecoder:
         """Each row's copy from its context: tokens (B, longest draft) padded with 0, lengths (B,) within the row's
         budget, and whether the match is long enough to copy without asking the adapter (B,)."""
         batch = self.rows.numel()
-        tokens = torch.zeros(batch, self.settings.longest_draft + 1, dtype=torch.long)
-        lengths = torch.zeros(batch, dtype=torch.long)
-        trusted = torch.zeros(batch, dtype=torch.bool)
+        tokens = torch.zeros(batch, self.settings.longest_draft + 1, dtype=torch.long, device=self.device)
+        lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
+        trusted = torch.zeros(batch, dtype=torch.bool, device=self.device)
         for index, row in enumerate(self.rows.tolist()):
             lookup = self.lookups[row]
             if lookup is None:
@@ -2348,6 +2351,7 @@ class BatchedKangarooDecoder:
                 for index, row in enumerate(self.rows.tolist())
             ],
             dtype=torch.bool,
+            device=self.device,
         )
 
     def _draft_sequences(self, chains: list[list[int]], tokens: list[torch.LongTensor]) -> list[torch.LongTensor]:
@@ -2362,12 +2366,16 @@ class BatchedKangarooDecoder:
 
     def _one_hot(self, tokens: torch.LongTensor) -> torch.Tensor:
         """(B, V) scores of deterministic proposals `tokens` (B,): 0 at the token, -inf elsewhere."""
-        one_hot = torch.full((tokens.numel(), self.model.parts.lm_head.out_features), float("-inf"))
-        one_hot[torch.arange(tokens.numel()), tokens] = 0.0
+        one_hot = torch.full(
+            (tokens.numel(), self.model.parts.lm_head.out_features), float("-inf"), device=self.device
+        )
+        one_hot[torch.arange(tokens.numel(), device=self.device), tokens] = 0.0
         return one_hot
 
     def _is_eos(self, tokens: torch.LongTensor) -> torch.Tensor:
-        return torch.tensor([int(token) in self.eos_token_ids for token in tokens], dtype=torch.bool)
+        return torch.tensor(
+            [int(t) in self.eos_token_ids for t in tokens.tolist()], dtype=torch.bool, device=self.device
+        )
 
     def _budget(self, row: int) -> int:
         """Drafts row `row` may propose: its emitted tokens (drafts + one) must fit in `max_length`."""
@@ -2380,7 +2388,7 @@ class BatchedKangarooDecoder:
         """Append `tokens` to row `row` one by one, checking the stopping criteria after each; returns how many were
         appended (all, unless the row finished first and transformers would pad it from there)."""
         for index, token in enumerate(tokens):
-            sequence = torch.cat([self.sequences[row], torch.tensor([[token]])], dim=1)
+            sequence = torch.cat([self.sequences[row], torch.tensor([[token]], device=self.device)], dim=1)
             self.sequences[row] = sequence
             if self.keep_scores:
                 self.scores[row].append(scores[index])
@@ -2414,7 +2422,8 @@ class BatchedKangarooDecoder:
         if not self.pads_finished_rows and None not in self.finish_lengths:
             sequences = [sequence[:, : max(self.finish_lengths)] for sequence in sequences]
         longest = max(sequence.shape[1] for sequence in sequences)
-        padded = torch.full((len(sequences), longest), self.pad_token_id if self.pad_token_id is not None else 0)
+        pad = self.pad_token_id if self.pad_token_id is not None else 0
+        padded = torch.full((len(sequences), longest), pad, dtype=torch.long, device=self.device)
         for row, sequence in enumerate(sequences):
             padded[row, : sequence.shape[1]] = sequence[0]
         config = self.generation_config
@@ -2430,7 +2439,7 @@ class BatchedKangarooDecoder:
     def _per_step(self, per_row: list[list[torch.Tensor]], steps: int) -> tuple[torch.Tensor, ...]:
         """Per-step (B, V) scores as transformers returns them; a row past its end scores its padding token."""
         vocab_size = self.model.parts.lm_head.out_features
-        filler = torch.full((vocab_size,), float("-inf"))
+        filler = torch.full((vocab_size,), float("-inf"), device=self.device)
         if self.pad_token_id is not None:
             filler[self.pad_token_id] = 0.0
         return tuple(
