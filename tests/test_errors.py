@@ -121,9 +121,15 @@ def test_per_call_settings_are_listed_once():
     parameters = inspect.signature(KangarooForCausalLM.generate).parameters
     assert set(PER_CALL_SETTINGS) <= set(parameters) and set(PER_CALL_SETTINGS) <= set(DRAFT_SETTINGS)
     # Every per-call setting has its `kangaroo-hf generate` flag, typed as the setting, and reaches the round.
-    overrides = {"draft_threshold": 0.25, "max_draft_tokens": 2, "first_draft_threshold": 0.1, "lookup_num_tokens": 3}
+    overrides = {
+        "draft_threshold": 0.25,
+        "max_draft_tokens": 2,
+        "first_draft_threshold": 0.1,
+        "lookup_num_tokens": 3,
+        "tree_rounds": True,
+    }
     assert set(overrides) == set(PER_CALL_SETTINGS)
-    argv = ["generate", *(f"--{name.replace('_', '-')}={value}" for name, value in overrides.items())]
+    argv = ["generate", *(f"--{name.replace('_', '-')}={str(value).lower()}" for name, value in overrides.items())]
     args = build_parser().parse_args(argv)
     assert {name: getattr(args, name) for name in overrides} == overrides
     model = make_kangaroo("llama")
@@ -131,3 +137,7 @@ def test_per_call_settings_are_listed_once():
 
     settings = DraftSettings.from_config(model.config, **overrides)
     assert all(getattr(settings, name) == value for name, value in overrides.items())
+    # Bool flags read true/false (argparse's bool("false") would be True).
+    assert build_parser().parse_args(["generate", "--tree-rounds", "false"]).tree_rounds is False
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--tree-rounds", "maybe"])

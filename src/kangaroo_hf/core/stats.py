@@ -13,7 +13,8 @@ class KangarooStats:
     A verification step is one forward of the full model (the prefill included); each yields the accepted drafts
     plus one token of the base's own, so `new_tokens == verify_steps + accepted_drafts`. The position lists start at
     `max_draft_tokens` entries and grow as needed, so the benchmark counts other speculative methods (and sums over
-    prompts, `add`) with the same class.
+    prompts, `add`) with the same class. A tree round counts the drafts of the branch it kept (`lookup_rounds`: the
+    rounds that kept the context's copy), and a batched call sums its rows (each row's own in `rows`).
     """
 
     max_draft_tokens: int = 0
