@@ -10,6 +10,7 @@ from conftest import VOCAB, make_kangaroo, tiny_tokenizer
 from kangaroo_hf import CpuKernels, KangarooForCausalLM
 from kangaroo_hf.core import batched
 from kangaroo_hf.core.batched import BatchedKangarooDecoder
+from kangaroo_hf.core.slots import SlotTable
 
 LENGTHS = (5, 11, 1, 20)  # a one-token prompt, and prompts longer than Mistral's sliding window (12)
 
@@ -236,26 +237,39 @@ def test_pipeline_with_batch_size_uses_batched_kangaroo():
 
 
 @pytest.mark.parametrize("tree", [False, True])
-def test_caches_hold_exactly_each_row_verified_tokens_and_shallow_layers_see_each_slot_once(monkeypatch, tree):
-    """After every round each row's caches (base and adapter) equal a fresh forward over its verified tokens, and
-    the shallow layers process as many token slots as the deep ones: no slot goes through them twice."""
+def test_caches_hold_exactly_each_row_verified_tokens_and_verification_skips_the_shallow_layers(monkeypatch, tree):
+    """After every round each row's caches (base and adapter) equal a fresh forward over its verified tokens, and the
+    shallow layers never run during a verification: it reuses the exit states drafting computed, once per slot."""
     settings = dict(lookup_num_tokens=3, tree_rounds=True) if tree else {}
-    model = make_kangaroo("mistral", draft_threshold=0.2, max_draft_tokens=5, **settings)
+    model = make_kangaroo("mistral", draft_threshold=0.05 if tree else 0.2, max_draft_tokens=5, **settings)
     input_ids, attention_mask = batch(seed=12, repeat=tree)
-    rows_through = {"shallow": 0, "deep": 0}
-    hooks = [
-        model.parts.layers[0].register_forward_pre_hook(
-            lambda m, a, k: rows_through.__setitem__(
-                "shallow", rows_through["shallow"] + a[0].shape[0] * a[0].shape[1]
-            ),
-            with_kwargs=True,
-        ),
-        model.parts.layers[2].register_forward_pre_hook(
-            lambda m, a, k: rows_through.__setitem__("deep", rows_through["deep"] + a[0].shape[0] * a[0].shape[1]),
-            with_kwargs=True,
-        ),
-    ]
-    checked = []
+    phase = {"verifying": False, "shallow_in_verification": 0, "verifications": 0}
+    original_verify = BatchedKangarooDecoder._verify
+
+    def verify(self, round_):
+        phase["verifying"], phase["verifications"] = True, phase["verifications"] + 1
+        try:
+            return original_verify(self, round_)
+        finally:
+            phase["verifying"] = False
+
+    monkeypatch.setattr(BatchedKangarooDecoder, "_verify", verify)
+
+    slots = {"appended": input_ids.numel(), "through_shallow": 0}  # the prompt's slots, then every round's
+    original_append = SlotTable.append
+
+    def append(self, positions, parents=None):
+        slots["appended"] += positions.numel()
+        return original_append(self, positions, parents)
+
+    monkeypatch.setattr(SlotTable, "append", append)
+
+    def count_shallow(module, args, kwargs):
+        phase["shallow_in_verification"] += phase["verifying"]
+        slots["through_shallow"] += args[0].shape[0] * args[0].shape[1]
+
+    hooks = [model.parts.layers[0].register_forward_pre_hook(count_shallow, with_kwargs=True)]
+    checked, reference_tokens = [], {"count": 0}
     original_keep = BatchedKangarooDecoder._keep
 
     def keep_and_check(self, paths):
@@ -270,6 +284,7 @@ def test_caches_hold_exactly_each_row_verified_tokens_and_shallow_layers_see_eac
             verified = tokens[:, :-1]  # the last token is the next round's, in no cache yet
             fresh = DynamicCache()
             adapter_cache = DynamicCache()
+            reference_tokens["count"] += verified.numel()
             with torch.no_grad():
                 out = model(verified, cache=fresh, output_exit_hidden_states=True)
                 positions = torch.arange(verified.shape[1])[None]
@@ -287,7 +302,10 @@ def test_caches_hold_exactly_each_row_verified_tokens_and_shallow_layers_see_eac
         for hook in hooks:
             hook.remove()
     assert len(set(checked)) == len(LENGTHS) and len(checked) > 3 * len(LENGTHS)
-    assert rows_through["shallow"] == rows_through["deep"]
+    assert phase["verifications"] > 3 and phase["shallow_in_verification"] == 0
+    # Each slot went through the shallow layers exactly once, when it was written (minus the fresh reference
+    # forwards above, which run every layer once per checked token).
+    assert slots["through_shallow"] - reference_tokens["count"] == slots["appended"]
     assert model.last_generate_stats.accepted_drafts > 0
 
 

@@ -26,7 +26,7 @@ def test_greedy_tree_rounds_equal_the_base(arch, rows, monkeypatch):
     monkeypatch.setattr(
         batched, "accept_tree_greedy", lambda branches: branch_counts.append(len(branches)) or original(branches)
     )
-    model = make_kangaroo(arch, draft_threshold=0.2, **TREE)
+    model = make_kangaroo(arch, draft_threshold=0.05, **TREE)
     for seed in range(3):
         input_ids, attention_mask = batch(seed=seed, repeat=True)
         assert_same_as_base(model, input_ids[-rows:], attention_mask[-rows:], max_new_tokens=30)
@@ -35,7 +35,7 @@ def test_greedy_tree_rounds_equal_the_base(arch, rows, monkeypatch):
 
 @pytest.mark.parametrize("settings", [dict(adapter_context="final"), dict(max_draft_tokens=1, tree_max_nodes=3)])
 def test_tree_rounds_with_other_drafting_options(settings):
-    model = make_kangaroo("qwen2", draft_threshold=0.2, **{**TREE, **settings})
+    model = make_kangaroo("qwen2", draft_threshold=0.05, **{**TREE, **settings})
     assert_same_as_base(model, *batch(seed=2, repeat=True), max_new_tokens=24, repetition_penalty=1.2)
 
 
@@ -51,14 +51,14 @@ def test_a_tree_round_never_accepts_less_than_its_better_branch(monkeypatch):
         return result
 
     monkeypatch.setattr(batched, "accept_tree_greedy", spy)
-    model = make_kangaroo("llama", draft_threshold=0.2, **TREE)
+    model = make_kangaroo("llama", draft_threshold=0.05, **TREE)
     assert_same_as_base(model, *batch(seed=4, repeat=True), max_new_tokens=30)
     assert any(branches == 2 for _, _, branches in kept)
     assert all(accepted == best for accepted, best, _ in kept)
 
 
 def test_streamer_with_tree_rounds_at_batch_one():
-    model = make_kangaroo("llama", draft_threshold=0.2, **TREE)
+    model = make_kangaroo("llama", draft_threshold=0.05, **TREE)
     input_ids, _ = batch(lengths=(9,), seed=5, repeat=True)
     streamer = RecordingStreamer()
     out = model.generate(input_ids, do_sample=False, max_new_tokens=20, streamer=streamer)

@@ -153,7 +153,7 @@ class BatchedKangarooDecoder:
         tokens = [first]
         scores_by_slot = [self._one_hot(first[:, i]) for i in range(first.shape[1])] if self.do_sample else []
         chains: list[list[int]] = [[] for _ in range(batch)]
-        copying &= not tree  # a tree round verifies the copy as its own branch beside the adapter's chain
+        copying &= not tree  # in a tree round the adapter's first draft decides whether the chain joins the copy
         proposing, counts = (budgets > 0) & ~copying, torch.zeros_like(budgets)
         last_slot, adapter_fed = torch.zeros_like(budgets), 0
         for step in range(settings.max_draft_tokens):
@@ -166,10 +166,11 @@ class BatchedKangarooDecoder:
             scores, vocab_ids = self.head.scores(hidden, self.rows.tolist(), self._draft_sequences(chains, tokens))
             confidence, top = self.head.top1(scores, vocab_ids)
             if step == 0:
-                if not tree:
+                if tree:  # both branches only where the adapter is sure of another first token than the copy's
+                    copying |= proposing & self._agrees_or_unsure(copy_tokens, copy_lengths, top, confidence)
+                else:
                     copying |= proposing & self._prefers_copy(copy_tokens, copy_lengths, top, confidence)
-                    proposing &= ~copying
-                proposing &= confidence >= settings.first_draft_threshold
+                proposing &= ~copying & (confidence >= settings.first_draft_threshold)
             drafts = torch.where(proposing, self.head.choose(scores, vocab_ids), self.pending)
             counts += proposing.long()
             offset = table.length - table.round_start
@@ -184,7 +185,7 @@ class BatchedKangarooDecoder:
                 chains[index].append(offset)
             proposing &= (counts < settings.max_draft_tokens) & (counts < budgets) & ~self._is_eos(drafts)
             proposing &= confidence >= settings.draft_threshold  # draft early exit (paper section 3.2)
-        if not tree:  # the copies of rows that chose the chain are not verified
+        if not tree:  # the copies of rows that chose the chain are not verified (a tree round keeps every copy)
             dropped = ~copying[:, None] & (
                 torch.arange(table.length - table.round_start, device=self.device) < depths.numel()
             )
@@ -368,6 +369,12 @@ class BatchedKangarooDecoder:
             dtype=torch.bool,
             device=self.device,
         )
+
+    def _agrees_or_unsure(self, copy_tokens, copy_lengths, top, confidence) -> torch.Tensor:
+        """Rows whose copy starts with the adapter's first draft, or whose adapter is unsure of it: a tree round
+        verifies the copy alone there (a chain beside it would repeat the copy's first token, or hardly land)."""
+        has_copy = copy_lengths > 0
+        return has_copy & ((copy_tokens[:, 0] == top) | (confidence < self.settings.draft_threshold))
 
     def _draft_sequences(self, chains: list[list[int]], tokens: list[torch.LongTensor]) -> list[torch.LongTensor]:
         """Each row's sequence with its chain's drafts so far, for the logits processors (none: not built)."""
