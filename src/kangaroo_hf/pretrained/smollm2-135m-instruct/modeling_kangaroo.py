@@ -1980,6 +1980,8 @@ def move_slots(
 ) -> None:
     """Copy the keys and values of slot `sources[i]` to slot `destinations[i]` in row `rows[i]` in every layer of
     `cache`, then shorten every layer to `length` slots (what `SlotTable.keep` asks for)."""
+    moved = sources != destinations  # a chain kept in place (batch 1, or the longest row) needs no copy
+    rows, sources, destinations = rows[moved], sources[moved], destinations[moved]
     for layer in cache_layer_tensors(cache):
         for tensor in layer.tensors():
             if rows.numel():
