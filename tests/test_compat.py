@@ -111,3 +111,20 @@ def test_pyproject_pins_the_supported_range():
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     low, high = compat.SUPPORTED_TRANSFORMERS
     assert f"transformers>={low},<{high}" in pyproject["project"]["dependencies"]
+
+
+def test_cache_layers_expose_keys_and_values_the_own_loop_gathers():
+    """The own loop moves slots inside `DynamicCache` layers and reads the attention kernel from the config."""
+    import torch
+    from transformers import DynamicCache, LlamaConfig
+
+    cache = DynamicCache()
+    keys, values = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+    cache.update(keys, values, 0)
+    (layer,) = compat.cache_layer_tensors(cache)
+    assert [tuple(t.shape) for t in layer.tensors()] == [(2, 3, 5, 4), (2, 3, 5, 4)]
+    layer.set(keys[:, :, :2], values[:, :, :2])
+    assert cache.get_seq_length() == 2
+    cache.update(keys[:, :, :1], values[:, :, :1], 0)  # the cache keeps growing from what was set
+    assert cache.get_seq_length() == 3
+    assert compat.attention_implementation(LlamaConfig(attn_implementation="eager")) == "eager"

@@ -144,7 +144,7 @@ class GenerationHooks:
 
     def own_decoder_for(self, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs):
         """A decoder with a `decode(input_ids, attention_mask)` method that replaces transformers' loops for this call
-        (batches), or None."""
+        (batches, tree rounds), or None."""
         return None
 
     # Relies on: generate() dispatching greedy search and sampling to `_sample` with these arguments.
