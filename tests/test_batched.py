@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, pipeline
+from transformers import DynamicCache, StoppingCriteriaList, pipeline
 
 from conftest import VOCAB, make_kangaroo, tiny_tokenizer
 from kangaroo_hf import CpuKernels, KangarooForCausalLM
 from kangaroo_hf.core import batched
 from kangaroo_hf.core.batched import BatchedKangarooDecoder
 from kangaroo_hf.core.slots import SlotTable
+from test_transformers_integration import StopAfterToken
 
 LENGTHS = (5, 11, 1, 20)  # a one-token prompt, and prompts longer than Mistral's sliding window (12)
 
@@ -153,14 +154,6 @@ def test_stop_strings_per_row():
     kwargs = dict(max_new_tokens=30, stop_strings=[stop], tokenizer=tokenizer, eos_token_id=VOCAB - 1)
     out, _ = assert_same_as_base(model, input_ids, attention_mask, **kwargs)
     assert "".join(tokenizer.convert_ids_to_tokens(out[1, input_ids.shape[1] :].tolist())).count(stop) == 1
-
-
-class StopAfterToken(StoppingCriteria):
-    def __init__(self, token: int) -> None:
-        self.token = token
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return input_ids[:, -1] == self.token
 
 
 def test_finished_rows_keep_decoding_without_an_eos_criterion_as_transformers_does():
