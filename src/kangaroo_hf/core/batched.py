@@ -25,7 +25,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .acceptance import accept_greedy, accept_tree_greedy, accept_tree_sampled
 from .configuration import LOOKUP_FIELDS
-from .draft_head import DraftHead, RowProcessors
+from .draft_head import DraftHead, RowProcessors, one_hot_scores
 from .drafting import DraftingModel, DraftSettings
 from .layers import FULL_ATTENTION, layer_types
 from .lookup import PromptLookup
@@ -65,9 +65,7 @@ class BatchedKangarooDecoder:
         use_packed_weights: bool = False,
         streamer: Any = None,
     ) -> None:
-        if streamer is not None and batch_size > 1:
-            raise ValueError(f"Streamers handle one sequence; this batch has {batch_size}.")
-        self.streamer = streamer
+        self.streamer = streamer  # batch 1 only (`decoding.own_decoder_for` refuses it for batches)
         self.model = model
         self.settings = settings
         self.generation_config = generation_config
@@ -387,12 +385,7 @@ class BatchedKangarooDecoder:
         ]
 
     def _one_hot(self, tokens: torch.LongTensor) -> torch.Tensor:
-        """(B, V) scores of deterministic proposals `tokens` (B,): 0 at the token, -inf elsewhere."""
-        one_hot = torch.full(
-            (tokens.numel(), self.model.parts.lm_head.out_features), float("-inf"), device=self.device
-        )
-        one_hot[torch.arange(tokens.numel(), device=self.device), tokens] = 0.0
-        return one_hot
+        return one_hot_scores(tokens, self.model.parts.lm_head.out_features)
 
     def _is_eos(self, tokens: torch.LongTensor) -> torch.Tensor:
         return torch.tensor(

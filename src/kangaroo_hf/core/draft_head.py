@@ -118,6 +118,15 @@ def _row_view(processor: Any, row: int, batch_size: int) -> Any:
     return view
 
 
+def one_hot_scores(tokens: torch.LongTensor, vocab_size: int) -> torch.Tensor:
+    """(N, V) scores of deterministic proposals `tokens` (N,): 0 at the token, -inf elsewhere. A draft copied from the
+    context is such a proposal: q is one-hot on it, so speculative sampling accepts it with probability p(d) and, on
+    rejection, resamples from p with d's mass removed."""
+    scores = torch.full((tokens.numel(), vocab_size), float("-inf"), device=tokens.device)
+    scores[torch.arange(tokens.numel(), device=tokens.device), tokens.view(-1)] = 0.0
+    return scores
+
+
 class DraftHead:
     """Scores drafts from adapter states with the base's LM head (or its rows for a reduced draft vocabulary).
 
@@ -174,4 +183,4 @@ class DraftHead:
         return vocab_ids[index] if vocab_ids is not None else index
 
 
-__all__ = ["DraftHead", "RowProcessors", "head_product"]
+__all__ = ["DraftHead", "RowProcessors", "head_product", "one_hot_scores"]

@@ -18,7 +18,7 @@ from transformers.generation import GenerationMode
 
 from .compat import LoopCandidateGenerator
 from .configuration import LOOKUP_FIELDS, validate_draft_settings, validate_lookup, validate_tree
-from .draft_head import DraftHead, RowProcessors
+from .draft_head import DraftHead, RowProcessors, one_hot_scores
 from .lookup import PromptLookup
 from .stats import KangarooStats
 
@@ -379,11 +379,7 @@ class KangarooCandidateGenerator(LoopCandidateGenerator):
             return input_ids, [], exit_states
         self.stats.lookup_rounds += 1
         self._copied_this_round = True
-        # A copied draft is a deterministic proposal: q is one-hot on it, so speculative sampling accepts it with
-        # probability p(d) and, on rejection, resamples from p with d's mass removed.
-        vocab_size = self.model.parts.lm_head.out_features
-        one_hot = torch.full((count, vocab_size), float("-inf"), device=drafts.device)
-        one_hot[torch.arange(count), drafts[0]] = 0.0
+        one_hot = one_hot_scores(drafts[0], self.model.parts.lm_head.out_features)  # a copy is a one-hot proposal
         return candidate_ids, list(one_hot.unsqueeze(1)), exit_states
 
     def _draft_scores(

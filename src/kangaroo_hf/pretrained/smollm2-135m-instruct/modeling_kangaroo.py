@@ -688,6 +688,15 @@ def _row_view(processor: Any, row: int, batch_size: int) -> Any:
     return view
 
 
+def one_hot_scores(tokens: torch.LongTensor, vocab_size: int) -> torch.Tensor:
+    """(N, V) scores of deterministic proposals `tokens` (N,): 0 at the token, -inf elsewhere. A draft copied from the
+    context is such a proposal: q is one-hot on it, so speculative sampling accepts it with probability p(d) and, on
+    rejection, resamples from p with d's mass removed."""
+    scores = torch.full((tokens.numel(), vocab_size), float("-inf"), device=tokens.device)
+    scores[torch.arange(tokens.numel(), device=tokens.device), tokens.view(-1)] = 0.0
+    return scores
+
+
 class DraftHead:
     """Scores drafts from adapter states with the base's LM head (or its rows for a reduced draft vocabulary).
 
@@ -1186,11 +1195,7 @@ class KangarooCandidateGenerator(LoopCandidateGenerator):
             return input_ids, [], exit_states
         self.stats.lookup_rounds += 1
         self._copied_this_round = True
-        # A copied draft is a deterministic proposal: q is one-hot on it, so speculative sampling accepts it with
-        # probability p(d) and, on rejection, resamples from p with d's mass removed.
-        vocab_size = self.model.parts.lm_head.out_features
-        one_hot = torch.full((count, vocab_size), float("-inf"), device=drafts.device)
-        one_hot[torch.arange(count), drafts[0]] = 0.0
+        one_hot = one_hot_scores(drafts[0], self.model.parts.lm_head.out_features)  # a copy is a one-hot proposal
         return candidate_ids, list(one_hot.unsqueeze(1)), exit_states
 
     def _draft_scores(
@@ -2053,9 +2058,7 @@ class BatchedKangarooDecoder:
         use_packed_weights: bool = False,
         streamer: Any = None,
     ) -> None:
-        if streamer is not None and batch_size > 1:
-            raise ValueError(f"Streamers handle one sequence; this batch has {batch_size}.")
-        self.streamer = streamer
+        self.streamer = streamer  # batch 1 only (`decoding.own_decoder_for` refuses it for batches)
         self.model = model
         self.settings = settings
         self.generation_config = generation_config
@@ -2375,12 +2378,7 @@ class BatchedKangarooDecoder:
         ]
 
     def _one_hot(self, tokens: torch.LongTensor) -> torch.Tensor:
-        """(B, V) scores of deterministic proposals `tokens` (B,): 0 at the token, -inf elsewhere."""
-        one_hot = torch.full(
-            (tokens.numel(), self.model.parts.lm_head.out_features), float("-inf"), device=self.device
-        )
-        one_hot[torch.arange(tokens.numel(), device=self.device), tokens] = 0.0
-        return one_hot
+        return one_hot_scores(tokens, self.model.parts.lm_head.out_features)
 
     def _is_eos(self, tokens: torch.LongTensor) -> torch.Tensor:
         return torch.tensor(
@@ -3186,6 +3184,7 @@ __all__ = [
     "load_kangaroo",
     "load_peft_base",
     "move_slots",
+    "one_hot_scores",
     "pack_weight",
     "packed_linear",
     "packed_matmul",
