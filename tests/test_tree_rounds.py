@@ -9,7 +9,7 @@ import torch
 from conftest import make_kangaroo
 from kangaroo_hf import KangarooForCausalLM
 from kangaroo_hf.core import batched
-from kangaroo_hf.core.acceptance import accept_sampled
+from kangaroo_hf.core.acceptance import accept_greedy, accept_sampled
 from kangaroo_hf.core.slots import FULL_ATTENTION, SlotTable
 from test_batched import LENGTHS, assert_same_as_base, batch
 from test_generation_sampling import NEW_TOKENS, SAMPLING, VOCAB, _chi_square_p_value, _exact_marginals
@@ -46,7 +46,7 @@ def test_a_tree_round_never_accepts_less_than_its_better_branch(monkeypatch):
 
     def spy(branches):
         result = original(branches)
-        alone = [batched.accept_greedy(drafts, scores)[0] for drafts, scores in branches]
+        alone = [accept_greedy(drafts, scores)[0] for drafts, scores in branches]
         kept.append((result[1], max(alone), len(branches)))
         return result
 

@@ -23,7 +23,7 @@ import torch
 from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .acceptance import accept_greedy, accept_tree_greedy, accept_tree_sampled
+from .acceptance import accept_tree_greedy, accept_tree_sampled
 from .configuration import LOOKUP_FIELDS
 from .draft_head import DraftHead, RowProcessors, one_hot_scores
 from .drafting import DraftingModel, DraftSettings
@@ -151,7 +151,6 @@ class BatchedKangarooDecoder:
         tokens = [first]
         scores_by_slot = [self._one_hot(first[:, i]) for i in range(first.shape[1])] if self.do_sample else []
         chains: list[list[int]] = [[] for _ in range(batch)]
-        copying &= not tree  # in a tree round the adapter's first draft decides whether the chain joins the copy
         proposing, counts = (budgets > 0) & ~copying, torch.zeros_like(budgets)
         last_slot, adapter_fed = torch.zeros_like(budgets), 0
         for step in range(settings.max_draft_tokens):
@@ -282,13 +281,13 @@ class BatchedKangarooDecoder:
         self.stats[row].record_step(len(branches[chosen if chosen is not None else 0]), emitted - 1)
         self.stats[row].lookup_rounds += int(kept_copy)
         if self.lookups[row] is not None:
+            # the copy's length learns only from rounds that relied on it: a copy verified alone, or the branch kept
+            # (a copy beside a chain the base preferred says nothing about how long copies should be)
             copy = branches[copy_branch] if copy_branch is not None else []
-            copy_accepted = accepted if kept_copy else 0
-            if copy and not self.do_sample and chosen != copy_branch:  # greedy knows how far the copy would have gone
-                copy_accepted = accept_greedy(candidates[copy_branch][0], candidates[copy_branch][1])[0]
+            relied_on = bool(copy) and (len(branches) == 1 or chosen == copy_branch)
             emitted_first = int(self.sequences[row][0, sequence.shape[1]])
             first = round_.lookup_first_tokens[index]
-            self.lookups[row].record_round(first, emitted_first, bool(copy), len(copy), copy_accepted)
+            self.lookups[row].record_round(first, emitted_first, relied_on, len(copy), accepted if relied_on else 0)
         self.pending[index] = token
         branch = branches[chosen] if chosen is not None else []
         return [0, *branch[:accepted]]  # the round's first token and the accepted drafts
