@@ -470,3 +470,20 @@ def test_kangaroo_tree_method_runs_tree_rounds(tmp_path):
     )
     assert results["lossless"] is True
     assert results["methods"]["kangaroo_tree"]["overall"]["identical_fraction"] == 1.0
+
+
+def test_kangaroo_assisted_method_uses_the_exported_drafter(tmp_path):
+    from kangaroo_hf.bench.methods import exported_drafter
+
+    model = make_kangaroo("llama", draft_threshold=0.3, max_draft_tokens=3)
+    questions = load_questions(_write_questions(tmp_path / "q.jsonl"))[:2]
+    results = run_benchmark(
+        model, tiny_tokenizer(), questions, tmp_path, _settings(methods=("vanilla", "kangaroo_assisted"))
+    )
+    assert results["lossless"] is True
+    overall = results["methods"]["kangaroo_assisted"]["overall"]
+    assert overall["identical_fraction"] == 1.0 and overall["mean_accepted_tokens"] > 1.0
+    draft = exported_drafter(model)
+    assert exported_drafter(model) is draft  # exported once per model
+    assert draft.config.num_hidden_layers == model.config.exit_layer + 1
+    assert draft.generation_config.num_assistant_tokens != 3  # the per-call settings were put back

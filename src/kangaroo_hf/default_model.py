@@ -43,9 +43,14 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def cache_root() -> Path:
+    """Where kangaroo_hf keeps what it makes once: `$KANGAROO_HF_CACHE`, else `~/.cache/kangaroo_hf`."""
+    return Path(os.environ.get("KANGAROO_HF_CACHE", Path.home() / ".cache" / "kangaroo_hf"))
+
+
 def _conversion_cache_dir(gguf: Path) -> Path:
     """Where the dequantized model is kept: one folder per GGUF file (keyed by its size and modification time)."""
-    root = Path(os.environ.get("KANGAROO_HF_CACHE", Path.home() / ".cache" / "kangaroo_hf"))
+    root = cache_root()
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.name}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:16]
     return root / "embedded" / f"SmolLM2-135M-Instruct-Q4_1-{key}"
@@ -68,10 +73,10 @@ def _convert_once(gguf: Path, target: Path) -> None:
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     (partial / "kangaroo_hf_source.json").write_text(json.dumps({"gguf": str(gguf), "base_id": EMBEDDED_BASE_ID}))
-    _publish(partial, target)
+    publish_folder(partial, target)
 
 
-def _publish(partial: Path, target: Path) -> None:
+def publish_folder(partial: Path, target: Path) -> None:
     """Rename a completed `partial` folder to `target` (atomic: a half-written cache is never mistaken for a complete
     one); when another process published the same conversion first, keep theirs and drop ours."""
     try:
@@ -142,9 +147,11 @@ def load_default_model(
 __all__ = [
     "EMBEDDED_BASE_ID",
     "SHIPPED_ADAPTER",
+    "cache_root",
     "embedded_gguf_path",
     "load_default_model",
     "load_embedded_base",
     "load_embedded_if_uncached",
     "load_embedded_tokenizer",
+    "publish_folder",
 ]

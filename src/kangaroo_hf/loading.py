@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 DEFAULT_PROMPT = "Explain in three sentences why the sky is blue."
@@ -9,7 +11,8 @@ DTYPES = ("float32", "bfloat16")
 
 
 def load_model(model: str | None, dtype: str, device: str = "cpu"):
-    """A Kangaroo model and its tokenizer: the shipped default, or a Kangaroo folder / repo id."""
+    """A Kangaroo model and its tokenizer: the shipped default, or a Kangaroo folder / repo id (the tokenizer saved
+    in the folder, else the base's)."""
     from transformers import AutoTokenizer
 
     torch_dtype = getattr(torch, dtype)
@@ -20,6 +23,8 @@ def load_model(model: str | None, dtype: str, device: str = "cpu"):
     from .core.modeling import KangarooForCausalLM
 
     kangaroo = KangarooForCausalLM.from_pretrained(model, dtype=torch_dtype).to(device).eval()
+    if (Path(model) / "tokenizer_config.json").is_file():  # saved with `save_pretrained(..., tokenizer=...)`
+        return kangaroo, AutoTokenizer.from_pretrained(model)
     base_id = kangaroo.config.base_model_name_or_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(base_id)

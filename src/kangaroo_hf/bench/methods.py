@@ -8,6 +8,7 @@ options (`DEFAULT_METHOD_OPTIONS`). Add a method by adding a runner to `METHODS`
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -173,12 +174,49 @@ def run_kangaroo_tree(
     return _new_tokens(output, input_ids), model.last_generate_stats
 
 
+# The drafter each model exports, made once per model (the warm-up makes it, outside the timed calls).
+_EXPORTED_DRAFTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def exported_drafter(model: Any) -> torch.nn.Module:
+    """`hub.export.export_drafter(model)`, cached per model."""
+    if model not in _EXPORTED_DRAFTERS:
+        from ..hub.export import export_drafter
+
+        _EXPORTED_DRAFTERS[model] = export_drafter(model).to(model.get_base_model().device)
+    return _EXPORTED_DRAFTERS[model]
+
+
+def run_kangaroo_assisted(
+    model: Any, input_ids: torch.LongTensor, gen_kwargs: dict[str, Any]
+) -> tuple[list[int], KangarooStats]:
+    """transformers' assisted generation with the exported drafter (`kangaroo-hf export`) as `assistant_model`: its
+    confidence threshold the adapter's `draft_threshold`, `max_draft_tokens` drafts at most, a constant schedule.
+    What an engine with draft-model speculation makes of a Kangaroo adapter: the shallow layers run twice, the
+    drafter scores the full vocabulary, and there is no prompt lookup."""
+    config = model.config
+    draft = exported_drafter(model)
+    base = model.get_base_model()
+    with (
+        _scoped_generation_config(
+            draft,
+            assistant_confidence_threshold=config.draft_threshold,
+            num_assistant_tokens=config.max_draft_tokens,
+            num_assistant_tokens_schedule="constant",
+        ),
+        _record_candidate_steps(base) as counts,
+    ):
+        output = base.generate(input_ids, assistant_model=draft, **gen_kwargs)
+    return _new_tokens(output, input_ids), counts
+
+
 METHODS: dict[str, MethodRunner] = {
     "vanilla": run_vanilla,
     "pld": run_pld,
     "early_exit": run_early_exit,
     "kangaroo": run_kangaroo,
     "kangaroo_tree": run_kangaroo_tree,
+    "kangaroo_assisted": run_kangaroo_assisted,
     "vanilla_cpu_kernels": run_vanilla_cpu_kernels,
     "pld_cpu_kernels": run_pld_cpu_kernels,
 }
@@ -219,8 +257,10 @@ __all__ = [
     "resolve_method",
     "REFERENCE_METHOD",
     "MethodRunner",
+    "exported_drafter",
     "run_early_exit",
     "run_kangaroo",
+    "run_kangaroo_assisted",
     "run_kangaroo_tree",
     "run_pld",
     "run_pld_cpu_kernels",

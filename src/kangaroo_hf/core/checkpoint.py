@@ -399,6 +399,7 @@ def save_kangaroo(
     metrics: dict[str, Any] | None = None,
     training_args: dict[str, Any] | None = None,
     weights_dtype: str | None = None,
+    tokenizer: Any = None,
     is_main_process: bool = True,
     push_to_hub: bool = False,
     safe_serialization: bool = True,
@@ -429,6 +430,8 @@ def save_kangaroo(
     tensors, metadata = encode_adapter_weights(weights, weights_dtype)
     save_safetensors(tensors, folder / ADAPTER_WEIGHTS_NAME, metadata=metadata)
     model.generation_config.save_pretrained(folder)
+    if tokenizer is not None:  # the folder then serves as is, and `pipeline(model=folder)` finds its tokenizer
+        tokenizer.save_pretrained(folder)
     if save_base:
         if unwrap_causal_lm(model.base) is not model.base:
             raise ValueError("save_base=True needs a plain base: call `merge_and_unload()` on the PEFT base first.")

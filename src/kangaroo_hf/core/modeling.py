@@ -212,10 +212,12 @@ class KangarooForCausalLM(KangarooPreTrainedModel, KangarooDecoding, GenerationM
         metrics: dict[str, Any] | None = None,
         training_args: dict[str, Any] | None = None,
         weights_dtype: str | None = None,
+        tokenizer: Any = None,
         **kwargs: Any,
     ) -> list[str]:
         """Write an adapter-only checkpoint: `config.json`, `kangaroo_adapter.safetensors`, `generation_config.json`,
-        a model card (`README.md`) and the remote-code files; returns the names of the files written.
+        a model card (`README.md`), the remote-code files and, when given, the tokenizer; returns the names of the
+        files written.
 
         Args:
             save_directory: the folder (created if needed).
@@ -225,6 +227,8 @@ class KangarooForCausalLM(KangarooPreTrainedModel, KangarooDecoding, GenerationM
             weights_dtype: storage type of the adapter weights: None keeps the model's, or "float32", "float16",
                 "bfloat16", or "int8" (each weight matrix as int8 with a float32 scale per row: a quarter of float32;
                 drafts change slightly, outputs never, since every draft is verified). Loading restores floats.
+            tokenizer: the base's tokenizer, saved beside the adapter: the folder (or the repo it is pushed to) then
+                works with `pipeline(model=...)` and `transformers serve` / `kangaroo-hf serve` as it is.
             kwargs: `is_main_process`, `push_to_hub` (+ `repo_id`, `commit_message`, `private`, `token`), and
                 `max_shard_size` for the base; `safe_serialization=False` is refused.
         """
@@ -235,6 +239,7 @@ class KangarooForCausalLM(KangarooPreTrainedModel, KangarooDecoding, GenerationM
             metrics=metrics,
             training_args=training_args,
             weights_dtype=weights_dtype,
+            tokenizer=tokenizer,
             **kwargs,
         )
 
@@ -251,7 +256,8 @@ class KangarooForCausalLM(KangarooPreTrainedModel, KangarooDecoding, GenerationM
     ) -> Any:
         """Save the adapter checkpoint (card included) to a temporary folder and upload it to `repo_id`.
 
-        `save_kwargs` go to `save_pretrained` (e.g. `metrics=`); returns the upload's `huggingface_hub.CommitInfo`.
+        `save_kwargs` go to `save_pretrained` (e.g. `metrics=`, `tokenizer=`); returns the upload's
+        `huggingface_hub.CommitInfo`.
         """
         return push_kangaroo(
             self,
@@ -546,7 +552,8 @@ class KangarooForCausalLM(KangarooPreTrainedModel, KangarooDecoding, GenerationM
             cpu_kernels: per-call override of `self.cpu_kernels` (a `CpuKernels`; `False` turns the CPU kernels off).
             **kwargs: every usual `generate()` argument (max_new_tokens, do_sample, streamer, stop_strings, ...).
 
-        After the call, `self.last_generate_stats` holds the speculation statistics (`None` without Kangaroo).
+        After the call, `self.last_generate_stats` holds the speculation statistics (`None` without Kangaroo), and
+        the `kangaroo_hf.stats` logger writes their summary at INFO level.
         """
         settings = None
         if use_kangaroo:
@@ -571,7 +578,10 @@ class KangarooForCausalLM(KangarooPreTrainedModel, KangarooDecoding, GenerationM
         elif not isinstance(cpu_kernels, CpuKernels):
             raise ValueError(f"cpu_kernels must be a CpuKernels, True, False or None, got {cpu_kernels!r}.")
         with self._scoped("_draft_settings", settings), self._scoped("cpu_kernels", cpu_kernels):
-            return super().generate(inputs, generation_config, **kwargs)
+            output = super().generate(inputs, generation_config, **kwargs)
+        if self.last_generate_stats is not None:  # one line per call: a server logs each request's
+            self.last_generate_stats.log()
+        return output
 
     @contextlib.contextmanager
     def _scoped(self, name: str, value: Any) -> Iterator[None]:

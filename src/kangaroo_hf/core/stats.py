@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
+
+# Each Kangaroo `generate()` call writes its statistics' summary here at INFO level (a server: one line per request).
+STATS_LOGGER = "kangaroo_hf.stats"
 
 
 @dataclass
@@ -71,7 +75,23 @@ class KangarooStats:
         """Fraction of drafts accepted at each draft position (1-based position i at index i-1)."""
         return [a / d if d else 0.0 for a, d in zip(self.accepted_by_position, self.drafted_by_position, strict=True)]
 
+    def summary(self) -> str:
+        """One line for logs: tokens, verification steps, tau, drafts accepted, rounds that copied the context."""
+        rate = self.accepted_drafts / self.drafted_tokens if self.drafted_tokens else 0.0
+        rows = f", {len(self.rows)} rows" if self.rows else ""
+        tau = self.mean_accepted_tokens
+        return (
+            f"{self.new_tokens} new tokens in {self.verify_steps} verification steps (tau {tau:.2f}), "
+            f"{self.accepted_drafts}/{self.drafted_tokens} drafts accepted ({rate:.0%}), "
+            f"{self.lookup_rounds} rounds copied the context{rows}"
+        )
+
+    def log(self) -> None:
+        """Write `summary()` to the `kangaroo_hf.stats` logger at INFO level."""
+        logging.getLogger(STATS_LOGGER).info("Kangaroo: %s", self.summary())
+
     def to_dict(self) -> dict[str, Any]:
+        """Every count and rate as plain JSON values (per-row statistics under `rows` for a batch)."""
         return {
             "new_tokens": self.new_tokens,
             "verify_steps": self.verify_steps,

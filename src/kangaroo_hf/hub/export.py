@@ -45,7 +45,15 @@ out = base.generate(input_ids, assistant_model=draft, max_new_tokens=128)
 ```
 
 Output stays the base's (the base verifies every draft). The engine runs the shallow layers twice (once in the draft,
-once in the base); Kangaroo's own decoding (`kangaroo_hf`) shares them.{vocab_note}
+once in the base); Kangaroo's own decoding (`kangaroo_hf`) shares them.{vocab_note}{gguf_note}
+"""
+GGUF_NOTE = """
+
+`{gguf_name}` is the same drafter for llama.cpp, as its draft model:
+
+```bash
+llama-server -m target.gguf -md {gguf_name}
+```
 """
 
 
@@ -107,14 +115,38 @@ def export_drafter(model: KangarooForCausalLM) -> PreTrainedModel:
     return draft.eval()
 
 
-def save_drafter(model: KangarooForCausalLM, output: str | Path, tokenizer: Any = None) -> Path:
+def save_drafter(
+    model: KangarooForCausalLM, output: str | Path, tokenizer: Any = None, gguf_type: str | None = None
+) -> Path:
     """Write `export_drafter(model)` to `output` as a standard checkpoint (safetensors, config, tokenizer when given,
-    and a short card saying what it is and how to use it); returns the folder."""
+    and a short card saying what it is and how to use it); returns the folder.
+
+    With `gguf_type` ("f32", "f16" or "q8_0") the folder also gets `drafter-<type>.gguf` for llama.cpp's `-md`
+    (`gguf_file.write_gguf`); the embedded SmolLM2's vocabulary is then copied from its own GGUF.
+    """
     output = Path(output)
     draft = export_drafter(model)
+    if gguf_type is not None:
+        from .gguf_file import GGUF_TYPES
+
+        if gguf_type not in GGUF_TYPES:  # before anything is written
+            raise ValueError(f"gguf_type must be one of {GGUF_TYPES}, got {gguf_type!r}.")
     draft.save_pretrained(output)
     if tokenizer is not None:
         tokenizer.save_pretrained(output)
+    gguf_name = None
+    if gguf_type is not None:
+        from .gguf_file import write_gguf
+
+        gguf_name = f"drafter-{gguf_type}.gguf"
+        write_gguf(
+            draft,
+            output / gguf_name,
+            tokenizer=tokenizer,
+            tokenizer_gguf=_embedded_gguf_of(model),
+            gguf_type=gguf_type,
+            name=f"{Path(str(model.config.base_model_name_or_path or 'base')).name}-kangaroo-drafter",
+        )
     draft_vocab = int(model.adapter.draft_vocab_ids.numel())
     vocab_note = (
         f"\n\nThe Kangaroo adapter scores drafts over {draft_vocab} frequent tokens only; this model scores the full "
@@ -130,25 +162,43 @@ def save_drafter(model: KangarooForCausalLM, output: str | Path, tokenizer: Any 
             adapter_layers=len(model.adapter.layers),
             num_layers=draft.config.num_hidden_layers,
             vocab_note=vocab_note,
+            gguf_note=GGUF_NOTE.format(gguf_name=gguf_name) if gguf_name else "",
         ),
         encoding="utf-8",
     )
     return output
 
 
+def _embedded_gguf_of(model: KangarooForCausalLM) -> Path | None:
+    """The embedded SmolLM2 GGUF when `model`'s base is that model (its vocabulary is then copied exactly)."""
+    from ..default_model import EMBEDDED_BASE_ID, embedded_gguf_path
+
+    if model.config.base_model_name_or_path != EMBEDDED_BASE_ID:
+        return None
+    try:
+        return embedded_gguf_path()
+    except FileNotFoundError:
+        return None
+
+
 def _run_export(args: argparse.Namespace) -> int:
     from ..loading import load_model
 
     model, tokenizer = load_model(args.adapter, "float32")
-    logger.info("Wrote the drafter to %s", save_drafter(model, args.output, tokenizer))
+    gguf_type = args.gguf_type if args.gguf else None
+    logger.info("Wrote the drafter to %s", save_drafter(model, args.output, tokenizer, gguf_type=gguf_type))
     return 0
 
 
 def add_export(subparsers: Any) -> None:
-    """Register `kangaroo-hf export [ADAPTER] --output DIR`."""
+    """Register `kangaroo-hf export [ADAPTER] --output DIR [--gguf]`."""
+    from .gguf_file import GGUF_TYPES
+
     parser = subparsers.add_parser("export", help="write the drafter as a standard checkpoint of the base's class")
     parser.add_argument("adapter", nargs="?", default=None, help="Kangaroo folder or repo id (default: shipped)")
     parser.add_argument("--output", required=True, help="folder to write")
+    parser.add_argument("--gguf", action="store_true", help="also write the drafter as a GGUF file for llama.cpp")
+    parser.add_argument("--gguf-type", choices=GGUF_TYPES, default="f16", help="GGUF weight type (default: f16)")
     parser.set_defaults(handler=_run_export)
 
 

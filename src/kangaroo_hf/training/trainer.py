@@ -402,8 +402,11 @@ def train_adapter(
     run.resume()
     run.train()
     if accelerator.is_main_process:
-        model.save_pretrained(
-            output_dir, metrics={"epochs": run.history}, training_args={**args.to_dict(), **run.data_summary()}
+        model.save_pretrained(  # with the tokenizer when there is one: the folder is then ready to serve
+            output_dir,
+            metrics={"epochs": run.history},
+            training_args={**args.to_dict(), **run.data_summary()},
+            tokenizer=tokenizer,
         )
     accelerator.wait_for_everyone()
     return TrainResult(model, run.global_step, run.history, output_dir, run.losses)

@@ -108,9 +108,10 @@ def _resolve_attribute(module_name: str, dotted: str) -> Any:
     return value
 
 
-def missing_private_names() -> list[str]:
-    """The `PRIVATE_NAMES` entries the installed transformers lacks, each with what it is relied on for."""
-    return [f"{name} ({reason})" for name, reason in PRIVATE_NAMES if not _resolve(name)]
+def missing_private_names(names: tuple[tuple[str, str], ...] | None = None) -> list[str]:
+    """The entries of `names` (default `PRIVATE_NAMES`) the installed transformers lacks, each with what it is relied
+    on for."""
+    return [f"{name} ({reason})" for name, reason in (names or PRIVATE_NAMES) if not _resolve(name)]
 
 
 class LoopCandidateGenerator(CandidateGenerator):

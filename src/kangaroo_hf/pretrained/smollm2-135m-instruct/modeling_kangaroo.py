@@ -490,8 +490,12 @@ def context_training_mask(
 # kangaroo_hf/core/stats.py
 # ------------------------------------------------------------------------------
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
+
+# Each Kangaroo `generate()` call writes its statistics' summary here at INFO level (a server: one line per request).
+STATS_LOGGER = "kangaroo_hf.stats"
 
 
 @dataclass
@@ -559,7 +563,23 @@ class KangarooStats:
         """Fraction of drafts accepted at each draft position (1-based position i at index i-1)."""
         return [a / d if d else 0.0 for a, d in zip(self.accepted_by_position, self.drafted_by_position, strict=True)]
 
+    def summary(self) -> str:
+        """One line for logs: tokens, verification steps, tau, drafts accepted, rounds that copied the context."""
+        rate = self.accepted_drafts / self.drafted_tokens if self.drafted_tokens else 0.0
+        rows = f", {len(self.rows)} rows" if self.rows else ""
+        tau = self.mean_accepted_tokens
+        return (
+            f"{self.new_tokens} new tokens in {self.verify_steps} verification steps (tau {tau:.2f}), "
+            f"{self.accepted_drafts}/{self.drafted_tokens} drafts accepted ({rate:.0%}), "
+            f"{self.lookup_rounds} rounds copied the context{rows}"
+        )
+
+    def log(self) -> None:
+        """Write `summary()` to the `kangaroo_hf.stats` logger at INFO level."""
+        logging.getLogger(STATS_LOGGER).info("Kangaroo: %s", self.summary())
+
     def to_dict(self) -> dict[str, Any]:
+        """Every count and rate as plain JSON values (per-row statistics under `rows` for a batch)."""
         return {
             "new_tokens": self.new_tokens,
             "verify_steps": self.verify_steps,
@@ -1656,6 +1676,7 @@ def save_kangaroo(
     metrics: dict[str, Any] | None = None,
     training_args: dict[str, Any] | None = None,
     weights_dtype: str | None = None,
+    tokenizer: Any = None,
     is_main_process: bool = True,
     push_to_hub: bool = False,
     safe_serialization: bool = True,
@@ -1686,6 +1707,8 @@ def save_kangaroo(
     tensors, metadata = encode_adapter_weights(weights, weights_dtype)
     save_safetensors(tensors, folder / ADAPTER_WEIGHTS_NAME, metadata=metadata)
     model.generation_config.save_pretrained(folder)
+    if tokenizer is not None:  # the folder then serves as is, and `pipeline(model=folder)` finds its tokenizer
+        tokenizer.save_pretrained(folder)
     if save_base:
         if unwrap_causal_lm(model.base) is not model.base:
             raise ValueError("save_base=True needs a plain base: call `merge_and_unload()` on the PEFT base first.")
@@ -2144,7 +2167,6 @@ class BatchedKangarooDecoder:
         tokens = [first]
         scores_by_slot = [self._one_hot(first[:, i]) for i in range(first.shape[1])] if self.do_sample else []
         chains: list[list[int]] = [[] for _ in range(batch)]
-        copying &= not tree  # in a tree round the adapter's first draft decides whether the chain joins the copy
         proposing, counts = (budgets > 0) & ~copying, torch.zeros_like(budgets)
         last_slot, adapter_fed = torch.zeros_like(budgets), 0
         for step in range(settings.max_draft_tokens):
@@ -2275,13 +2297,13 @@ class BatchedKangarooDecoder:
         self.stats[row].record_step(len(branches[chosen if chosen is not None else 0]), emitted - 1)
         self.stats[row].lookup_rounds += int(kept_copy)
         if self.lookups[row] is not None:
+            # the copy's length learns only from rounds that relied on it: a copy verified alone, or the branch kept
+            # (a copy beside a chain the base preferred says nothing about how long copies should be)
             copy = branches[copy_branch] if copy_branch is not None else []
-            copy_accepted = accepted if kept_copy else 0
-            if copy and not self.do_sample and chosen != copy_branch:  # greedy knows how far the copy would have gone
-                copy_accepted = accept_greedy(candidates[copy_branch][0], candidates[copy_branch][1])[0]
+            relied_on = bool(copy) and (len(branches) == 1 or chosen == copy_branch)
             emitted_first = int(self.sequences[row][0, sequence.shape[1]])
             first = round_.lookup_first_tokens[index]
-            self.lookups[row].record_round(first, emitted_first, bool(copy), len(copy), copy_accepted)
+            self.lookups[row].record_round(first, emitted_first, relied_on, len(copy), accepted if relied_on else 0)
         self.pending[index] = token
         branch = branches[chosen] if chosen is not None else []
         return [0, *branch[:accepted]]  # the round's first token and the accepted drafts
@@ -2765,10 +2787,12 @@ class KangarooForCausalLM(KangarooPreTrainedModel, KangarooDecoding, GenerationM
         metrics: dict[str, Any] | None = None,
         training_args: dict[str, Any] | None = None,
         weights_dtype: str | None = None,
+        tokenizer: Any = None,
         **kwargs: Any,
     ) -> list[str]:
         """Write an adapter-only checkpoint: `config.json`, `kangaroo_adapter.safetensors`, `generation_config.json`,
-        a model card (`README.md`) and the remote-code files; returns the names of the files written.
+        a model card (`README.md`), the remote-code files and, when given, the tokenizer; returns the names of the
+        files written.
 
         Args:
             save_directory: the folder (created if needed).
@@ -2778,6 +2802,8 @@ class KangarooForCausalLM(KangarooPreTrainedModel, KangarooDecoding, GenerationM
             weights_dtype: storage type of the adapter weights: None keeps the model's, or "float32", "float16",
                 "bfloat16", or "int8" (each weight matrix as int8 with a float32 scale per row: a quarter of float32;
                 drafts change slightly, outputs never, since every draft is verified). Loading restores floats.
+            tokenizer: the base's tokenizer, saved beside the adapter: the folder (or the repo it is pushed to) then
+                works with `pipeline(model=...)` and `transformers serve` / `kangaroo-hf serve` as it is.
             kwargs: `is_main_process`, `push_to_hub` (+ `repo_id`, `commit_message`, `private`, `token`), and
                 `max_shard_size` for the base; `safe_serialization=False` is refused.
         """
@@ -2788,6 +2814,7 @@ class KangarooForCausalLM(KangarooPreTrainedModel, KangarooDecoding, GenerationM
             metrics=metrics,
             training_args=training_args,
             weights_dtype=weights_dtype,
+            tokenizer=tokenizer,
             **kwargs,
         )
 
@@ -2804,7 +2831,8 @@ class KangarooForCausalLM(KangarooPreTrainedModel, KangarooDecoding, GenerationM
     ) -> Any:
         """Save the adapter checkpoint (card included) to a temporary folder and upload it to `repo_id`.
 
-        `save_kwargs` go to `save_pretrained` (e.g. `metrics=`); returns the upload's `huggingface_hub.CommitInfo`.
+        `save_kwargs` go to `save_pretrained` (e.g. `metrics=`, `tokenizer=`); returns the upload's
+        `huggingface_hub.CommitInfo`.
         """
         return push_kangaroo(
             self,
@@ -3099,7 +3127,8 @@ class KangarooForCausalLM(KangarooPreTrainedModel, KangarooDecoding, GenerationM
             cpu_kernels: per-call override of `self.cpu_kernels` (a `CpuKernels`; `False` turns the CPU kernels off).
             **kwargs: every usual `generate()` argument (max_new_tokens, do_sample, streamer, stop_strings, ...).
 
-        After the call, `self.last_generate_stats` holds the speculation statistics (`None` without Kangaroo).
+        After the call, `self.last_generate_stats` holds the speculation statistics (`None` without Kangaroo), and
+        the `kangaroo_hf.stats` logger writes their summary at INFO level.
         """
         settings = None
         if use_kangaroo:
@@ -3124,7 +3153,10 @@ class KangarooForCausalLM(KangarooPreTrainedModel, KangarooDecoding, GenerationM
         elif not isinstance(cpu_kernels, CpuKernels):
             raise ValueError(f"cpu_kernels must be a CpuKernels, True, False or None, got {cpu_kernels!r}.")
         with self._scoped("_draft_settings", settings), self._scoped("cpu_kernels", cpu_kernels):
-            return super().generate(inputs, generation_config, **kwargs)
+            output = super().generate(inputs, generation_config, **kwargs)
+        if self.last_generate_stats is not None:  # one line per call: a server logs each request's
+            self.last_generate_stats.log()
+        return output
 
     @contextlib.contextmanager
     def _scoped(self, name: str, value: Any) -> Iterator[None]:
