@@ -309,8 +309,9 @@ class KangarooConfig(PreTrainedConfig):
             prompt-lookup continuation and the adapter's drafts side by side below the round's first token, verifies
             both in one forward (a tree attention mask, per-node positions) and keeps the branch the base accepts
             further, so a round gains at least what the better of the two would. Needs `lookup_num_tokens > 0`.
-            Decodes in Kangaroo's own loop (batch 1 included); `lookup_trust_ngram` and `lookup_hit_rate_decay`
-            choose between copy and chain, so they do not apply.
+            Decodes in Kangaroo's own loop (batch 1 included). A match of `lookup_trust_ngram` tokens is still
+            copied alone without a drafting step; `lookup_hit_rate_decay` chooses between copy and chain, which a
+            tree round does not need, so it does not apply.
         tree_max_nodes (`int`, *optional*, defaults to 16):
             Most drafted tokens a tree round verifies per sequence. The adapter's chain takes up to
             `max_draft_tokens`, the copy branch the rest; must exceed `max_draft_tokens`.
