@@ -151,6 +151,11 @@ def test_gguf_export_refuses_what_it_cannot_write(tmp_path):
     with pytest.raises(ValueError, match="default rotary embeddings only"):
         write_gguf(draft, tmp_path / "drafter.gguf")
     assert not (tmp_path / "drafter.gguf").exists()
+    scaled = make_kangaroo("llama")
+    scaled.get_base_model().config.rope_parameters = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
+    with pytest.raises(ValueError, match="rope_type='linear'"):
+        save_drafter(scaled, tmp_path / "out", gguf_type="f16")
+    assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
 def test_export_command_with_gguf(tmp_path, monkeypatch, caplog):
@@ -166,6 +171,8 @@ def test_export_command_with_gguf(tmp_path, monkeypatch, caplog):
     assert "-md drafter-f32.gguf" in (tmp_path / "out" / "README.md").read_text()
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file="drafter-f32.gguf")
     assert loaded.config.num_hidden_layers == model.config.exit_layer + 1
+    with pytest.raises(ValueError, match="add --gguf"):
+        main(["export", "--output", str(tmp_path / "other"), "--gguf-type", "q8_0"])
 
 
 @pytest.mark.smollm2
@@ -194,3 +201,28 @@ def test_shipped_drafter_gguf_has_smollm2s_vocabulary_and_next_tokens(tmp_path):
     input_ids = chat_input_ids(tokenizer, text)
     with torch.no_grad():
         assert torch.equal(loaded(input_ids).logits.argmax(-1), _drafter_logits(model, input_ids).argmax(-1))
+
+
+def test_gguf_carries_a_bpe_tokenizer_from_its_hugging_face_files(tmp_path):
+    pytest.importorskip("gguf")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from conftest import tiny_base
+    from kangaroo_hf import KangarooForCausalLM
+    from kangaroo_hf.hub.gguf_file import write_gguf
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 50, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
+    model = KangarooForCausalLM.from_base(tiny_base("llama", vocab_size=len(tokenizer)), exit_layer=2).eval()
+    write_gguf(export_drafter(model), tmp_path / "drafter.gguf", tokenizer=tokenizer, gguf_type="f32")
+    loaded = AutoTokenizer.from_pretrained(tmp_path, gguf_file="drafter.gguf")
+    text = "the lazy fox jumps"
+    assert loaded(text, add_special_tokens=False)["input_ids"] == tokenizer(text)["input_ids"]
+    assert loaded.eos_token == "<|endoftext|>"

@@ -17,7 +17,8 @@ import pytest
 from conftest import make_kangaroo, tiny_tokenizer
 from kangaroo_hf.serving import SERVING_PRIVATE_NAMES, serving_unsupported_reason
 
-pytestmark = pytest.mark.skipif(serving_unsupported_reason() is not None, reason=str(serving_unsupported_reason()))
+# The tests that run the server need what `kangaroo-hf serve` needs; the others run everywhere.
+needs_serving = pytest.mark.skipif(serving_unsupported_reason() is not None, reason=str(serving_unsupported_reason()))
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['content'] }}{% endfor %}{% if add_generation_prompt %}ab{% endif %}"
@@ -93,6 +94,7 @@ def server(checkpoint, tmp_path_factory):
             process.wait()
 
 
+@needs_serving
 def test_chat_completions_equal_local_kangaroo_generation(server, checkpoint):
     from openai import OpenAI
 
@@ -114,6 +116,7 @@ def test_chat_completions_equal_local_kangaroo_generation(server, checkpoint):
         time.sleep(0.2)
 
 
+@needs_serving
 def test_bad_requests_get_errors_and_the_server_keeps_serving(server, checkpoint):
     url, _ = server
     folder, expected = checkpoint
@@ -133,6 +136,7 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(server, checkpoint
     assert status == 200 and answer["choices"][0]["message"]["content"] == expected
 
 
+@needs_serving
 def test_serving_relies_on_names_the_installed_transformers_has():
     from kangaroo_hf.core.compat import missing_private_names
 
@@ -160,6 +164,7 @@ def test_default_serving_folder_holds_the_shipped_adapter_and_a_tokenizer(tmp_pa
     assert not list(tmp_path.glob("serve/*.partial-*"))
 
 
+@needs_serving
 def test_serve_help_shows_transformers_serve_flags(capsys):
     from kangaroo_hf.cli import main
 
@@ -176,3 +181,19 @@ def test_saved_tokenizer_makes_the_checkpoint_pipeline_ready(checkpoint):
     assert type(generator.model).__name__ == "KangarooForCausalLM"
     output = generator([{"role": "user", "content": QUESTION}], max_new_tokens=NEW_TOKENS, do_sample=False)
     assert output[0]["generated_text"][-1]["content"] == expected
+
+
+def test_serve_refuses_what_cannot_serve_and_says_why(monkeypatch, capsys):
+    import transformers
+    from transformers.utils import import_utils
+
+    from kangaroo_hf.cli import main
+
+    monkeypatch.setattr(transformers, "__version__", "5.24.0")
+    assert "needs transformers>=5.25 (installed: 5.24.0)" in serving_unsupported_reason()
+    assert main(["serve"]) == 2 and "needs transformers>=5.25" in capsys.readouterr().err
+    monkeypatch.undo()
+    if serving_unsupported_reason() is None:
+        assert main(["serve", "--continuous-batching"]) == 2 and "Kangaroo would not" in capsys.readouterr().err
+    monkeypatch.setattr(import_utils, "is_serve_available", lambda: False)
+    assert 'pip install "kangaroo-hf[serve]"' in serving_unsupported_reason()

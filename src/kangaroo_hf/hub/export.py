@@ -126,11 +126,10 @@ def save_drafter(
     """
     output = Path(output)
     draft = export_drafter(model)
-    if gguf_type is not None:
-        from .gguf_file import GGUF_TYPES
+    if gguf_type is not None:  # refuse before anything is written
+        from .gguf_file import check_gguf_exportable
 
-        if gguf_type not in GGUF_TYPES:  # before anything is written
-            raise ValueError(f"gguf_type must be one of {GGUF_TYPES}, got {gguf_type!r}.")
+        check_gguf_exportable(draft.config, gguf_type)
     draft.save_pretrained(output)
     if tokenizer is not None:
         tokenizer.save_pretrained(output)
@@ -184,8 +183,10 @@ def _embedded_gguf_of(model: KangarooForCausalLM) -> Path | None:
 def _run_export(args: argparse.Namespace) -> int:
     from ..loading import load_model
 
+    if args.gguf_type is not None and not args.gguf:
+        raise ValueError("--gguf-type sets the type of the GGUF file that --gguf writes: add --gguf.")
+    gguf_type = (args.gguf_type or "f16") if args.gguf else None
     model, tokenizer = load_model(args.adapter, "float32")
-    gguf_type = args.gguf_type if args.gguf else None
     logger.info("Wrote the drafter to %s", save_drafter(model, args.output, tokenizer, gguf_type=gguf_type))
     return 0
 
@@ -198,7 +199,7 @@ def add_export(subparsers: Any) -> None:
     parser.add_argument("adapter", nargs="?", default=None, help="Kangaroo folder or repo id (default: shipped)")
     parser.add_argument("--output", required=True, help="folder to write")
     parser.add_argument("--gguf", action="store_true", help="also write the drafter as a GGUF file for llama.cpp")
-    parser.add_argument("--gguf-type", choices=GGUF_TYPES, default="f16", help="GGUF weight type (default: f16)")
+    parser.add_argument("--gguf-type", choices=GGUF_TYPES, default=None, help="GGUF weight type (default: f16)")
     parser.set_defaults(handler=_run_export)
 
 

@@ -62,7 +62,11 @@ def gguf_tensor_name(name: str) -> str | None:
     return f"blk.{parts[2]}.{_LAYER_TENSORS[module]}.{kind}"
 
 
-def _check_exportable(config: Any) -> tuple[str, bool]:
+def check_gguf_exportable(config: Any, gguf_type: str = "f16") -> tuple[str, bool]:
+    """Raise `ValueError`, saying why, unless a drafter with this config can be written as `gguf_type`; returns its
+    GGUF architecture and whether its Q/K are permuted."""
+    if gguf_type not in GGUF_TYPES:
+        raise ValueError(f"gguf_type must be one of {GGUF_TYPES}, got {gguf_type!r}.")
     if config.model_type not in GGUF_ARCHITECTURES:
         raise ValueError(
             f"GGUF export covers {sorted(GGUF_ARCHITECTURES)} bases; this one is {config.model_type!r}. Export "
@@ -186,10 +190,8 @@ def write_gguf(
     """
     import gguf
 
-    if gguf_type not in GGUF_TYPES:
-        raise ValueError(f"gguf_type must be one of {GGUF_TYPES}, got {gguf_type!r}.")
     config = draft.config
-    architecture, permute = _check_exportable(config)
+    architecture, permute = check_gguf_exportable(config, gguf_type)
     file_type = {
         "f32": gguf.LlamaFileType.ALL_F32,
         "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -215,4 +217,4 @@ def write_gguf(
     return path
 
 
-__all__ = ["GGUF_TYPES", "gguf_tensor_name", "permute_for_llama_cpp", "write_gguf"]
+__all__ = ["GGUF_TYPES", "check_gguf_exportable", "gguf_tensor_name", "permute_for_llama_cpp", "write_gguf"]

@@ -88,6 +88,13 @@ def serve(argv: list[str]) -> int:
 
     from .server import KangarooServe
 
+    if "--continuous-batching" in argv:
+        print(
+            "kangaroo-hf serve: --continuous-batching runs the model's forward in transformers' paged scheduler, "
+            "without generate(), so Kangaroo would not decode at all; serve without it (requests run one at a time).",
+            file=sys.stderr,
+        )
+        return 2
     asks_for_help = any(arg in ("--help", "-h") for arg in argv)
     if not asks_for_help and (not argv or argv[0].startswith("-")):
         argv = [str(default_serving_folder()), *argv]
