@@ -100,6 +100,16 @@ def _scoped_generation_config(model: torch.nn.Module, **values: Any) -> Iterator
             setattr(config, name, value)
 
 
+def _assistant_settings(config: Any) -> dict[str, Any]:
+    """Kangaroo's draft stop rule in transformers' assistant terms (read from the assistant's generation config): the
+    draft threshold as confidence threshold, `max_draft_tokens` drafts at most, a constant schedule."""
+    return {
+        "assistant_confidence_threshold": config.draft_threshold,
+        "num_assistant_tokens": config.max_draft_tokens,
+        "num_assistant_tokens_schedule": "constant",
+    }
+
+
 def run_vanilla(model: Any, input_ids: torch.LongTensor, gen_kwargs: dict[str, Any]) -> tuple[list[int], None]:
     """The base's plain `generate()`: the reference every speedup and output is measured against."""
     return _new_tokens(model.get_base_model().generate(input_ids, **gen_kwargs), input_ids), None
@@ -124,18 +134,10 @@ def run_early_exit(
     `generation_config` (here the base's), not from `generate()` arguments, so they are set there for the call.
     A constant schedule keeps the draft cap fixed, as in Kangaroo.
     """
-    config = model.config
     base = model.get_base_model()
-    with (
-        _scoped_generation_config(
-            base,
-            assistant_confidence_threshold=config.draft_threshold,
-            num_assistant_tokens=config.max_draft_tokens,
-            num_assistant_tokens_schedule="constant",
-        ),
-        _record_candidate_steps(base) as counts,
-    ):
-        output = base.generate(input_ids, assistant_early_exit=config.exit_layer, **gen_kwargs)
+    settings = _assistant_settings(model.config)
+    with _scoped_generation_config(base, **settings), _record_candidate_steps(base) as counts:
+        output = base.generate(input_ids, assistant_early_exit=model.config.exit_layer, **gen_kwargs)
     return _new_tokens(output, input_ids), counts
 
 
@@ -194,16 +196,9 @@ def run_kangaroo_assisted(
     confidence threshold the adapter's `draft_threshold`, `max_draft_tokens` drafts at most, a constant schedule.
     What an engine with draft-model speculation makes of a Kangaroo adapter: the shallow layers run twice, the
     drafter scores the full vocabulary, and there is no prompt lookup."""
-    config = model.config
-    draft = exported_drafter(model)
-    base = model.get_base_model()
+    draft, base = exported_drafter(model), model.get_base_model()
     with (
-        _scoped_generation_config(
-            draft,
-            assistant_confidence_threshold=config.draft_threshold,
-            num_assistant_tokens=config.max_draft_tokens,
-            num_assistant_tokens_schedule="constant",
-        ),
+        _scoped_generation_config(draft, **_assistant_settings(model.config)),
         _record_candidate_steps(base) as counts,
     ):
         output = base.generate(input_ids, assistant_model=draft, **gen_kwargs)
