@@ -139,9 +139,9 @@ def main() -> None:
     speculative += [str(settings["max_draft_tokens"]), "--spec-draft-n-min", "0"]
     speculative += ["--spec-draft-p-min", str(settings["draft_threshold"])]
     servers = {
-        "target": start_server(binary, target, args.threads, [], args.output / "server_target.log"),
-        "target+drafter": start_server(binary, target, args.threads, speculative, args.output / "server_spec.log"),
-        "drafter": start_server(binary, drafter, args.threads, [], args.output / "server_drafter.log"),
+        "target": start_server(binary, target, args.threads, [], args.work / "server_target.log"),
+        "target+drafter": start_server(binary, target, args.threads, speculative, args.work / "server_spec.log"),
+        "drafter": start_server(binary, drafter, args.threads, [], args.work / "server_drafter.log"),
     }
     tokenizer = load_embedded_tokenizer()
     questions = load_questions(find_questions_file(), args.limit_per_category)
