@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -10,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -63,16 +65,14 @@ def checkpoint(tmp_path_factory) -> tuple[Path, str]:
     return folder, tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
 
 
-@pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
-    """`kangaroo-hf serve CHECKPOINT` on 127.0.0.1, stopped after the module's tests; yields (base URL, log path)."""
-    folder, _ = checkpoint
+@contextlib.contextmanager
+def running_server(command: list[str], log_path: Path) -> Iterator[str]:
+    """`command` (a server taking --host/--port/--device) on 127.0.0.1, until the block ends; yields its base URL."""
     port = _free_port()
-    log_path = tmp_path_factory.mktemp("serve-log") / "server.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "kangaroo_hf.cli", "serve", str(folder), "--host", "127.0.0.1"]
     with open(log_path, "w") as log:
-        process = subprocess.Popen([*command, "--port", str(port), "--device", "cpu"], stdout=log, stderr=log, env=env)
+        arguments = [*command, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
+        process = subprocess.Popen(arguments, stdout=log, stderr=log, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -84,7 +84,7 @@ def server(checkpoint, tmp_path_factory):
             except OSError:
                 assert time.monotonic() < deadline, f"the server did not start:\n{log_path.read_text()}"
                 time.sleep(0.5)
-        yield url, log_path
+        yield url
     finally:
         process.terminate()
         try:
@@ -92,6 +92,15 @@ def server(checkpoint, tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    """`kangaroo-hf serve CHECKPOINT`, stopped after the module's tests; yields (base URL, log path)."""
+    folder, _ = checkpoint
+    log_path = tmp_path_factory.mktemp("serve-log") / "server.log"
+    with running_server([sys.executable, "-m", "kangaroo_hf.cli", "serve", str(folder)], log_path) as url:
+        yield url, log_path
 
 
 @needs_serving
@@ -197,3 +206,15 @@ def test_serve_refuses_what_cannot_serve_and_says_why(monkeypatch, capsys):
         assert main(["serve", "--continuous-batching"]) == 2 and "Kangaroo would not" in capsys.readouterr().err
     monkeypatch.setattr(import_utils, "is_serve_available", lambda: False)
     assert 'pip install "kangaroo-hf[serve]"' in serving_unsupported_reason()
+
+
+@needs_serving
+def test_plain_transformers_serve_loads_the_checkpoint_through_its_remote_code(checkpoint, tmp_path):
+    """`transformers serve CHECKPOINT --trust-remote-code`: the model's process never imports kangaroo_hf, and a
+    `kangaroo` config loads only through the checkpoint's own remote code (with its saved base); same greedy text."""
+    folder, expected = checkpoint
+    command = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(folder), "--trust-remote-code"]
+    with running_server(command, tmp_path / "server.log") as url:
+        body = {"model": str(folder), "messages": [{"role": "user", "content": QUESTION}], "temperature": 0.0}
+        status, answer = _post(f"{url}/v1/chat/completions", {**body, "max_tokens": NEW_TOKENS})
+    assert status == 200 and answer["choices"][0]["message"]["content"] == expected
