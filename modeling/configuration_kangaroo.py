@@ -314,7 +314,13 @@ class KangarooConfig(PreTrainedConfig):
             tree round does not need, so it does not apply.
         tree_max_nodes (`int`, *optional*, defaults to 16):
             Most drafted tokens a tree round verifies per sequence. The adapter's chain takes up to
-            `max_draft_tokens`, the copy branch the rest; must exceed `max_draft_tokens`.
+            `max_draft_tokens`, the second choice (when on) one, the copy branch the rest; must exceed the other two.
+        tree_second_choice_threshold (`float`, *optional*, defaults to 1.0):
+            Also verify the adapter's second-choice first draft, as a one-token branch, when its draft probability is
+            at least this (tree rounds only). Where the adapter hesitates between two first tokens, the round then
+            lands on either at the cost of one more verified token. The branch is the adapter's most likely first
+            token other than its chain's first draft and the copy's first token (a one-hot proposal when sampling).
+            1 turns it off (a second choice is never above 0.5); must be in (0, 1].
         peft_adapter_name_or_path (`str`, *optional*):
             The PEFT (e.g. LoRA) adapter the base was tuned with when the Kangaroo adapter was trained.
         peft_adapter_revision (`str`, *optional*):
@@ -368,6 +374,7 @@ class KangarooConfig(PreTrainedConfig):
     # Tree rounds: the copy and the chain verified together, so a round never has to guess which one lands.
     tree_rounds: bool = False
     tree_max_nodes: int = 16
+    tree_second_choice_threshold: float = 1.0
     # The PEFT adapter of a LoRA-tuned base, so loading rebuilds the same tuned model.
     peft_adapter_name_or_path: str | None = None
     peft_adapter_revision: str | None = None
@@ -413,7 +420,13 @@ class KangarooConfig(PreTrainedConfig):
                 f"got {self.draft_vocab_size!r}."
             )
         validate_lookup(*(getattr(self, name) for name in LOOKUP_FIELDS))
-        validate_tree(self.tree_rounds, self.tree_max_nodes, self.max_draft_tokens, self.lookup_num_tokens)
+        validate_tree(
+            self.tree_rounds,
+            self.tree_max_nodes,
+            self.max_draft_tokens,
+            self.lookup_num_tokens,
+            self.tree_second_choice_threshold,
+        )
 
     def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> PreTrainedConfig:
         """The base's config: caches, masks and generation are sized by the wrapped model."""
@@ -524,15 +537,31 @@ def validate_lookup(
         raise ValueError(f"lookup_hit_rate_decay must be a number in [0, 1) (0 = off), got {hit_rate_decay!r}.")
 
 
-def validate_tree(tree_rounds: bool, tree_max_nodes: int, max_draft_tokens: int, lookup_num_tokens: int) -> None:
-    """Raise `ValueError` for a non-bool switch, a node cap that leaves the copy branch no room, or tree rounds
-    without prompt lookup (no copy branch to verify beside the chain)."""
+def validate_tree(
+    tree_rounds: bool,
+    tree_max_nodes: int,
+    max_draft_tokens: int,
+    lookup_num_tokens: int,
+    second_choice_threshold: float = 1.0,
+) -> None:
+    """Raise `ValueError` for a non-bool switch, a node cap that leaves the copy branch no room, a second-choice
+    threshold outside (0, 1], or tree rounds without prompt lookup (no copy branch to verify beside the chain)."""
     if not isinstance(tree_rounds, bool):
         raise ValueError(f"tree_rounds must be a bool, got {tree_rounds!r}.")
-    if not _is_int(tree_max_nodes) or tree_max_nodes <= max_draft_tokens:
+    if (
+        isinstance(second_choice_threshold, bool)
+        or not isinstance(second_choice_threshold, (int, float))
+        or not 0 < second_choice_threshold <= 1
+    ):
         raise ValueError(
-            f"tree_max_nodes must be an int above max_draft_tokens ({max_draft_tokens}), so that the copy branch has "
-            f"room beside the chain, got {tree_max_nodes!r}."
+            f"tree_second_choice_threshold must be a number in (0, 1] (1 = off), got {second_choice_threshold!r}."
+        )
+    others = max_draft_tokens + (second_choice_threshold < 1)  # the chain, and the second choice when it is on
+    if not _is_int(tree_max_nodes) or tree_max_nodes <= others:
+        what = "max_draft_tokens" + (" + 1 (the second choice)" if others > max_draft_tokens else "")
+        raise ValueError(
+            f"tree_max_nodes must be an int above {what} ({others}), so that the copy branch has room beside the "
+            f"chain, got {tree_max_nodes!r}."
         )
     if tree_rounds and not lookup_num_tokens:
         raise ValueError(

@@ -159,9 +159,11 @@ def unwrap_generation_config(base: nn.Module) -> GenerationConfig:
 
 import contextlib
 import types
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -213,6 +215,37 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
 
 
+# Packed copies kept between `cpu_linear(..., keep_packed=True)` blocks: module -> ((the weight, its storage, its
+# version), packed copy). A copy is reused while its weight is the same tensor on the same storage, unchanged in place
+# (in-place updates bump a tensor's version); it goes with its module.
+_KEPT_PACKED: weakref.WeakKeyDictionary[nn.Linear, tuple[tuple[Any, int, int], torch.Tensor]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _kept_pack(module: nn.Linear) -> torch.Tensor:
+    """`module`'s packed weight, packed now only when no kept copy matches its current weight."""
+    weight = module.weight
+    kept = _KEPT_PACKED.get(module)
+    if kept is not None:
+        (owner, storage, version), packed = kept
+        if owner() is weight and storage == weight.data_ptr() and version == weight._version:
+            return packed
+    packed = pack_weight(weight)
+    _KEPT_PACKED[module] = ((weakref.ref(weight), weight.data_ptr(), weight._version), packed)
+    return packed
+
+
+def release_packed_weights(modules: Iterable[nn.Module] | None = None) -> None:
+    """Free the packed copies kept for the linear layers under `modules` (all of them when None); the next call
+    that uses them packs again."""
+    if modules is None:
+        _KEPT_PACKED.clear()
+        return
+    for module in _plain_linears(modules):
+        _KEPT_PACKED.pop(module, None)
+
+
 def packed_matmul(input: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(input, weight, bias)` with the weight as `pack_weight` returned it (no autograd).
 
@@ -248,13 +281,17 @@ def _plain_linears(modules: Iterable[nn.Module]) -> list[nn.Linear]:
 
 
 @contextmanager
-def cpu_linear(modules: Iterable[nn.Module], few_rows: int = 0, pack: bool = False) -> Iterator[None]:
+def cpu_linear(
+    modules: Iterable[nn.Module], few_rows: int = 0, pack: bool = False, keep_packed: bool = False
+) -> Iterator[None]:
     """Within the block, the plain `nn.Linear`s in `modules` compute through faster CPU kernels.
 
     Products of 1 to `few_rows` rows (at most `FEW_ROWS`) go through `few_row_matmul`. With `pack`, every weight
     `packed_weights_supported` accepts is packed for oneDNN on entry (`pack_weight`) and the other products use it
     (`packed_matmul`; under autograd the original weight). The packed copies (as large as the weights) live until
-    the block ends, so weights changed inside the block are not seen. Subclasses (quantized or LoRA layers; the plain
+    the block ends, so weights changed inside the block are not seen; with `keep_packed` they are kept for the next
+    block instead, and packed again only for a weight replaced or changed in place since (`release_packed_weights`
+    frees them; they also go with their modules). Subclasses (quantized or LoRA layers; the plain
     `base_layer` inside a LoRA layer is included) and modules whose `forward` is already replaced on the instance
     (accelerate hooks) are left as they are. The replacement is on the module instances: another thread running the
     same modules meanwhile uses it too (same math).
@@ -262,11 +299,8 @@ def cpu_linear(modules: Iterable[nn.Module], few_rows: int = 0, pack: bool = Fal
     if not 0 <= few_rows <= FEW_ROWS:
         raise ValueError(f"few_rows must be in [0, {FEW_ROWS}], got {few_rows}.")
     linears = _plain_linears(modules)
-    packed = {
-        id(module): pack_weight(module.weight)
-        for module in linears
-        if pack and packed_weights_supported(module.weight)
-    }
+    packer = _kept_pack if keep_packed else lambda module: pack_weight(module.weight)
+    packed = {id(module): packer(module) for module in linears if pack and packed_weights_supported(module.weight)}
     for module in linears:
         module.forward = types.MethodType(_cpu_linear_forward(few_rows, packed.get(id(module))), module)
     try:
@@ -315,16 +349,23 @@ class CpuKernels:
             layout on every call, which for a few rows costs about as much as the product: on the embedded SmolLM2 a
             one-token bfloat16 forward takes ~0.75x the time this way, with bit-identical results. In float32 a
             12-token verification takes ~0.55x the few-row kernel's time (last bits may differ, as between any two
-            kernels). Costs a second copy of those weights in memory during the call and the time to pack them
-            (~0.15 s bfloat16 / ~0.3 s float32 for SmolLM2-135M). Plain decoding (`use_kangaroo=False`) is not
-            affected. `False` keeps `F.linear` (and the few-row kernel for up to 8 rows in float32).
+            kernels). Costs a second copy of those weights in memory and the time to pack them (~0.15 s bfloat16 /
+            ~0.3 s float32 for SmolLM2-135M). Plain decoding (`use_kangaroo=False`) is not affected. `False` keeps
+            `F.linear` (and the few-row kernel for up to 8 rows in float32).
+        keep_packed_weights (`bool`, *optional*, defaults to `True`):
+            Keep the packed copies between `generate()` calls, so weights are packed once, not on every call (a
+            weight replaced or changed in place is packed again). The copies then stay in memory while the model
+            lives, rather than only during calls: the peak is the same, the memory between calls is not.
+            `kangaroo_hf.core.kernels.release_packed_weights()` frees them. `False` packs on every call and frees
+            the copies when it returns.
     """
 
     few_row_matmul: bool = True
     packed_weights: bool = True
+    keep_packed_weights: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("few_row_matmul", "packed_weights"):
+        for name in ("few_row_matmul", "packed_weights", "keep_packed_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"CpuKernels.{name} must be a bool, got {getattr(self, name)!r}.")
 
@@ -354,7 +395,7 @@ class CpuKernels:
             pack = pack and not plain_decoding
             few_rows = FLOAT32_PACKED_MIN_ROWS - 1 if pack else FEW_ROWS
         if few_rows or pack:
-            return cpu_linear(modules, few_rows=few_rows, pack=pack)
+            return cpu_linear(modules, few_rows=few_rows, pack=pack, keep_packed=self.keep_packed_weights)
         return contextlib.nullcontext()
 
 
@@ -882,6 +923,7 @@ DRAFT_SETTINGS = (
     *LOOKUP_FIELDS,
     "tree_rounds",
     "tree_max_nodes",
+    "tree_second_choice_threshold",
 )
 
 # The settings `generate()` (and `kangaroo-hf generate`) can override for one call.
@@ -911,11 +953,18 @@ class DraftSettings:
     lookup_hit_rate_decay: float = 0.0
     tree_rounds: bool = False
     tree_max_nodes: int = 16
+    tree_second_choice_threshold: float = 1.0
 
     def __post_init__(self) -> None:
         validate_draft_settings(self.draft_threshold, self.max_draft_tokens, self.first_draft_threshold)
         validate_lookup(*(getattr(self, name) for name in LOOKUP_FIELDS))
-        validate_tree(self.tree_rounds, self.tree_max_nodes, self.max_draft_tokens, self.lookup_num_tokens)
+        validate_tree(
+            self.tree_rounds,
+            self.tree_max_nodes,
+            self.max_draft_tokens,
+            self.lookup_num_tokens,
+            self.tree_second_choice_threshold,
+        )
 
     @classmethod
     def from_config(cls, config: Any, **overrides: Any) -> DraftSettings:
@@ -936,8 +985,13 @@ class DraftSettings:
     def longest_copy(self) -> int:
         """Most tokens a round copies from the context (in tree rounds, what the node cap leaves beside the chain)."""
         if self.tree_rounds:
-            return min(self.longest_lookup, self.tree_max_nodes - self.max_draft_tokens)
+            return min(self.longest_lookup, self.tree_max_nodes - self.max_draft_tokens - self.second_choice)
         return self.longest_lookup
+
+    @property
+    def second_choice(self) -> bool:
+        """Whether tree rounds may verify the adapter's second-choice first draft as a branch of its own."""
+        return self.tree_rounds and self.tree_second_choice_threshold < 1
 
     @property
     def longest_draft(self) -> int:
@@ -2053,7 +2107,8 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 class DraftRound:
     """One round's proposals. `tokens` (B, R): the round's slots, slot 0 holding each row's newest token; the other
     slots hold drafts, in `branches[b]` (each branch the slot offsets of its drafts in order; a chain round has one
-    branch, a tree round the context's copy, `copy_branch[b]`, and the adapter's chain), or nothing. `exit_states`
+    branch, a tree round the context's copy, `copy_branch[b]`, the adapter's chain and its second-choice first
+    draft), or nothing. `exit_states`
     (B, R, D) are the slots' exit states; for sampling, `draft_scores` (B, R, V) are the scores each slot's draft was
     drawn from (one-hot for copied drafts)."""
 
@@ -2169,6 +2224,7 @@ class BatchedKangarooDecoder:
         chains: list[list[int]] = [[] for _ in range(batch)]
         proposing, counts = (budgets > 0) & ~copying, torch.zeros_like(budgets)
         last_slot, adapter_fed = torch.zeros_like(budgets), 0
+        second_choices: list[list[int]] = [[] for _ in range(batch)]  # a tree round's second-choice branch
         for step in range(settings.max_draft_tokens):
             if not proposing.any():
                 break
@@ -2187,12 +2243,24 @@ class BatchedKangarooDecoder:
             drafts = torch.where(proposing, self.head.choose(scores, vocab_ids), self.pending)
             counts += proposing.long()
             offset = table.length - table.round_start
+            new_tokens = drafts[:, None]
             table.append((first_position + counts).masked_fill(~proposing, -1)[:, None], last_slot[:, None])
-            tokens.append(drafts[:, None])
-            positions = table.positions[:, -1:].clamp(min=0)
-            exits.append(model.shallow_forward(drafts[:, None], positions, self.cache, self._masks(-1)))
             if self.do_sample:
                 scores_by_slot.append(scores)
+            if step == 0 and settings.second_choice:  # a one-token branch beside the chain's first draft
+                second, branching = self._second_choices(scores, vocab_ids, drafts, copy_tokens, copy_lengths)
+                branching &= proposing
+                if branching.any():
+                    new_tokens = torch.stack([drafts, second], dim=1)
+                    table.append((first_position + 1).masked_fill(~branching, -1)[:, None], last_slot[:, None])
+                    if self.do_sample:  # a deterministic proposal, as a copy
+                        scores_by_slot.append(self._one_hot(second))
+                    for index in branching.nonzero().view(-1).tolist():
+                        second_choices[index] = [offset + 1]
+            tokens.append(new_tokens)
+            positions = table.positions[:, -new_tokens.shape[1] :].clamp(min=0)
+            masks = self._masks(-new_tokens.shape[1])
+            exits.append(model.shallow_forward(new_tokens, positions, self.cache, masks))
             last_slot = torch.where(proposing, offset, last_slot)
             for index in proposing.nonzero().view(-1).tolist():
                 chains[index].append(offset)
@@ -2214,7 +2282,8 @@ class BatchedKangarooDecoder:
             tokens=torch.cat(tokens, dim=1),
             exit_states=exit_states,
             branches=[
-                [branch for branch in (copy, chain) if branch] for copy, chain in zip(copies, chains, strict=True)
+                [branch for branch in branches if branch]
+                for branches in zip(copies, chains, second_choices, strict=True)
             ],
             copy_branch=[0 if copy else None for copy in copies],
             draft_scores=torch.stack(scores_by_slot, dim=1) if self.do_sample else None,
@@ -2388,6 +2457,20 @@ class BatchedKangarooDecoder:
         verifies the copy alone there (a chain beside it would repeat the copy's first token, or hardly land)."""
         has_copy = copy_lengths > 0
         return has_copy & ((copy_tokens[:, 0] == top) | (confidence < self.settings.draft_threshold))
+
+    def _second_choices(
+        self, scores, vocab_ids, drafts, copy_tokens, copy_lengths
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's second-choice first draft (B,): the adapter's most likely first token other than its chain's
+        first draft `drafts` and the copy's first token, and whether its draft probability reaches
+        `tree_second_choice_threshold` (B,)."""
+        probabilities, indices = scores.softmax(dim=-1).topk(min(3, scores.shape[-1]), dim=-1)
+        candidates = vocab_ids[indices] if vocab_ids is not None else indices  # (B, <= 3) token ids
+        taken = (candidates == drafts[:, None]) | ((candidates == copy_tokens[:, :1]) & (copy_lengths > 0)[:, None])
+        first_free = (~taken).long().argmax(dim=-1)
+        rows = torch.arange(candidates.shape[0], device=candidates.device)
+        sure = probabilities[rows, first_free] >= self.settings.tree_second_choice_threshold
+        return candidates[rows, first_free], sure & (~taken).any(dim=-1)
 
     def _draft_sequences(self, chains: list[list[int]], tokens: list[torch.LongTensor]) -> list[torch.LongTensor]:
         """Each row's sequence with its chain's drafts so far, for the logits processors (none: not built)."""
@@ -3225,6 +3308,7 @@ __all__ = [
     "push_folder",
     "push_kangaroo",
     "read_adapter_file",
+    "release_packed_weights",
     "reorder_slots",
     "resolve_checkpoint",
     "save_kangaroo",

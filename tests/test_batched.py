@@ -229,11 +229,13 @@ def test_pipeline_with_batch_size_uses_batched_kangaroo():
     assert ours == theirs
 
 
-@pytest.mark.parametrize("tree", [False, True])
+@pytest.mark.parametrize("tree", [False, True, "second_choice"])
 def test_caches_hold_exactly_each_row_verified_tokens_and_verification_skips_the_shallow_layers(monkeypatch, tree):
     """After every round each row's caches (base and adapter) equal a fresh forward over its verified tokens, and the
     shallow layers never run during a verification: it reuses the exit states drafting computed, once per slot."""
     settings = dict(lookup_num_tokens=3, tree_rounds=True) if tree else {}
+    if tree == "second_choice":  # three branches: the copy, the chain and the adapter's second-choice first draft
+        settings["tree_second_choice_threshold"] = 0.02
     model = make_kangaroo("mistral", draft_threshold=0.05 if tree else 0.2, max_draft_tokens=5, **settings)
     input_ids, attention_mask = batch(seed=12, repeat=tree)
     phase = {"verifying": False, "shallow_in_verification": 0, "verifications": 0}

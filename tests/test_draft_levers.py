@@ -312,6 +312,41 @@ def test_packed_linear_is_bit_identical_and_restores_the_modules(rows):
 
 
 @needs_onednn
+def test_kept_packed_weights_are_packed_once_and_again_only_for_a_changed_weight(monkeypatch):
+    packs = []
+    original = backbone.pack_weight
+    monkeypatch.setattr(backbone, "pack_weight", lambda weight: packs.append(weight.shape) or original(weight))
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.Linear(24, 8)).to(torch.bfloat16)
+    x = torch.randn(1, 5, 16, dtype=torch.bfloat16)
+
+    def run(keep=True):
+        with torch.no_grad(), backbone.cpu_linear([block], pack=True, keep_packed=keep):
+            return block(x)
+
+    first = run()
+    assert len(packs) == 2 and torch.equal(run(), first) and len(packs) == 2  # the second block packs nothing
+    with torch.no_grad():
+        block[1].weight.mul_(2)  # changed in place: packed again, and the result follows the new weight
+    assert torch.equal(run(), block(x)) and len(packs) == 3
+    block[0].weight = torch.nn.Parameter(torch.randn(24, 16, dtype=torch.bfloat16))  # replaced: packed again
+    assert torch.equal(run(), block(x)) and len(packs) == 4
+    run(keep=False)  # without keeping: packed on every entry, and nothing kept is touched
+    assert len(packs) == 6 and run() is not None and len(packs) == 6
+    backbone.release_packed_weights([block])
+    run()
+    assert len(packs) == 8
+    model = make_kangaroo("llama").to(torch.bfloat16)
+    model.generate(_prompt(6, seed=1), do_sample=False, max_new_tokens=4)  # generate() keeps them by default
+    count = len(packs)
+    model.generate(_prompt(6, seed=2), do_sample=False, max_new_tokens=4)
+    assert len(packs) == count  # every layer's packed weight was kept
+    model.cpu_kernels = CpuKernels(keep_packed_weights=False)
+    model.generate(_prompt(6, seed=2), do_sample=False, max_new_tokens=4)
+    assert len(packs) > count + 10
+
+
+@needs_onednn
 def test_cpu_packed_weights_serve_the_bfloat16_decoding_loop_bit_identically(arch, monkeypatch):
     products = spy_product_rows(monkeypatch, "packed_matmul", generation)  # the draft head calls it directly
     model = make_kangaroo(arch, draft_threshold=0.0, max_draft_tokens=3).to(torch.bfloat16)

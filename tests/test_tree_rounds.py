@@ -33,6 +33,30 @@ def test_greedy_tree_rounds_equal_the_base(arch, rows, monkeypatch):
     assert branch_counts.count(2) > 3  # rounds verified the copy and the chain together
 
 
+SECOND_CHOICE = dict(TREE, tree_second_choice_threshold=0.02)
+
+
+@pytest.mark.compat
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_greedy_tree_rounds_with_the_second_choice_equal_the_base(arch, monkeypatch):
+    """Rounds of three branches (the copy, the chain and the adapter's second-choice first draft) stay lossless, and
+    the second choice is kept where the base picks it."""
+    kept = []
+    original = batched.accept_tree_greedy
+
+    def spy(branches):
+        result = original(branches)
+        kept.append((len(branches), result[0], result[1]))
+        return result
+
+    monkeypatch.setattr(batched, "accept_tree_greedy", spy)
+    model = make_kangaroo(arch, draft_threshold=0.05, **SECOND_CHOICE)
+    for seed in range(2):
+        assert_same_as_base(model, *batch(seed=seed, repeat=True), max_new_tokens=30)
+    assert any(branches == 3 for branches, _, _ in kept)
+    assert any(branches == 3 and chosen == 2 and accepted == 1 for branches, chosen, accepted in kept)
+
+
 @pytest.mark.parametrize("settings", [dict(adapter_context="final"), dict(max_draft_tokens=1, tree_max_nodes=3)])
 def test_tree_rounds_with_other_drafting_options(settings):
     model = make_kangaroo("qwen2", draft_threshold=0.05, **{**TREE, **settings})
@@ -64,6 +88,20 @@ def test_streamer_with_tree_rounds_at_batch_one():
     out = model.generate(input_ids, do_sample=False, max_new_tokens=20, streamer=streamer)
     assert streamer.chunks[0] == input_ids[0].tolist()
     assert [token for chunk in streamer.chunks[1:] for token in chunk] == out[0, 9:].tolist()
+
+
+def test_the_second_choice_counts_against_the_node_cap():
+    base = make_kangaroo("llama").get_base_model()
+    with pytest.raises(ValueError, match=r"above max_draft_tokens \+ 1 \(the second choice\) \(4\)"):
+        KangarooForCausalLM.from_base(base, max_draft_tokens=3, tree_max_nodes=4, tree_second_choice_threshold=0.2)
+    for bad in (0, 1.5, True, "0.2"):
+        with pytest.raises(ValueError, match="tree_second_choice_threshold must be a number in"):
+            KangarooForCausalLM.from_base(base, tree_second_choice_threshold=bad)
+    model = KangarooForCausalLM.from_base(base, max_draft_tokens=3, tree_max_nodes=8, **SECOND_CHOICE)
+    from kangaroo_hf.core.drafting import DraftSettings
+
+    settings = DraftSettings.from_config(model.config)
+    assert settings.second_choice and settings.longest_copy == 4  # 8 nodes: 3 chain drafts, 1 second choice
 
 
 def test_tree_settings_are_validated():
@@ -120,6 +158,22 @@ PROMPT = torch.tensor([[3, 5, 4, 3]])  # "3" recurs: after "3 5" the context pro
 def test_sampled_tree_rounds_keep_the_base_distribution():
     p_value, copies = _tree_p_values(_small_tree_model(), PROMPT)
     assert copies > 50  # copied branches were accepted: the multi-candidate rule was exercised
+    assert p_value > 1e-4
+
+
+def test_sampled_tree_rounds_with_the_second_choice_keep_the_base_distribution(monkeypatch):
+    """The second choice is a one-hot proposal tried after the chain's sampled first draft, against the residual."""
+    kept = []
+    original = batched.accept_tree_sampled
+    monkeypatch.setattr(
+        batched,
+        "accept_tree_sampled",
+        lambda branches: kept.append((len(branches), *original(branches))) or kept[-1][1:],
+    )
+    model = _small_tree_model()
+    model.config.tree_second_choice_threshold = 0.02  # the small model's second choice: about 0.02
+    p_value, _ = _tree_p_values(model, PROMPT)
+    assert sum(branches == 3 and chosen == 2 for branches, chosen, _, _ in kept) > 50  # the second choice landed
     assert p_value > 1e-4
 
 

@@ -7,7 +7,8 @@ every cache in the slot layout of `slots.SlotTable`. A round:
 
 1. **draft**, in lockstep over the rows: the shallow layers on each row's newest token (its KV goes into the shared
    cache), the adapter and the draft head on the exit states, until every row has stopped: its confidence fell below
-   `draft_threshold`, it drafted `max_draft_tokens`, or the tokens it copies from its context ran out;
+   `draft_threshold`, it drafted `max_draft_tokens`, or the tokens it copies from its context ran out (a tree round
+   may add the adapter's second-choice first draft as a one-token branch, `tree_second_choice_threshold`);
 2. **verify**: the deep layers on every row's round tokens at once, reusing their exit states, and the LM head on the
    rows' real slots only;
 3. **accept** per row (`acceptance.py`), with the logits processors and stopping criteria on the row's own sequence;
@@ -37,7 +38,8 @@ from .stats import KangarooStats
 class DraftRound:
     """One round's proposals. `tokens` (B, R): the round's slots, slot 0 holding each row's newest token; the other
     slots hold drafts, in `branches[b]` (each branch the slot offsets of its drafts in order; a chain round has one
-    branch, a tree round the context's copy, `copy_branch[b]`, and the adapter's chain), or nothing. `exit_states`
+    branch, a tree round the context's copy, `copy_branch[b]`, the adapter's chain and its second-choice first
+    draft), or nothing. `exit_states`
     (B, R, D) are the slots' exit states; for sampling, `draft_scores` (B, R, V) are the scores each slot's draft was
     drawn from (one-hot for copied drafts)."""
 
@@ -153,6 +155,7 @@ class BatchedKangarooDecoder:
         chains: list[list[int]] = [[] for _ in range(batch)]
         proposing, counts = (budgets > 0) & ~copying, torch.zeros_like(budgets)
         last_slot, adapter_fed = torch.zeros_like(budgets), 0
+        second_choices: list[list[int]] = [[] for _ in range(batch)]  # a tree round's second-choice branch
         for step in range(settings.max_draft_tokens):
             if not proposing.any():
                 break
@@ -171,12 +174,24 @@ class BatchedKangarooDecoder:
             drafts = torch.where(proposing, self.head.choose(scores, vocab_ids), self.pending)
             counts += proposing.long()
             offset = table.length - table.round_start
+            new_tokens = drafts[:, None]
             table.append((first_position + counts).masked_fill(~proposing, -1)[:, None], last_slot[:, None])
-            tokens.append(drafts[:, None])
-            positions = table.positions[:, -1:].clamp(min=0)
-            exits.append(model.shallow_forward(drafts[:, None], positions, self.cache, self._masks(-1)))
             if self.do_sample:
                 scores_by_slot.append(scores)
+            if step == 0 and settings.second_choice:  # a one-token branch beside the chain's first draft
+                second, branching = self._second_choices(scores, vocab_ids, drafts, copy_tokens, copy_lengths)
+                branching &= proposing
+                if branching.any():
+                    new_tokens = torch.stack([drafts, second], dim=1)
+                    table.append((first_position + 1).masked_fill(~branching, -1)[:, None], last_slot[:, None])
+                    if self.do_sample:  # a deterministic proposal, as a copy
+                        scores_by_slot.append(self._one_hot(second))
+                    for index in branching.nonzero().view(-1).tolist():
+                        second_choices[index] = [offset + 1]
+            tokens.append(new_tokens)
+            positions = table.positions[:, -new_tokens.shape[1] :].clamp(min=0)
+            masks = self._masks(-new_tokens.shape[1])
+            exits.append(model.shallow_forward(new_tokens, positions, self.cache, masks))
             last_slot = torch.where(proposing, offset, last_slot)
             for index in proposing.nonzero().view(-1).tolist():
                 chains[index].append(offset)
@@ -198,7 +213,8 @@ class BatchedKangarooDecoder:
             tokens=torch.cat(tokens, dim=1),
             exit_states=exit_states,
             branches=[
-                [branch for branch in (copy, chain) if branch] for copy, chain in zip(copies, chains, strict=True)
+                [branch for branch in branches if branch]
+                for branches in zip(copies, chains, second_choices, strict=True)
             ],
             copy_branch=[0 if copy else None for copy in copies],
             draft_scores=torch.stack(scores_by_slot, dim=1) if self.do_sample else None,
@@ -372,6 +388,20 @@ class BatchedKangarooDecoder:
         verifies the copy alone there (a chain beside it would repeat the copy's first token, or hardly land)."""
         has_copy = copy_lengths > 0
         return has_copy & ((copy_tokens[:, 0] == top) | (confidence < self.settings.draft_threshold))
+
+    def _second_choices(
+        self, scores, vocab_ids, drafts, copy_tokens, copy_lengths
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's second-choice first draft (B,): the adapter's most likely first token other than its chain's
+        first draft `drafts` and the copy's first token, and whether its draft probability reaches
+        `tree_second_choice_threshold` (B,)."""
+        probabilities, indices = scores.softmax(dim=-1).topk(min(3, scores.shape[-1]), dim=-1)
+        candidates = vocab_ids[indices] if vocab_ids is not None else indices  # (B, <= 3) token ids
+        taken = (candidates == drafts[:, None]) | ((candidates == copy_tokens[:, :1]) & (copy_lengths > 0)[:, None])
+        first_free = (~taken).long().argmax(dim=-1)
+        rows = torch.arange(candidates.shape[0], device=candidates.device)
+        sure = probabilities[rows, first_free] >= self.settings.tree_second_choice_threshold
+        return candidates[rows, first_free], sure & (~taken).any(dim=-1)
 
     def _draft_sequences(self, chains: list[list[int]], tokens: list[torch.LongTensor]) -> list[torch.LongTensor]:
         """Each row's sequence with its chain's drafts so far, for the logits processors (none: not built)."""

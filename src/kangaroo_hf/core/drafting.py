@@ -46,6 +46,7 @@ DRAFT_SETTINGS = (
     *LOOKUP_FIELDS,
     "tree_rounds",
     "tree_max_nodes",
+    "tree_second_choice_threshold",
 )
 
 # The settings `generate()` (and `kangaroo-hf generate`) can override for one call.
@@ -75,11 +76,18 @@ class DraftSettings:
     lookup_hit_rate_decay: float = 0.0
     tree_rounds: bool = False
     tree_max_nodes: int = 16
+    tree_second_choice_threshold: float = 1.0
 
     def __post_init__(self) -> None:
         validate_draft_settings(self.draft_threshold, self.max_draft_tokens, self.first_draft_threshold)
         validate_lookup(*(getattr(self, name) for name in LOOKUP_FIELDS))
-        validate_tree(self.tree_rounds, self.tree_max_nodes, self.max_draft_tokens, self.lookup_num_tokens)
+        validate_tree(
+            self.tree_rounds,
+            self.tree_max_nodes,
+            self.max_draft_tokens,
+            self.lookup_num_tokens,
+            self.tree_second_choice_threshold,
+        )
 
     @classmethod
     def from_config(cls, config: Any, **overrides: Any) -> DraftSettings:
@@ -100,8 +108,13 @@ class DraftSettings:
     def longest_copy(self) -> int:
         """Most tokens a round copies from the context (in tree rounds, what the node cap leaves beside the chain)."""
         if self.tree_rounds:
-            return min(self.longest_lookup, self.tree_max_nodes - self.max_draft_tokens)
+            return min(self.longest_lookup, self.tree_max_nodes - self.max_draft_tokens - self.second_choice)
         return self.longest_lookup
+
+    @property
+    def second_choice(self) -> bool:
+        """Whether tree rounds may verify the adapter's second-choice first draft as a branch of its own."""
+        return self.tree_rounds and self.tree_second_choice_threshold < 1
 
     @property
     def longest_draft(self) -> int:

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import types
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +63,37 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
 
 
+# Packed copies kept between `cpu_linear(..., keep_packed=True)` blocks: module -> ((the weight, its storage, its
+# version), packed copy). A copy is reused while its weight is the same tensor on the same storage, unchanged in place
+# (in-place updates bump a tensor's version); it goes with its module.
+_KEPT_PACKED: weakref.WeakKeyDictionary[nn.Linear, tuple[tuple[Any, int, int], torch.Tensor]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _kept_pack(module: nn.Linear) -> torch.Tensor:
+    """`module`'s packed weight, packed now only when no kept copy matches its current weight."""
+    weight = module.weight
+    kept = _KEPT_PACKED.get(module)
+    if kept is not None:
+        (owner, storage, version), packed = kept
+        if owner() is weight and storage == weight.data_ptr() and version == weight._version:
+            return packed
+    packed = pack_weight(weight)
+    _KEPT_PACKED[module] = ((weakref.ref(weight), weight.data_ptr(), weight._version), packed)
+    return packed
+
+
+def release_packed_weights(modules: Iterable[nn.Module] | None = None) -> None:
+    """Free the packed copies kept for the linear layers under `modules` (all of them when None); the next call
+    that uses them packs again."""
+    if modules is None:
+        _KEPT_PACKED.clear()
+        return
+    for module in _plain_linears(modules):
+        _KEPT_PACKED.pop(module, None)
+
+
 def packed_matmul(input: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(input, weight, bias)` with the weight as `pack_weight` returned it (no autograd).
 
@@ -96,13 +129,17 @@ def _plain_linears(modules: Iterable[nn.Module]) -> list[nn.Linear]:
 
 
 @contextmanager
-def cpu_linear(modules: Iterable[nn.Module], few_rows: int = 0, pack: bool = False) -> Iterator[None]:
+def cpu_linear(
+    modules: Iterable[nn.Module], few_rows: int = 0, pack: bool = False, keep_packed: bool = False
+) -> Iterator[None]:
     """Within the block, the plain `nn.Linear`s in `modules` compute through faster CPU kernels.
 
     Products of 1 to `few_rows` rows (at most `FEW_ROWS`) go through `few_row_matmul`. With `pack`, every weight
     `packed_weights_supported` accepts is packed for oneDNN on entry (`pack_weight`) and the other products use it
     (`packed_matmul`; under autograd the original weight). The packed copies (as large as the weights) live until
-    the block ends, so weights changed inside the block are not seen. Subclasses (quantized or LoRA layers; the plain
+    the block ends, so weights changed inside the block are not seen; with `keep_packed` they are kept for the next
+    block instead, and packed again only for a weight replaced or changed in place since (`release_packed_weights`
+    frees them; they also go with their modules). Subclasses (quantized or LoRA layers; the plain
     `base_layer` inside a LoRA layer is included) and modules whose `forward` is already replaced on the instance
     (accelerate hooks) are left as they are. The replacement is on the module instances: another thread running the
     same modules meanwhile uses it too (same math).
@@ -110,11 +147,8 @@ def cpu_linear(modules: Iterable[nn.Module], few_rows: int = 0, pack: bool = Fal
     if not 0 <= few_rows <= FEW_ROWS:
         raise ValueError(f"few_rows must be in [0, {FEW_ROWS}], got {few_rows}.")
     linears = _plain_linears(modules)
-    packed = {
-        id(module): pack_weight(module.weight)
-        for module in linears
-        if pack and packed_weights_supported(module.weight)
-    }
+    packer = _kept_pack if keep_packed else lambda module: pack_weight(module.weight)
+    packed = {id(module): packer(module) for module in linears if pack and packed_weights_supported(module.weight)}
     for module in linears:
         module.forward = types.MethodType(_cpu_linear_forward(few_rows, packed.get(id(module))), module)
     try:
@@ -163,16 +197,23 @@ class CpuKernels:
             layout on every call, which for a few rows costs about as much as the product: on the embedded SmolLM2 a
             one-token bfloat16 forward takes ~0.75x the time this way, with bit-identical results. In float32 a
             12-token verification takes ~0.55x the few-row kernel's time (last bits may differ, as between any two
-            kernels). Costs a second copy of those weights in memory during the call and the time to pack them
-            (~0.15 s bfloat16 / ~0.3 s float32 for SmolLM2-135M). Plain decoding (`use_kangaroo=False`) is not
-            affected. `False` keeps `F.linear` (and the few-row kernel for up to 8 rows in float32).
+            kernels). Costs a second copy of those weights in memory and the time to pack them (~0.15 s bfloat16 /
+            ~0.3 s float32 for SmolLM2-135M). Plain decoding (`use_kangaroo=False`) is not affected. `False` keeps
+            `F.linear` (and the few-row kernel for up to 8 rows in float32).
+        keep_packed_weights (`bool`, *optional*, defaults to `True`):
+            Keep the packed copies between `generate()` calls, so weights are packed once, not on every call (a
+            weight replaced or changed in place is packed again). The copies then stay in memory while the model
+            lives, rather than only during calls: the peak is the same, the memory between calls is not.
+            `kangaroo_hf.core.kernels.release_packed_weights()` frees them. `False` packs on every call and frees
+            the copies when it returns.
     """
 
     few_row_matmul: bool = True
     packed_weights: bool = True
+    keep_packed_weights: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("few_row_matmul", "packed_weights"):
+        for name in ("few_row_matmul", "packed_weights", "keep_packed_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"CpuKernels.{name} must be a bool, got {getattr(self, name)!r}.")
 
@@ -202,7 +243,7 @@ class CpuKernels:
             pack = pack and not plain_decoding
             few_rows = FLOAT32_PACKED_MIN_ROWS - 1 if pack else FEW_ROWS
         if few_rows or pack:
-            return cpu_linear(modules, few_rows=few_rows, pack=pack)
+            return cpu_linear(modules, few_rows=few_rows, pack=pack, keep_packed=self.keep_packed_weights)
         return contextlib.nullcontext()
 
 
@@ -217,4 +258,5 @@ __all__ = [
     "packed_linear",
     "packed_matmul",
     "packed_weights_supported",
+    "release_packed_weights",
 ]
