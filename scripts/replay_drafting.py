@@ -4,6 +4,7 @@
     python scripts/replay_drafting.py --per-category 1 --trust-ngram 3   # as config.lookup_trust_ngram=3
     python scripts/replay_drafting.py --per-category 1 --tree 0.0.0.0,1.0,0.1,2   # a static draft tree instead
     python scripts/replay_drafting.py --validation 397   # held-out training-style answers instead of Spec-Bench
+    python scripts/replay_drafting.py --validation 397 --tree-rounds --second-choice-threshold 0.1   # tree rounds
 
 Greedy Kangaroo drafts only along the base's own answer until a draft is rejected, so the draft's teacher-forced
 predictions along that answer (one shallow + adapter pass over prompt + answer) decide every round: the adapter's chain
@@ -44,6 +45,7 @@ class Answer:
     top: list[int]  # the draft's top-1 token there
     confidence: list[float]  # its probability (over the draft vocabulary)
     rank: list[int]  # rank of answer[i] among the draft's predictions there (0: top-1; TOP_RANKS: not in the top ones)
+    runners_up: list[list[tuple[int, float]]] | None = None  # the draft's 2nd and 3rd tokens there, with probabilities
 
 
 def teacher_forced(model: KangarooForCausalLM, references: list[EncodedConversation]) -> list[Answer]:
@@ -64,6 +66,12 @@ def teacher_forced(model: KangarooForCausalLM, references: list[EncodedConversat
         ranked = vocab_ids[ranked] if vocab_ids is not None else ranked
         hits = ranked == answer.unsqueeze(1)  # (answer tokens, TOP_RANKS)
         rank = torch.where(hits.any(1), hits.int().argmax(1), TOP_RANKS)
+        top3 = probs.topk(3, dim=-1)
+        top3_ids = vocab_ids[top3.indices] if vocab_ids is not None else top3.indices
+        runners_up = [
+            list(zip(ids[1:], values[1:], strict=True))
+            for ids, values in zip(top3_ids.tolist(), top3.values.tolist(), strict=True)
+        ]
         answers.append(
             Answer(
                 reference.id.split("-")[1],
@@ -73,6 +81,7 @@ def teacher_forced(model: KangarooForCausalLM, references: list[EncodedConversat
                 top.tolist(),
                 confidence.tolist(),
                 rank.tolist(),
+                runners_up,
             )
         )
     return answers
@@ -119,8 +128,17 @@ def replay(
     lookup_max_tokens: int = 0,
     hit_rate_decay: float = 0.0,
     tree: frozenset[tuple[int, ...]] | None = None,
+    tree_rounds: bool = False,
+    tree_max_nodes: int = 16,
+    second_choice_threshold: float = 1.0,
 ):
     """(tau, verification rows per round) of greedy Kangaroo decoding on `answers`.
+
+    `tree_rounds` replays `tree_rounds=True` as `core/batched.py` drafts it: a trusted match, or a copy whose first
+    token is the adapter's or beside an unsure adapter, is verified alone; otherwise the copy (at most
+    `tree_max_nodes` minus the chain and the second choice) and the adapter's chain are both verified and the longer
+    accepted one is kept, with the adapter's second-choice first token as a third one-token branch when its
+    probability reaches `second_choice_threshold` (the most likely token other than the chain's and the copy's first).
 
     `hit_rate_decay` replays `lookup_hit_rate_decay`: a copy is also taken when the running rate of context matches
     whose first token was the answer's beats the adapter's confidence.
@@ -131,6 +149,10 @@ def replay(
     is not modelled: its depth in sequential drafting steps and its size in verification rows.
     """
     depth = max(map(len, tree)) if tree else 0
+    second_choice = tree_rounds and second_choice_threshold < 1
+    longest_copy = max(lookup_tokens, lookup_max_tokens)
+    if tree_rounds:
+        longest_copy = min(longest_copy, tree_max_nodes - max_drafts - second_choice)
     steps = tokens = rows = 0
     for item in answers:
         length = len(item.answer)
@@ -139,14 +161,39 @@ def replay(
         rules = PromptLookup(lookup_tokens, max_ngram, lookup_max_tokens, trust_ngram, hit_rate_decay)
         while i < length:
             copy, size = rules.propose(torch.tensor(item.prompt + item.answer[:i])) if lookup_tokens else (None, 0)
-            copy = [] if copy is None else copy.tolist()[: max(0, length - 1 - i)]  # the last token is the base's
-            take_copy = bool(copy) and (
-                rules.trusts(size) or rules.prefers_copy(copy[0], item.top[i], item.confidence[i], threshold)
-            )
+            copy = [] if copy is None else copy.tolist()[: max(0, length - 1 - i)][:longest_copy]
+            copied = 0  # copied tokens the base accepts (the last answer token is the base's own)
+            while copied < len(copy) and copy[copied] == item.answer[i + copied]:
+                copied += 1
+            if (
+                tree_rounds
+            ):  # alone: a trusted match, or a copy starting with the adapter's token or beside an unsure one
+                take_copy = bool(copy) and (
+                    rules.trusts(size) or copy[0] == item.top[i] or item.confidence[i] < threshold
+                )
+            else:
+                take_copy = bool(copy) and (
+                    rules.trusts(size) or rules.prefers_copy(copy[0], item.top[i], item.confidence[i], threshold)
+                )
             if take_copy:
-                drafted, accepted = len(copy), 0
-                while accepted < drafted and copy[accepted] == item.answer[i + accepted]:
-                    accepted += 1
+                drafted, accepted = len(copy), copied
+            elif tree_rounds:  # branches in the loop's order: the copy, the chain, the second choice
+                chain = 0
+                while chain < max_drafts and i + chain < length - 1:
+                    chain += 1
+                    if item.confidence[i + chain - 1] < threshold:
+                        break
+                chain_accepted = 0
+                while chain_accepted < chain and item.correct[i + chain_accepted]:
+                    chain_accepted += 1
+                branches = ([(len(copy), copied)] if copy else []) + [(chain, chain_accepted)]
+                runners_up = item.runners_up[i] if item.runners_up else []
+                runner_up = next((pair for pair in runners_up if not copy or pair[0] != copy[0]), None)
+                if second_choice and chain and runner_up is not None and runner_up[1] >= second_choice_threshold:
+                    branches.append((1, int(runner_up[0] == item.answer[i])))
+                kept = max(range(len(branches)), key=lambda index: (branches[index][1], -index))  # the first on a tie
+                take_copy = bool(copy) and kept == 0  # the lookup learns from rounds that kept the copy
+                drafted, accepted = sum(size for size, _ in branches), branches[kept][1]
             elif tree:
                 path: tuple[int, ...] = ()
                 while len(path) < depth and i + len(path) < length - 1 and path + (item.rank[i + len(path)],) in tree:
@@ -161,7 +208,10 @@ def replay(
                 accepted = 0
                 while accepted < drafted and item.correct[i + accepted]:
                     accepted += 1
-            rules.record_round(copy[0] if copy else None, item.answer[i], take_copy, drafted, accepted)
+            if take_copy:  # the lookup learns from the copy alone (a tree round's other branches do not count)
+                rules.record_round(copy[0] if copy else None, item.answer[i], True, len(copy), copied)
+            else:
+                rules.record_round(copy[0] if copy else None, item.answer[i], False, drafted, accepted)
             steps, tokens, rows, i = steps + 1, tokens + accepted + 1, rows + 1 + drafted, i + accepted + 1
     return tokens / steps, rows / steps
 
@@ -197,6 +247,16 @@ def main() -> None:
         default=None,
         help='replay a static draft tree instead of the chain: rank paths such as "0.0.0,1,0.1" (see parse_tree)',
     )
+    parser.add_argument(
+        "--tree-rounds", action="store_true", help="replay tree_rounds=True (the copy and the chain side by side)"
+    )
+    parser.add_argument("--tree-max-nodes", type=int, default=None, help="default: the adapter's tree_max_nodes")
+    parser.add_argument(
+        "--second-choice-threshold",
+        type=float,
+        default=None,
+        help="with --tree-rounds; default: the adapter's tree_second_choice_threshold (1: off)",
+    )
     args = parser.parse_args()
 
     model, tokenizer = load_default_model()
@@ -220,10 +280,20 @@ def main() -> None:
     tree = parse_tree(args.tree) if args.tree else None
     if tree:
         print(f"static tree: {len(tree)} nodes, depth {max(map(len, tree))}")
-    tau, rows = replay(answers, *settings, tree=tree)
+    rounds = dict(
+        tree=tree,
+        tree_rounds=args.tree_rounds,
+        tree_max_nodes=config.tree_max_nodes if args.tree_max_nodes is None else args.tree_max_nodes,
+        second_choice_threshold=(
+            config.tree_second_choice_threshold
+            if args.second_choice_threshold is None
+            else args.second_choice_threshold
+        ),
+    )
+    tau, rows = replay(answers, *settings, **rounds)
     print(f"overall: tau {tau:.3f}, {rows:.2f} verification rows per round")
     for category in dict.fromkeys(item.category for item in answers):
-        tau, rows = replay([item for item in answers if item.category == category], *settings, tree=tree)
+        tau, rows = replay([item for item in answers if item.category == category], *settings, **rounds)
         print(f"{category:>16}: tau {tau:.2f}, {rows:.2f} rows")
 
 
