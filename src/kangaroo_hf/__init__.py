@@ -6,7 +6,7 @@ from .core.adapter import KangarooAdapter
 from .core.checkpoint import EXTENSIONS
 from .core.configuration import KangarooConfig
 from .core.drafting import DraftSettings, KangarooCandidateGenerator
-from .core.kernels import CpuKernels, cpu_linear, few_row_linear, packed_linear
+from .core.kernels import CpuKernels, cpu_linear, few_row_linear, packed_linear, release_packed_weights
 from .core.modeling import KangarooForCausalLM
 from .core.stats import KangarooStats
 from .core.version import __version__
@@ -42,4 +42,5 @@ __all__ = [
     "load_default_model",
     "load_embedded_base",
     "packed_linear",
+    "release_packed_weights",
 ]

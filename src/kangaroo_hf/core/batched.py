@@ -39,9 +39,8 @@ class DraftRound:
     """One round's proposals. `tokens` (B, R): the round's slots, slot 0 holding each row's newest token; the other
     slots hold drafts, in `branches[b]` (each branch the slot offsets of its drafts in order; a chain round has one
     branch, a tree round the context's copy, `copy_branch[b]`, the adapter's chain and its second-choice first
-    draft), or nothing. `exit_states`
-    (B, R, D) are the slots' exit states; for sampling, `draft_scores` (B, R, V) are the scores each slot's draft was
-    drawn from (one-hot for copied drafts)."""
+    draft), or nothing. `exit_states` (B, R, D) are the slots' exit states; for sampling, `draft_scores` (B, R, V) are
+    the scores each slot's draft was drawn from (one-hot for copied drafts and the second choice)."""
 
     tokens: torch.LongTensor
     exit_states: torch.Tensor

@@ -204,7 +204,7 @@ class CpuKernels:
             Keep the packed copies between `generate()` calls, so weights are packed once, not on every call (a
             weight replaced or changed in place is packed again). The copies then stay in memory while the model
             lives, rather than only during calls: the peak is the same, the memory between calls is not.
-            `kangaroo_hf.core.kernels.release_packed_weights()` frees them. `False` packs on every call and frees
+            `kangaroo_hf.release_packed_weights()` frees them. `False` packs on every call and frees
             the copies when it returns.
     """
 
