@@ -165,9 +165,9 @@ def replay(
             copied = 0  # copied tokens the base accepts (the last answer token is the base's own)
             while copied < len(copy) and copy[copied] == item.answer[i + copied]:
                 copied += 1
-            if (
-                tree_rounds
-            ):  # alone: a trusted match, or a copy starting with the adapter's token or beside an unsure one
+            # Tree rounds verify the copy alone for a trusted match, or one starting with the adapter's token or
+            # beside an unsure adapter; chain rounds ask the lookup's rules.
+            if tree_rounds:
                 take_copy = bool(copy) and (
                     rules.trusts(size) or copy[0] == item.top[i] or item.confidence[i] < threshold
                 )

@@ -128,3 +128,19 @@ def test_training_on_a_lora_base_records_the_tuning(tmp_path):
     assert saved["peft_adapter_name_or_path"] == str(lora_folder)
     assert saved["peft_adapter_fingerprint"] == peft_fingerprint(peft_model)
     assert result.global_step > 0
+
+
+def test_merging_and_unmerging_lora_between_calls_is_seen_by_the_kept_packed_weights():
+    """PEFT merges LoRA weights in place through `.data` (no version bump); the CPU kernels' kept packed copies of the
+    base layers must not serve the weights from before the merge, nor after an unmerge."""
+    peft_model = tiny_lora("llama")
+    model = KangarooForCausalLM.from_base(peft_model, exit_layer=2, draft_threshold=0.0, max_draft_tokens=3)
+    expected = peft_model.generate(input_ids=_prompt(1), do_sample=False, max_new_tokens=20).tolist()
+    with peft_model.disable_adapter():
+        plain = peft_model.generate(input_ids=_prompt(1), do_sample=False, max_new_tokens=20).tolist()
+    assert plain != expected  # the merge below changes what the base layers compute
+    assert model.generate(_prompt(1), do_sample=False, max_new_tokens=20).tolist() == expected
+    peft_model.merge_adapter()
+    assert model.generate(_prompt(1), do_sample=False, max_new_tokens=20).tolist() == expected
+    peft_model.unmerge_adapter()
+    assert model.generate(_prompt(1), do_sample=False, max_new_tokens=20).tolist() == expected

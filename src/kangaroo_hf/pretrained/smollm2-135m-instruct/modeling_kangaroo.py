@@ -215,24 +215,33 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
 
 
-# Packed copies kept between `cpu_linear(..., keep_packed=True)` blocks: module -> ((the weight, its storage, its
-# version), packed copy). A copy is reused while its weight is the same tensor on the same storage, unchanged in place
-# (in-place updates bump a tensor's version); it goes with its module.
-_KEPT_PACKED: weakref.WeakKeyDictionary[nn.Linear, tuple[tuple[Any, int, int], torch.Tensor]] = (
+# Packed copies kept between `cpu_linear(..., keep_packed=True)` blocks: module -> (what identifies the weight they
+# were packed from, packed copy). A copy is reused while its weight is the same tensor on the same storage, unchanged:
+# in-place updates bump a tensor's version, except through `.data` (as PEFT merges LoRA weights), which a sample of the
+# values catches when it changes them broadly.
+_KEPT_PACKED: weakref.WeakKeyDictionary[nn.Linear, tuple[tuple[Any, int, int, torch.Tensor], torch.Tensor]] = (
     weakref.WeakKeyDictionary()
 )
+_FINGERPRINT_VALUES = 4096  # values sampled, evenly spread, per weight
+
+
+def _weight_identity(weight: torch.Tensor) -> tuple[Any, int, int, torch.Tensor]:
+    values = weight.detach().reshape(-1)
+    sample = values[:: max(1, values.numel() // _FINGERPRINT_VALUES)].clone()
+    return weakref.ref(weight), weight.data_ptr(), weight._version, sample
 
 
 def _kept_pack(module: nn.Linear) -> torch.Tensor:
     """`module`'s packed weight, packed now only when no kept copy matches its current weight."""
     weight = module.weight
+    identity = _weight_identity(weight)
     kept = _KEPT_PACKED.get(module)
     if kept is not None:
-        (owner, storage, version), packed = kept
-        if owner() is weight and storage == weight.data_ptr() and version == weight._version:
+        (owner, storage, version, sample), packed = kept
+        if owner() is weight and (storage, version) == identity[1:3] and torch.equal(sample, identity[3]):
             return packed
     packed = pack_weight(weight)
-    _KEPT_PACKED[module] = ((weakref.ref(weight), weight.data_ptr(), weight._version), packed)
+    _KEPT_PACKED[module] = (identity, packed)
     return packed
 
 
@@ -354,7 +363,9 @@ class CpuKernels:
             `F.linear` (and the few-row kernel for up to 8 rows in float32).
         keep_packed_weights (`bool`, *optional*, defaults to `True`):
             Keep the packed copies between `generate()` calls, so weights are packed once, not on every call (a
-            weight replaced or changed in place is packed again). The copies then stay in memory while the model
+            weight replaced or changed in place is packed again: seen by the tensor's version, and for changes
+            through `.data`, such as merging LoRA weights, by a sample of its values; after editing a few values
+            through `.data`, call `release_packed_weights()`). The copies then stay in memory while the model
             lives, rather than only during calls: the peak is the same, the memory between calls is not.
             `kangaroo_hf.release_packed_weights()` frees them. `False` packs on every call and frees
             the copies when it returns.
