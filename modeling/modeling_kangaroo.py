@@ -289,6 +289,17 @@ def _plain_linears(modules: Iterable[nn.Module]) -> list[nn.Linear]:
     return list(found.values())
 
 
+def _merged_base_layers(modules: Iterable[nn.Module]) -> set[int]:
+    """Ids of the base layers of merged adapter layers (PEFT LoRA) under `modules`: their weights may change within a
+    call (a merged layer with its adapter disabled unmerges in its forward), so they are not packed."""
+    return {
+        id(module.base_layer)
+        for root in modules
+        for module in root.modules()
+        if getattr(module, "merged", False) and isinstance(getattr(module, "base_layer", None), nn.Module)
+    }
+
+
 @contextmanager
 def cpu_linear(
     modules: Iterable[nn.Module], few_rows: int = 0, pack: bool = False, keep_packed: bool = False
@@ -300,7 +311,8 @@ def cpu_linear(
     (`packed_matmul`; under autograd the original weight). The packed copies (as large as the weights) live until
     the block ends, so weights changed inside the block are not seen; with `keep_packed` they are kept for the next
     block instead, and packed again only for a weight replaced or changed in place since (`release_packed_weights`
-    frees them; they also go with their modules). Subclasses (quantized or LoRA layers; the plain
+    frees them; they also go with their modules). The base layers of merged PEFT adapter layers are not packed (their
+    weights can change within a call). Subclasses (quantized or LoRA layers; the plain
     `base_layer` inside a LoRA layer is included) and modules whose `forward` is already replaced on the instance
     (accelerate hooks) are left as they are. The replacement is on the module instances: another thread running the
     same modules meanwhile uses it too (same math).
@@ -309,7 +321,12 @@ def cpu_linear(
         raise ValueError(f"few_rows must be in [0, {FEW_ROWS}], got {few_rows}.")
     linears = _plain_linears(modules)
     packer = _kept_pack if keep_packed else lambda module: pack_weight(module.weight)
-    packed = {id(module): packer(module) for module in linears if pack and packed_weights_supported(module.weight)}
+    unstable = _merged_base_layers(modules) if pack else set()
+    packed = {
+        id(module): packer(module)
+        for module in linears
+        if pack and packed_weights_supported(module.weight) and id(module) not in unstable
+    }
     for module in linears:
         module.forward = types.MethodType(_cpu_linear_forward(few_rows, packed.get(id(module))), module)
     try:

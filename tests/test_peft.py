@@ -142,5 +142,8 @@ def test_merging_and_unmerging_lora_between_calls_is_seen_by_the_kept_packed_wei
     assert model.generate(_prompt(1), do_sample=False, max_new_tokens=20).tolist() == expected
     peft_model.merge_adapter()
     assert model.generate(_prompt(1), do_sample=False, max_new_tokens=20).tolist() == expected
+    with peft_model.disable_adapter():  # a merged layer with its adapter off unmerges inside its forward
+        assert model.generate(_prompt(1), do_sample=False, max_new_tokens=20).tolist() == plain
+    peft_model.merge_adapter()
     peft_model.unmerge_adapter()
     assert model.generate(_prompt(1), do_sample=False, max_new_tokens=20).tolist() == expected
