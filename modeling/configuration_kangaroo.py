@@ -420,13 +420,7 @@ class KangarooConfig(PreTrainedConfig):
                 f"got {self.draft_vocab_size!r}."
             )
         validate_lookup(*(getattr(self, name) for name in LOOKUP_FIELDS))
-        validate_tree(
-            self.tree_rounds,
-            self.tree_max_nodes,
-            self.max_draft_tokens,
-            self.lookup_num_tokens,
-            self.tree_second_choice_threshold,
-        )
+        validate_tree(*(getattr(self, name) for name in TREE_FIELDS))
 
     def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> PreTrainedConfig:
         """The base's config: caches, masks and generation are sized by the wrapped model."""
@@ -535,6 +529,16 @@ def validate_lookup(
         )
     if isinstance(hit_rate_decay, bool) or not isinstance(hit_rate_decay, (int, float)) or not 0 <= hit_rate_decay < 1:
         raise ValueError(f"lookup_hit_rate_decay must be a number in [0, 1) (0 = off), got {hit_rate_decay!r}.")
+
+
+# The settings `validate_tree` reads, in its order (config fields, and `DraftSettings` fields).
+TREE_FIELDS = (
+    "tree_rounds",
+    "tree_max_nodes",
+    "max_draft_tokens",
+    "lookup_num_tokens",
+    "tree_second_choice_threshold",
+)
 
 
 def validate_tree(

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from .configuration_kangaroo import GenerationHooks, KangarooConfig, LOOKUP_FIELDS, LoopCandidateGenerator, __version__, attention_implementation, cache_layer_tensors, check_settings, create_causal_mask, create_sliding_window_causal_mask, validate_draft_settings, validate_lookup, validate_tree
+from .configuration_kangaroo import GenerationHooks, KangarooConfig, LOOKUP_FIELDS, LoopCandidateGenerator, TREE_FIELDS, __version__, attention_implementation, cache_layer_tensors, check_settings, create_causal_mask, create_sliding_window_causal_mask, validate_draft_settings, validate_lookup, validate_tree
 
 
 # ------------------------------------------------------------------------------
@@ -986,13 +986,7 @@ class DraftSettings:
     def __post_init__(self) -> None:
         validate_draft_settings(self.draft_threshold, self.max_draft_tokens, self.first_draft_threshold)
         validate_lookup(*(getattr(self, name) for name in LOOKUP_FIELDS))
-        validate_tree(
-            self.tree_rounds,
-            self.tree_max_nodes,
-            self.max_draft_tokens,
-            self.lookup_num_tokens,
-            self.tree_second_choice_threshold,
-        )
+        validate_tree(*(getattr(self, name) for name in TREE_FIELDS))
 
     @classmethod
     def from_config(cls, config: Any, **overrides: Any) -> DraftSettings:

@@ -118,6 +118,20 @@ def parse_tree(spec: str) -> frozenset[tuple[int, ...]]:
     return frozenset(nodes)
 
 
+def _chain_round(item: Answer, i: int, max_drafts: int, threshold: float) -> tuple[int, int]:
+    """(drafted, accepted) of the adapter's chain from answer position `i`: it stops after a draft below `threshold`
+    or at `max_drafts`, and leaves the answer's last token to the base."""
+    length, drafted = len(item.answer), 0
+    while drafted < max_drafts and i + drafted < length - 1:
+        drafted += 1
+        if item.confidence[i + drafted - 1] < threshold:
+            break
+    accepted = 0
+    while accepted < drafted and item.correct[i + accepted]:
+        accepted += 1
+    return drafted, accepted
+
+
 def replay(
     answers: list[Answer],
     threshold: float,
@@ -178,14 +192,7 @@ def replay(
             if take_copy:
                 drafted, accepted = len(copy), copied
             elif tree_rounds:  # branches in the loop's order: the copy, the chain, the second choice
-                chain = 0
-                while chain < max_drafts and i + chain < length - 1:
-                    chain += 1
-                    if item.confidence[i + chain - 1] < threshold:
-                        break
-                chain_accepted = 0
-                while chain_accepted < chain and item.correct[i + chain_accepted]:
-                    chain_accepted += 1
+                chain, chain_accepted = _chain_round(item, i, max_drafts, threshold)
                 branches = ([(len(copy), copied)] if copy else []) + [(chain, chain_accepted)]
                 runners_up = item.runners_up[i] if item.runners_up else []
                 runner_up = next((pair for pair in runners_up if not copy or pair[0] != copy[0]), None)
@@ -200,14 +207,7 @@ def replay(
                     path += (item.rank[i + len(path)],)
                 drafted, accepted = len(tree), len(path)
             else:
-                drafted = 0
-                while drafted < max_drafts and i + drafted < length - 1:
-                    drafted += 1
-                    if item.confidence[i + drafted - 1] < threshold:
-                        break
-                accepted = 0
-                while accepted < drafted and item.correct[i + accepted]:
-                    accepted += 1
+                drafted, accepted = _chain_round(item, i, max_drafts, threshold)
             if take_copy:  # the lookup learns from the copy alone (a tree round's other branches do not count)
                 rules.record_round(copy[0] if copy else None, item.answer[i], True, len(copy), copied)
             else:

@@ -17,7 +17,7 @@ from transformers import Cache, DynamicCache, GenerationConfig, LogitsProcessorL
 from transformers.generation import GenerationMode
 
 from .compat import LoopCandidateGenerator
-from .configuration import LOOKUP_FIELDS, validate_draft_settings, validate_lookup, validate_tree
+from .configuration import LOOKUP_FIELDS, TREE_FIELDS, validate_draft_settings, validate_lookup, validate_tree
 from .draft_head import DraftHead, RowProcessors, one_hot_scores
 from .lookup import PromptLookup
 from .stats import KangarooStats
@@ -81,13 +81,7 @@ class DraftSettings:
     def __post_init__(self) -> None:
         validate_draft_settings(self.draft_threshold, self.max_draft_tokens, self.first_draft_threshold)
         validate_lookup(*(getattr(self, name) for name in LOOKUP_FIELDS))
-        validate_tree(
-            self.tree_rounds,
-            self.tree_max_nodes,
-            self.max_draft_tokens,
-            self.lookup_num_tokens,
-            self.tree_second_choice_threshold,
-        )
+        validate_tree(*(getattr(self, name) for name in TREE_FIELDS))
 
     @classmethod
     def from_config(cls, config: Any, **overrides: Any) -> DraftSettings:
