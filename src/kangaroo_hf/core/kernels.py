@@ -229,11 +229,11 @@ class CpuKernels:
         keep_packed_weights (`bool`, *optional*, defaults to `True`):
             Keep the packed copies between `generate()` calls, so weights are packed once, not on every call (a
             weight replaced or changed in place is packed again: seen by the tensor's version, and for changes
-            through `.data`, such as merging LoRA weights, by a sample of its values; after editing a few values
-            through `.data`, call `release_packed_weights()`). The copies then stay in memory while the model
-            lives, rather than only during calls: the peak is the same, the memory between calls is not.
-            `kangaroo_hf.release_packed_weights()` frees them. `False` packs on every call and frees
-            the copies when it returns.
+            through `.data`, such as merging LoRA weights, by a sample of its values). The copies then stay in
+            memory while the model lives, rather than only during calls: the peak is the same, the memory between
+            calls is not. `kangaroo_hf.release_packed_weights()` frees them (call it too after editing a few values
+            through `.data`, which the sample may miss). `False` packs on every call and frees the copies when it
+            returns.
     """
 
     few_row_matmul: bool = True
