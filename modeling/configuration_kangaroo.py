@@ -288,9 +288,10 @@ class KangarooConfig(PreTrainedConfig):
             Longest context n-gram matched. The n-gram ends at the last token.
         lookup_max_tokens (`int`, *optional*, defaults to 0):
             Lookup length doubles while copies land, up to this. After a round whose `L` copied tokens were all
-            accepted, the next lookup proposes up to `2 * L` (at most `lookup_max_tokens`); any rejection brings it
-            back to `lookup_num_tokens`. Long verbatim runs then cost few verifications while short proposals keep
-            each verification cheap. 0 (or `lookup_num_tokens`) keeps the length fixed.
+            accepted, the next lookup proposes up to `2 * L` (at most `lookup_max_tokens`); a copy rejected at its
+            first token brings it back to `lookup_num_tokens`, one accepted in part keeps it. Long verbatim runs, and
+            text that follows the context between one-token edits, then cost few verifications while short
+            proposals keep each verification cheap. 0 (or `lookup_num_tokens`) keeps the length fixed.
         lookup_trust_ngram (`int`, *optional*, defaults to 0):
             Copy context matches this long even over a sure adapter, without drafting. A match of at least this many
             tokens (at most `lookup_max_ngram`; 0: off) is copied even when the adapter is sure of another first

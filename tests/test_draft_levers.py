@@ -101,12 +101,22 @@ def test_prompt_lookup_per_call_override_and_edge_cases():
 def test_lookup_length_grows_while_copies_land_and_resets_on_a_rejection():
     lookup = PromptLookup(num_tokens=2, max_ngram=3, max_tokens=7)
     lengths = []
-    rounds = [(2, 2, True), (4, 4, True), (3, 3, False), (7, 7, True), (7, 7, True), (7, 3, True)]
+    rounds = [
+        (2, 2, True),
+        (4, 4, True),
+        (3, 3, False),
+        (7, 7, True),
+        (7, 3, True),
+        (7, 0, True),
+        (2, 1, True),
+        (3, 3, True),
+    ]
     for proposed, accepted, copied in rounds:
         lookup.record_round(None, 0, copied, proposed, accepted)
         lengths.append(lookup.length)
-    # doubled after full copies (capped at 7), untouched by adapter rounds, back to 2 after a partial copy
-    assert lengths == [4, 7, 7, 7, 7, 2]
+    # doubled after full copies (capped at 7), untouched by adapter rounds, kept after a partly accepted copy, back
+    # to 2 after a copy rejected at its first token; a full copy shorter than the length (cut by the budget) keeps it
+    assert lengths == [4, 7, 7, 7, 7, 2, 2, 2]
     with pytest.raises(
         ValueError, match=r"lookup_max_tokens must be 0 \(fixed length\) or an int >= lookup_num_tokens \(4\)"
     ):

@@ -853,7 +853,7 @@ class PromptLookup:
     """The lookup rules of one `generate()` call, with the state they learn as the call goes.
 
     Args:
-        num_tokens: tokens a lookup proposes at first (and after any rejected copy).
+        num_tokens: tokens a lookup proposes at first (and after a copy rejected at its first token).
         max_ngram: longest final n-gram searched for in the context.
         max_tokens: growth cap: after a copy of `length` tokens accepted in full, the next proposes `2 * length`, up
             to this; 0 keeps the length fixed.
@@ -903,7 +903,9 @@ class PromptLookup:
         `proposed` tokens of it, of which the base `accepted` a prefix.
 
         The hit rate learns whenever the context had a proposal, copied or not. A copy accepted in full at the
-        current length doubles the length (up to `max_tokens`); any rejected copy brings it back to `num_tokens`.
+        current length doubles the length (up to `max_tokens`); a copy rejected at its first token brings it back to
+        `num_tokens`; a copy accepted in part keeps it (the text still follows the context, as a translation or an
+        edit of the prompt does between one-token changes).
         """
         decay = self.hit_rate_decay
         if decay and first_token is not None:
@@ -911,7 +913,7 @@ class PromptLookup:
         if copied:
             if accepted == proposed == self.length:
                 self.length = min(2 * self.length, self.max_tokens)
-            elif accepted < proposed:
+            elif accepted == 0 < proposed:
                 self.length = self.num_tokens
 
 
