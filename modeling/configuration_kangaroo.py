@@ -25,6 +25,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 import transformers
 from packaging.version import Version
 from transformers.configuration_utils import SubConfigSpec
@@ -48,6 +49,7 @@ PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
     ("transformers.cache_utils:DynamicCache.crop", "the loop crops every layer to the accepted length"),
     ("transformers.cache_utils:DynamicCache.activate_past_recording", "the loop calls it before its first round"),
     ("transformers.cache_utils:DynamicLayer.lazy_initialization", "batched loop: layers hold keys/values (B,H,S,d)"),
+    ("transformers.cache_utils:DynamicLayer.update", "batched loop: the adapter's deferred slots written in place"),
     ("transformers.configuration_utils:SubConfigSpec", "declares KangarooConfig.base_config as a sub-config"),
     ("transformers.masking_utils:create_causal_mask", "masks for slices of layers (per-layer cache lengths)"),
     ("transformers.masking_utils:create_sliding_window_causal_mask", "the same, for sliding-window layers"),
@@ -202,6 +204,41 @@ def attention_implementation(config: Any) -> str | None:
 def cache_layer_tensors(cache: Any) -> list[CacheLayerTensors]:
     """The tensors of every initialised layer of `cache` (a `DynamicCache` without sliding-window layers)."""
     return [CacheLayerTensors(layer) for layer in cache.layers if layer.is_initialized and layer.keys.numel()]
+
+
+@contextlib.contextmanager
+def overwriting_slots(cache: Any, first: int, where: Any) -> Iterator[None]:
+    """During the block, each layer of `cache` takes its next update of T new keys/values (B, H, T, d) as `n =
+    where.shape[1]` slots to write over slots `[first, first + n)` (the cache's last `n`) where `where` (B, n) is
+    True, keeping the cached ones elsewhere, followed by `T - n` slots to append; attention then reads the whole
+    layer as usual. Relies on: each `DynamicLayer.update(keys, values, ...)` returning the layer's whole keys/values.
+    """
+    layers = [layer for layer in cache.layers if layer.is_initialized]
+    count = where.shape[1]
+    write = where[:, None, :, None]
+
+    def overwrite(layer: Any) -> Callable[..., tuple[Any, Any]]:
+        def update(key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            if layer.keys.shape[-2] != first + count:
+                raise RuntimeError(f"expected {first + count} cached slots to overwrite, found {layer.keys.shape[-2]}")
+            merged = []
+            for cached, new in ((layer.keys, key_states), (layer.values, value_states)):
+                kept = cached[:, :, :first]
+                written = cached[:, :, first:].where(~write, new[:, :, :count])
+                merged.append(torch.cat([kept, written, new[:, :, count:]], dim=2))
+            layer.keys, layer.values = merged
+            del layer.update  # one update each: the instance attribute goes, the class's method shows through
+            return layer.keys, layer.values
+
+        return update
+
+    for layer in layers:
+        layer.update = overwrite(layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("update", None)
 
 
 @contextlib.contextmanager
@@ -591,6 +628,7 @@ __all__ = [
     "kangaroo_settings",
     "missing_private_names",
     "observe_candidate_generators",
+    "overwriting_slots",
     "setting_help",
     "setting_summary",
     "transformers_supported",

@@ -231,12 +231,22 @@ def test_pipeline_with_batch_size_uses_batched_kangaroo():
 
 @pytest.mark.parametrize("tree", [False, True, "second_choice"])
 def test_caches_hold_exactly_each_row_verified_tokens_and_verification_skips_the_shallow_layers(monkeypatch, tree):
-    """After every round each row's caches (base and adapter) equal a fresh forward over its verified tokens, and the
-    shallow layers never run during a verification: it reuses the exit states drafting computed, once per slot."""
+    """After every round each row's caches equal a fresh forward over its verified tokens: the base's at once, the
+    adapter's but for the accepted slots it has not seen, which wait in its backlog with their exact exit states and
+    are written at its next step (then it holds every verified token). The shallow layers never run during a
+    verification, which reuses the exit states drafting computed, once per slot; the adapter runs in drafting steps
+    only (once per draft-head call, besides the prefill)."""
     settings = dict(lookup_num_tokens=3, tree_rounds=True) if tree else {}
     if tree == "second_choice":  # three branches: the copy, the chain and the adapter's second-choice first draft
         settings["tree_second_choice_threshold"] = 0.02
-    model = make_kangaroo("mistral", draft_threshold=0.05 if tree else 0.2, max_draft_tokens=5, **settings)
+    model = make_kangaroo(
+        "mistral",
+        draft_threshold=0.05 if tree else 0.2,
+        max_draft_tokens=5,
+        adapter_num_layers=2,  # the second layer's keys depend on the first's attention over the cache
+        adapter_mlp=True,
+        **settings,
+    )
     input_ids, attention_mask = batch(seed=12, repeat=tree)
     phase = {"verifying": False, "shallow_in_verification": 0, "verifications": 0}
     original_verify = BatchedKangarooDecoder._verify
@@ -250,7 +260,7 @@ def test_caches_hold_exactly_each_row_verified_tokens_and_verification_skips_the
 
     monkeypatch.setattr(BatchedKangarooDecoder, "_verify", verify)
 
-    slots = {"appended": input_ids.numel(), "through_shallow": 0}  # the prompt's slots, then every round's
+    slots = {"appended": input_ids.numel(), "through_shallow": 0, "reference": 0}  # the prompt's, then each round's
     original_append = SlotTable.append
 
     def append(self, positions, parents=None):
@@ -263,44 +273,92 @@ def test_caches_hold_exactly_each_row_verified_tokens_and_verification_skips_the
         phase["shallow_in_verification"] += phase["verifying"]
         slots["through_shallow"] += args[0].shape[0] * args[0].shape[1]
 
-    hooks = [model.parts.layers[0].register_forward_pre_hook(count_shallow, with_kwargs=True)]
-    checked, reference_tokens = [], {"count": 0}
+    calls = {"adapter": 0, "draft_head": 0, "in_reference": False}
+
+    def count_adapter(module, args, kwargs):
+        calls["adapter"] += not calls["in_reference"]
+
+    hooks = [
+        model.parts.layers[0].register_forward_pre_hook(count_shallow, with_kwargs=True),
+        model.adapter.register_forward_pre_hook(count_adapter, with_kwargs=True),
+    ]
+    original_scores = batched.DraftHead.scores
+
+    def scores(self, *args, **kwargs):
+        calls["draft_head"] += 1
+        return original_scores(self, *args, **kwargs)
+
+    monkeypatch.setattr(batched.DraftHead, "scores", scores)
+
+    def fresh(decoder, index, row):
+        """Caches and exit states of a fresh forward over row `row`'s verified tokens (all but its last)."""
+        real = decoder.table.positions[index] >= 0
+        tokens = decoder.sequences[row][
+            :,
+            attention_mask[row].bool().tolist() + [True] * (decoder.sequences[row].shape[1] - attention_mask.shape[1]),
+        ]
+        cache, adapter_cache = DynamicCache(), DynamicCache()
+        slots["reference"] += tokens.shape[1] - 1
+        calls["in_reference"] = True
+        with torch.no_grad():
+            out = model(tokens[:, :-1], cache=cache, output_exit_hidden_states=True)
+            positions = torch.arange(tokens.shape[1] - 1)[None]
+            model.adapter_forward(out.exit_hidden_states, positions, adapter_cache)
+        calls["in_reference"] = False
+        return real, cache, adapter_cache, out.exit_hidden_states[0]
+
+    def assert_slots(ours, theirs, index, ours_selected, theirs_selected):
+        for layer, reference in zip(ours.layers, theirs.layers, strict=True):
+            for mine, expected in ((layer.keys, reference.keys), (layer.values, reference.values)):
+                torch.testing.assert_close(
+                    mine[index][:, ours_selected], expected[0][:, theirs_selected], rtol=1e-4, atol=1e-5
+                )
+
+    checked, written = [], {"waiting": 0, "checked_after_write": 0}
     original_keep = BatchedKangarooDecoder._keep
 
-    def keep_and_check(self, paths):
-        original_keep(self, paths)
+    def keep_and_check(self, paths, round_=None):
+        original_keep(self, paths, round_)
+        backlog = self.adapter_backlog
         for index, row in enumerate(self.rows.tolist()):
-            real = self.table.positions[index] >= 0
-            tokens = self.sequences[row][
-                :,
-                attention_mask[row].bool().tolist()
-                + [True] * (self.sequences[row].shape[1] - attention_mask.shape[1]),
-            ]
-            verified = tokens[:, :-1]  # the last token is the next round's, in no cache yet
-            fresh = DynamicCache()
-            adapter_cache = DynamicCache()
-            reference_tokens["count"] += verified.numel()
-            with torch.no_grad():
-                out = model(verified, cache=fresh, output_exit_hidden_states=True)
-                positions = torch.arange(verified.shape[1])[None]
-                model.adapter_forward(out.exit_hidden_states, positions, adapter_cache)
-            for ours, theirs in ((self.cache, fresh), (self.adapter_cache, adapter_cache)):
-                for layer, reference in zip(ours.layers, theirs.layers, strict=True):
-                    torch.testing.assert_close(layer.keys[index][:, real], reference.keys[0], rtol=1e-4, atol=1e-5)
-                    torch.testing.assert_close(layer.values[index][:, real], reference.values[0], rtol=1e-4, atol=1e-5)
+            real, cache, adapter_cache, exit_states = fresh(self, index, row)
+            assert_slots(self.cache, cache, index, real, slice(None))
+            waiting = torch.zeros_like(real)
+            if backlog is not None:
+                waiting[backlog.first :] = backlog.unseen[index]
+                torch.testing.assert_close(backlog.states[index][backlog.unseen[index]], exit_states[waiting[real]])
+            written["waiting"] += int(waiting.sum())
+            assert_slots(self.adapter_cache, adapter_cache, index, real & ~waiting, ~waiting[real])
             checked.append(row)
 
+    original_step = BatchedKangarooDecoder._adapter_step
+
+    def step_and_check(self, exit_states, fed):
+        had_backlog = self.adapter_backlog is not None
+        hidden = original_step(self, exit_states, fed)
+        if had_backlog:  # every verified slot is now in the adapter's cache
+            start = self.table.round_start
+            for index, row in enumerate(self.rows.tolist()):
+                real, _, adapter_cache, _ = fresh(self, index, row)
+                real[start:] = False
+                assert_slots(self.adapter_cache, adapter_cache, index, real, slice(None))
+            written["checked_after_write"] += 1
+        return hidden
+
     monkeypatch.setattr(BatchedKangarooDecoder, "_keep", keep_and_check)
+    monkeypatch.setattr(BatchedKangarooDecoder, "_adapter_step", step_and_check)
     try:
         model.generate(input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=20, pad_token_id=0)
     finally:
         for hook in hooks:
             hook.remove()
     assert len(set(checked)) == len(LENGTHS) and len(checked) > 3 * len(LENGTHS)
+    assert written["waiting"] > 0 and written["checked_after_write"] > 0
+    assert calls["adapter"] == calls["draft_head"] + 1  # the prefill's, then one per drafting step
     assert phase["verifications"] > 3 and phase["shallow_in_verification"] == 0
     # Each slot went through the shallow layers exactly once, when it was written (minus the fresh reference
     # forwards above, which run every layer once per checked token).
-    assert slots["through_shallow"] - reference_tokens["count"] == slots["appended"]
+    assert slots["through_shallow"] - slots["reference"] == slots["appended"]
     assert model.last_generate_stats.accepted_drafts > 0
 
 

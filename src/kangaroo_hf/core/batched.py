@@ -13,6 +13,11 @@ every cache in the slot layout of `slots.SlotTable`. A round:
    rows' real slots only;
 3. **accept** per row (`acceptance.py`), with the logits processors and stopping criteria on the row's own sequence;
 4. **keep**: every cache (shallow, deep, adapter) keeps each row's accepted slots; finished rows leave the batch.
+
+The adapter sees a slot when a later drafting step of the same round needs it. The round's last drafts (and a round's
+every slot when no row drafted) are not run through it after verification: their adapter slots stay empty, and the
+accepted ones among them are written at the next round's first adapter step, in the same call
+(`AdapterBacklog`), as transformers' assisted loop feeds the adapter only verified tokens, merged into its next step.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, St
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .acceptance import accept_tree_greedy, accept_tree_sampled
+from .compat import cache_layer_tensors, overwriting_slots
 from .configuration import LOOKUP_FIELDS
 from .draft_head import DraftHead, RowProcessors, one_hot_scores
 from .drafting import DraftingModel, DraftSettings
@@ -48,6 +54,39 @@ class DraftRound:
     copy_branch: list[int | None]
     draft_scores: torch.Tensor | None
     lookup_first_tokens: list[int | None]
+
+
+@dataclass
+class AdapterBacklog:
+    """Accepted slots the adapter has not seen: its cache holds placeholders there. `states` (B, n, D) are the exit
+    states of cache slots `[first, first + n)` (the cache's last n), and `unseen` (B, n) marks the slots to write;
+    the others hold what the cache already has right (their states are not used)."""
+
+    first: int
+    states: torch.Tensor
+    unseen: torch.Tensor
+
+    def extended(self, other: AdapterBacklog) -> AdapterBacklog:
+        """This backlog and a later one (`other`, whose slots end at or after this one's) as one."""
+        first = min(self.first, other.first)
+        end = other.first + other.states.shape[1]
+        states = other.states.new_zeros(other.states.shape[0], end - first, other.states.shape[2])
+        unseen = other.unseen.new_zeros(other.unseen.shape[0], end - first)
+        for backlog in (self, other):
+            start, width = backlog.first - first, min(backlog.states.shape[1], end - backlog.first)
+            states[:, start : start + width] = torch.where(
+                backlog.unseen[:, :width, None], backlog.states[:, :width], states[:, start : start + width]
+            )
+            unseen[:, start : start + width] |= backlog.unseen[:, :width]
+        return AdapterBacklog(first, states, unseen)
+
+    def select(self, rows: torch.LongTensor, length: int) -> AdapterBacklog | None:
+        """The backlog of `rows` only, in a cache of `length` slots (None when nothing is left to write)."""
+        width = length - self.first
+        unseen = self.unseen[rows, :width]
+        if width <= 0 or not unseen.any():
+            return None
+        return AdapterBacklog(self.first, self.states[rows, :width], unseen)
 
 
 class BatchedKangarooDecoder:
@@ -101,7 +140,7 @@ class BatchedKangarooDecoder:
             round_ = self._draft()
             target_logits = self._verify(round_)
             paths = [self._accept(index, round_, target_logits[index]) for index in range(self.rows.numel())]
-            self._keep(paths)
+            self._keep(paths, round_)
         return self._result(input_ids.shape[1])
 
     def _prefill(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> None:
@@ -109,6 +148,8 @@ class BatchedKangarooDecoder:
         model, batch = self.model, input_ids.shape[0]
         self.device = device = input_ids.device
         self.cache, self.adapter_cache = DynamicCache(), DynamicCache()
+        self.adapter_backlog: AdapterBacklog | None = None
+        self.adapter_seen = torch.zeros(batch, 0, dtype=torch.bool, device=device)  # per round slot
         self.table = SlotTable.from_attention_mask(attention_mask)
         self.rows = torch.arange(batch)  # original indices of the rows still decoding
         self.sequences = [input_ids[row : row + 1] for row in range(batch)]
@@ -203,8 +244,9 @@ class BatchedKangarooDecoder:
             dropped[:, 0] = False
             table.positions[:, table.round_start :].masked_fill_(dropped, -1)
         exit_states = torch.cat(exits, dim=1)
-        if not self.final_context and adapter_fed < exit_states.shape[1]:
-            self._adapter_step(exit_states, adapter_fed)  # the adapter's cache follows the table: every slot in it
+        if not self.final_context:  # the slots it has not seen wait in placeholders (`AdapterBacklog`)
+            self._leave_adapter_slots(exit_states.shape[1] - adapter_fed)
+            self.adapter_seen = torch.arange(exit_states.shape[1], device=self.device).expand(batch, -1) < adapter_fed
         copies = [
             list(range(1, int(length) + 1)) if tree or copying[i] else [] for i, length in enumerate(copy_lengths)
         ]
@@ -238,6 +280,7 @@ class BatchedKangarooDecoder:
             self.adapter_cache.crop(start - self.adapter_cache.get_seq_length())
         else:
             reorder_slots(self.adapter_cache, start, order, width)
+            self.adapter_seen = self.adapter_seen.gather(1, order[:, :width])
         gather = order[:, :width]
         remap = [new_offset[index].tolist() for index in range(order.shape[0])]
         return DraftRound(
@@ -307,17 +350,33 @@ class BatchedKangarooDecoder:
         branch = branches[chosen] if chosen is not None else []
         return [0, *branch[:accepted]]  # the round's first token and the accepted drafts
 
-    def _keep(self, paths: list[list[int]]) -> None:
-        """Every cache keeps each row's accepted slots; rows that are done leave the batch."""
+    def _keep(self, paths: list[list[int]], round_: DraftRound | None = None) -> None:
+        """Every cache keeps each row's accepted slots (the adapter's backlog those it has not seen, with the round's
+        exit states); rows that are done leave the batch."""
+        start = self.table.round_start
         rows, sources, destinations, length = self.table.keep(paths)
         for cache in (self.cache, self.adapter_cache):
             move_slots(cache, rows, sources, destinations, length)
+        if round_ is not None and not self.final_context:
+            unseen = ~self.adapter_seen[rows, sources - start]
+            if unseen.any():
+                rows, sources, destinations = rows[unseen], sources[unseen], destinations[unseen]
+                first = int(destinations.min())
+                states = round_.exit_states.new_zeros(self.rows.numel(), length - first, round_.exit_states.shape[2])
+                states[rows, destinations - first] = round_.exit_states[rows, sources - start]
+                flags = torch.zeros(states.shape[:2], dtype=torch.bool, device=self.device)
+                flags[rows, destinations - first] = True
+                backlog = AdapterBacklog(first, states, flags)
+                previous = self.adapter_backlog  # set when the round ran no adapter step
+                self.adapter_backlog = backlog if previous is None else previous.extended(backlog)
         staying = [index for index, row in enumerate(self.rows.tolist()) if not self._settled(row)]
         if len(staying) < self.rows.numel():
             staying_t = torch.tensor(staying, dtype=torch.long, device=self.device)
             length = self.table.select_rows(staying_t) if staying else 0
             for cache in (self.cache, self.adapter_cache):
                 select_cache_rows(cache, staying_t, length)
+            if self.adapter_backlog is not None:
+                self.adapter_backlog = self.adapter_backlog.select(staying_t, length)
             self.rows, self.pending = self.rows[staying_t.cpu()], self.pending[staying_t]
 
     # -- pieces ----------------------------------------------------------------------------------------------------
@@ -327,14 +386,36 @@ class BatchedKangarooDecoder:
         return self.table.masks(query_start, self.layer_kinds, self.sliding_window, dtype, end=end)
 
     def _adapter_step(self, exit_states: torch.Tensor, fed: int) -> torch.Tensor:
-        """The adapter on this round's exit states (B, R, D) from slot `fed` on (those it has not seen); its
-        outputs (B, R - fed, D)."""
+        """The adapter on this round's exit states (B, R, D) from slot `fed` on (those it has not seen), after the
+        accepted slots of earlier rounds it has not seen (`adapter_backlog`, written in place in the same call); its
+        outputs (B, R - fed, D) for this round's slots."""
         states = exit_states[:, fed:]
         start = self.table.round_start + fed
         end = start + states.shape[1]
-        positions = self.table.positions[:, start:end].clamp(min=0)
-        masks = self._masks(start, end)
-        return self.model.adapter_forward(states, positions, self.adapter_cache, masks[FULL_ATTENTION])
+        backlog, self.adapter_backlog = self.adapter_backlog, None
+        if backlog is None:
+            positions = self.table.positions[:, start:end].clamp(min=0)
+            masks = self._masks(start, end)
+            return self.model.adapter_forward(states, positions, self.adapter_cache, masks[FULL_ATTENTION])
+        states = torch.cat([backlog.states, states], dim=1)
+        positions = self.table.positions[:, backlog.first : end].clamp(min=0)
+        masks = self._masks(backlog.first, end)
+        with overwriting_slots(self.adapter_cache, backlog.first, backlog.unseen):
+            hidden = self.model.adapter_forward(states, positions, self.adapter_cache, masks[FULL_ATTENTION])
+        return hidden[:, backlog.states.shape[1] :]
+
+    def _leave_adapter_slots(self, count: int) -> None:
+        """Give the adapter's cache `count` placeholder slots for the round's last slots it has not seen, so that it
+        keeps the table's layout (the accepted ones are written from `adapter_backlog`)."""
+        if count <= 0:
+            return
+        for layer in cache_layer_tensors(self.adapter_cache):
+            layer.set(
+                *(
+                    torch.cat([tensor, tensor.new_zeros(*tensor.shape[:2], count, tensor.shape[3])], dim=2)
+                    for tensor in layer.tensors()
+                )
+            )
 
     def _feed_adapter(self, states: torch.Tensor, positions: torch.LongTensor, masks: dict[str, torch.Tensor]) -> None:
         """Write verified tokens into the adapter's cache: their exit states, or their final states."""
@@ -490,4 +571,4 @@ class BatchedKangarooDecoder:
         )
 
 
-__all__ = ["BatchedKangarooDecoder", "DraftRound"]
+__all__ = ["AdapterBacklog", "BatchedKangarooDecoder", "DraftRound"]
