@@ -358,17 +358,7 @@ class BatchedKangarooDecoder:
         for cache in (self.cache, self.adapter_cache):
             move_slots(cache, rows, sources, destinations, length)
         if round_ is not None and not self.final_context:
-            unseen = ~self.adapter_seen[rows, sources - start]
-            if unseen.any():
-                rows, sources, destinations = rows[unseen], sources[unseen], destinations[unseen]
-                first = int(destinations.min())
-                states = round_.exit_states.new_zeros(self.rows.numel(), length - first, round_.exit_states.shape[2])
-                states[rows, destinations - first] = round_.exit_states[rows, sources - start]
-                flags = torch.zeros(states.shape[:2], dtype=torch.bool, device=self.device)
-                flags[rows, destinations - first] = True
-                backlog = AdapterBacklog(first, states, flags)
-                previous = self.adapter_backlog  # set when the round ran no adapter step
-                self.adapter_backlog = backlog if previous is None else previous.extended(backlog)
+            self._defer_unseen(round_.exit_states, rows, sources - start, destinations, length)
         staying = [index for index, row in enumerate(self.rows.tolist()) if not self._settled(row)]
         if len(staying) < self.rows.numel():
             staying_t = torch.tensor(staying, dtype=torch.long, device=self.device)
@@ -378,6 +368,30 @@ class BatchedKangarooDecoder:
             if self.adapter_backlog is not None:
                 self.adapter_backlog = self.adapter_backlog.select(staying_t, length)
             self.rows, self.pending = self.rows[staying_t.cpu()], self.pending[staying_t]
+
+    def _defer_unseen(
+        self,
+        exit_states: torch.Tensor,
+        rows: torch.LongTensor,
+        offsets: torch.LongTensor,
+        destinations: torch.LongTensor,
+        length: int,
+    ) -> None:
+        """Add the kept slots the adapter has not seen (row `rows[i]`'s round slot `offsets[i]`, now at slot
+        `destinations[i]` of a cache `length` slots long) to its backlog, with their round exit states; the next
+        adapter step writes them in place."""
+        unseen = ~self.adapter_seen[rows, offsets]
+        if not unseen.any():
+            return
+        rows, offsets, destinations = rows[unseen], offsets[unseen], destinations[unseen]
+        first = int(destinations.min())
+        states = exit_states.new_zeros(self.rows.numel(), length - first, exit_states.shape[2])
+        states[rows, destinations - first] = exit_states[rows, offsets]
+        flags = torch.zeros(states.shape[:2], dtype=torch.bool, device=self.device)
+        flags[rows, destinations - first] = True
+        backlog = AdapterBacklog(first, states, flags)
+        previous = self.adapter_backlog  # set when the round ran no adapter step
+        self.adapter_backlog = backlog if previous is None else previous.extended(backlog)
 
     # -- pieces ----------------------------------------------------------------------------------------------------
 
