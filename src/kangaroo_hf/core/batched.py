@@ -30,13 +30,13 @@ from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, St
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .acceptance import accept_tree_greedy, accept_tree_sampled
-from .compat import cache_layer_tensors, overwriting_slots
+from .compat import overwriting_slots
 from .configuration import LOOKUP_FIELDS
 from .draft_head import DraftHead, RowProcessors, one_hot_scores
 from .drafting import DraftingModel, DraftSettings
 from .layers import FULL_ATTENTION, layer_types
 from .lookup import PromptLookup
-from .slots import SlotTable, move_slots, reorder_slots, select_cache_rows
+from .slots import SlotTable, append_empty_slots, move_slots, reorder_slots, select_cache_rows
 from .stats import KangarooStats
 
 
@@ -245,7 +245,7 @@ class BatchedKangarooDecoder:
             table.positions[:, table.round_start :].masked_fill_(dropped, -1)
         exit_states = torch.cat(exits, dim=1)
         if not self.final_context:  # the slots it has not seen wait in placeholders (`AdapterBacklog`)
-            self._leave_adapter_slots(exit_states.shape[1] - adapter_fed)
+            append_empty_slots(self.adapter_cache, exit_states.shape[1] - adapter_fed)
             self.adapter_seen = torch.arange(exit_states.shape[1], device=self.device).expand(batch, -1) < adapter_fed
         copies = [
             list(range(1, int(length) + 1)) if tree or copying[i] else [] for i, length in enumerate(copy_lengths)
@@ -417,19 +417,6 @@ class BatchedKangarooDecoder:
         with overwriting_slots(self.adapter_cache, backlog.first, backlog.unseen):
             hidden = self.model.adapter_forward(states, positions, self.adapter_cache, masks[FULL_ATTENTION])
         return hidden[:, backlog.states.shape[1] :]
-
-    def _leave_adapter_slots(self, count: int) -> None:
-        """Give the adapter's cache `count` placeholder slots for the round's last slots it has not seen, so that it
-        keeps the table's layout (the accepted ones are written from `adapter_backlog`)."""
-        if count <= 0:
-            return
-        for layer in cache_layer_tensors(self.adapter_cache):
-            layer.set(
-                *(
-                    torch.cat([tensor, tensor.new_zeros(*tensor.shape[:2], count, tensor.shape[3])], dim=2)
-                    for tensor in layer.tensors()
-                )
-            )
 
     def _feed_adapter(self, states: torch.Tensor, positions: torch.LongTensor, masks: dict[str, torch.Tensor]) -> None:
         """Write verified tokens into the adapter's cache: their exit states, or their final states."""

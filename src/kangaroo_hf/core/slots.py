@@ -173,10 +173,32 @@ def reorder_slots(cache, start: int, order: torch.LongTensor, width: int) -> Non
         layer.set(*moved)
 
 
+def append_empty_slots(cache, count: int) -> None:
+    """Append `count` zero slots to every layer of `cache`: placeholders that keep its layout the table's until their
+    keys and values are written."""
+    if count <= 0:
+        return
+    for layer in cache_layer_tensors(cache):
+        layer.set(
+            *(
+                torch.cat([tensor, tensor.new_zeros(*tensor.shape[:2], count, tensor.shape[3])], 2)
+                for tensor in layer.tensors()
+            )
+        )
+
+
 def select_cache_rows(cache, rows: torch.LongTensor, length: int) -> None:
     """Keep only `rows` of the batch, and the first `length` slots, in every layer of `cache`."""
     for layer in cache_layer_tensors(cache):
         layer.set(*(tensor[rows, :, :length] for tensor in layer.tensors()))
 
 
-__all__ = ["FULL_ATTENTION", "SLIDING_ATTENTION", "SlotTable", "move_slots", "reorder_slots", "select_cache_rows"]
+__all__ = [
+    "FULL_ATTENTION",
+    "SLIDING_ATTENTION",
+    "SlotTable",
+    "append_empty_slots",
+    "move_slots",
+    "reorder_slots",
+    "select_cache_rows",
+]

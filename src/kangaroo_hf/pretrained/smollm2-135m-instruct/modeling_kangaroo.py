@@ -2109,6 +2109,20 @@ def reorder_slots(cache, start: int, order: torch.LongTensor, width: int) -> Non
         layer.set(*moved)
 
 
+def append_empty_slots(cache, count: int) -> None:
+    """Append `count` zero slots to every layer of `cache`: placeholders that keep its layout the table's until their
+    keys and values are written."""
+    if count <= 0:
+        return
+    for layer in cache_layer_tensors(cache):
+        layer.set(
+            *(
+                torch.cat([tensor, tensor.new_zeros(*tensor.shape[:2], count, tensor.shape[3])], 2)
+                for tensor in layer.tensors()
+            )
+        )
+
+
 def select_cache_rows(cache, rows: torch.LongTensor, length: int) -> None:
     """Keep only `rows` of the batch, and the first `length` slots, in every layer of `cache`."""
     for layer in cache_layer_tensors(cache):
@@ -2332,7 +2346,7 @@ class BatchedKangarooDecoder:
             table.positions[:, table.round_start :].masked_fill_(dropped, -1)
         exit_states = torch.cat(exits, dim=1)
         if not self.final_context:  # the slots it has not seen wait in placeholders (`AdapterBacklog`)
-            self._leave_adapter_slots(exit_states.shape[1] - adapter_fed)
+            append_empty_slots(self.adapter_cache, exit_states.shape[1] - adapter_fed)
             self.adapter_seen = torch.arange(exit_states.shape[1], device=self.device).expand(batch, -1) < adapter_fed
         copies = [
             list(range(1, int(length) + 1)) if tree or copying[i] else [] for i, length in enumerate(copy_lengths)
@@ -2504,19 +2518,6 @@ class BatchedKangarooDecoder:
         with overwriting_slots(self.adapter_cache, backlog.first, backlog.unseen):
             hidden = self.model.adapter_forward(states, positions, self.adapter_cache, masks[FULL_ATTENTION])
         return hidden[:, backlog.states.shape[1] :]
-
-    def _leave_adapter_slots(self, count: int) -> None:
-        """Give the adapter's cache `count` placeholder slots for the round's last slots it has not seen, so that it
-        keeps the table's layout (the accepted ones are written from `adapter_backlog`)."""
-        if count <= 0:
-            return
-        for layer in cache_layer_tensors(self.adapter_cache):
-            layer.set(
-                *(
-                    torch.cat([tensor, tensor.new_zeros(*tensor.shape[:2], count, tensor.shape[3])], dim=2)
-                    for tensor in layer.tensors()
-                )
-            )
 
     def _feed_adapter(self, states: torch.Tensor, positions: torch.LongTensor, masks: dict[str, torch.Tensor]) -> None:
         """Write verified tokens into the adapter's cache: their exit states, or their final states."""
@@ -3398,6 +3399,7 @@ __all__ = [
     "accept_sampled",
     "accept_tree_greedy",
     "accept_tree_sampled",
+    "append_empty_slots",
     "check_base_matches",
     "check_decoding_mode",
     "cpu_linear",
